@@ -1,0 +1,3 @@
+from p2pswarm.cli import main
+
+main()

@@ -1,0 +1,167 @@
+"""The `p2pswarm` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from p2pswarm.data.reasoning_gym import PresetError
+from p2pswarm.models import ModelError
+from p2pswarm.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="p2pswarm: a peer-to-peer reinforcement-learning swarm for language models (GRPO + SAPO).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("p2pswarm")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _settings(config: Optional[Path], sets: list[str], **flags) -> Settings:
+    try:
+        return load_settings(config, **_parse_sets(sets), **flags)
+    except SettingsError as e:
+        _fail(str(e))
+        raise  # unreachable
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML settings file")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="any setting as KEY=VALUE (repeatable)")]
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    sets: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    headless: Annotated[bool, typer.Option("--headless", help="console output only, no terminal UI")] = False,
+    model: Annotated[Optional[str], typer.Option(help="'embedded', a local folder or a hub name")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="experiment / swarm name")] = None,
+    node_id: Annotated[Optional[str], typer.Option(help="node name (default: derived from the peer id)")] = None,
+    identity: Annotated[Optional[Path], typer.Option(help="identity key file (created if missing)")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="stop when this many rounds are done")] = None,
+    agents: Annotated[Optional[int], typer.Option(help="agents in this process (in-process swarm)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="reasoning-gym preset or file")] = None,
+    game: Annotated[Optional[str], typer.Option(help="reasoning-gym or revise (two stages)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="default runs/<experiment>/<node>")] = None,
+    num_generations: Annotated[Optional[int], typer.Option("--num-generations", "-G", help="completions per task")] = None,
+    local_groups: Annotated[Optional[int], typer.Option("--local-groups", "-I", help="local groups per update")] = None,
+    swarm_groups: Annotated[Optional[int], typer.Option("--swarm-groups", "-J", help="swarm groups per update")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate")] = None,
+    loss_type: Annotated[Optional[str], typer.Option(help="grpo, dr_grpo or dapo")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="KL weight")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="rounds between checkpoints")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
+) -> None:
+    """Run a node: train the policy round after round and share rollouts with the swarm."""
+    s = _settings(
+        config, sets, model=model, experiment=experiment, node_id=node_id, identity_path=identity, rounds=rounds,
+        agents=agents, preset=preset, game=game, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
+        num_generations=num_generations, local_groups=local_groups, swarm_groups=swarm_groups,
+        max_new_tokens=max_new_tokens, learning_rate=learning_rate, loss_type=loss_type, beta=beta,
+        checkpoint_every=checkpoint_every, log_level=log_level,
+    )
+    _setup_logging(s.log_level)
+    from p2pswarm.headless import ConsolePrinter
+    from p2pswarm.node import build_swarm, run_agents
+
+    try:
+        agents_ = build_swarm(s)
+    except (ModelError, PresetError) as e:
+        _fail(str(e), 1)
+    for a in agents_:
+        a.events.subscribe(ConsolePrinter(a.name, show_name=len(agents_) > 1, progress_bar=None if len(agents_) == 1 else False))
+        log.info("%s: output in %s", a.name, a.run_dir.path)
+
+    def stop(signum, _frame):
+        log.info("stopping after the current step (again to abort)")
+        for a in agents_:
+            a.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        run_agents(agents_, s.rounds)
+    except KeyboardInterrupt:
+        _fail("aborted", 130)
+    except Exception as e:  # already logged with its traceback by run_agents
+        _fail(f"{type(e).__name__}: {e}", 1)
+
+
+@app.command("eval")
+def evaluate(
+    config: ConfigOpt = None,
+    sets: SetOpt = [],  # noqa: B006
+    model: Annotated[Optional[str], typer.Option(help="'embedded', a checkpoint's model/ folder, or a hub name")] = None,
+    preset: Annotated[Optional[str], typer.Option()] = None,
+    size: Annotated[int, typer.Option(help="held-out tasks to score (at most 200)")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Greedy accuracy of a policy on the held-out split, overall and per dataset."""
+    s = _settings(config, sets, model=model, preset=preset, eval_size=size)
+    _setup_logging(s.log_level)
+    from p2pswarm import models
+    from p2pswarm.data.reasoning_gym import ReasoningGymData
+    from p2pswarm.node import configure_torch
+    from p2pswarm.rewards import ReasoningGymRewards
+    from p2pswarm.trainer import GRPOTrainer
+
+    configure_torch(s)
+    try:
+        device = models.pick_device(s.device)
+        m, tok = models.load(s.model, device, models.pick_dtype(s.dtype, device))
+        data = ReasoningGymData(s.preset, seed=s.seed, eval_size=s.eval_size)
+    except (ModelError, PresetError) as e:
+        _fail(str(e), 1)
+    tasks = data.eval_tasks()
+    for t in tasks:
+        t.prompt = data.messages(t)
+    result = GRPOTrainer(m, tok, s, device).evaluate(tasks, ReasoningGymRewards().reward)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            typer.echo(f"{k:32s} {v:.3f}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""A swarm inside one process: several agents (threads) exchange signed wire bytes through a hub.
+
+Used for tests, experiments and the demo; it runs exactly the publish/collect/validate path the
+network transports run, minus the network.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from p2pswarm import wire
+from p2pswarm.components import CommunicationManager, Coordinator, PeerInfo
+from p2pswarm.identity import Identity, friendly_name
+from p2pswarm.types import Group
+
+
+class InProcessHub:
+    def __init__(self, keep_rounds: int = 4):
+        self._cv = threading.Condition()
+        self._store: dict[tuple[int, int], dict[str, bytes]] = {}
+        self._members: dict[str, PeerInfo] = {}
+        self.keep_rounds = keep_rounds
+
+    def join(self, peer_id: str, name: str) -> None:
+        with self._cv:
+            self._members[peer_id] = PeerInfo(peer_id=peer_id, name=name, last_seen=time.time())
+            self._cv.notify_all()
+
+    def leave(self, peer_id: str) -> None:
+        with self._cv:
+            self._members.pop(peer_id, None)
+            self._cv.notify_all()
+
+    def members(self) -> list[PeerInfo]:
+        with self._cv:
+            return list(self._members.values())
+
+    def put(self, round: int, stage: int, peer_id: str, data: bytes) -> None:
+        """Raw bytes in, as a network would deliver them (tests also put hostile bytes here)."""
+        with self._cv:
+            self._store.setdefault((round, stage), {})[peer_id] = data
+            if peer_id in self._members:
+                self._members[peer_id].round = round
+                self._members[peer_id].last_seen = time.time()
+            for key in [k for k in self._store if k[0] < round - self.keep_rounds]:
+                del self._store[key]
+            self._cv.notify_all()
+
+    def wait(self, round: int, stage: int, me: str, want: int, deadline: float) -> dict[str, bytes]:
+        """Others' payloads for (round, stage) once `want` peers published (0: every member), or at the deadline."""
+        with self._cv:
+            while True:
+                got = {p: d for p, d in self._store.get((round, stage), {}).items() if p != me}
+                need = want or len([m for m in self._members if m != me])
+                remaining = deadline - time.monotonic()
+                if len(got) >= need or remaining <= 0:
+                    return got
+                self._cv.wait(timeout=remaining)
+
+
+class InProcessComm(CommunicationManager):
+    def __init__(self, hub: InProcessHub, identity: Identity, swarm: str, timeout: float = 10.0, want_peers: int = 0):
+        self.hub = hub
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.swarm = swarm
+        self.timeout = timeout
+        self.want_peers = want_peers
+        self.inbox = wire.Inbox(swarm)
+        self.sent = 0
+        self.bytes_sent = 0
+        self.last_collect_seconds = 0.0
+        self._received_from: dict[str, int] = {}
+        hub.join(self.peer_id, identity.name)
+
+    def publish(self, round: int, stage: int, groups: list[Group]) -> None:
+        data = wire.encode(wire.RolloutBatch(self.swarm, round, stage, self.peer_id, groups), self.identity)
+        self.hub.put(round, stage, self.peer_id, data)
+        self.sent += 1
+        self.bytes_sent += len(data)
+
+    def collect(self, round: int, stage: int) -> list[Group]:
+        t0 = time.monotonic()
+        raw = self.hub.wait(round, stage, self.peer_id, self.want_peers, t0 + self.timeout)
+        self.last_collect_seconds = time.monotonic() - t0
+        self.inbox.forget_before(round - 2)
+        groups: list[Group] = []
+        for sender, data in raw.items():
+            batch = self.inbox.accept(data, current_round=round, expect_peer=sender)
+            if batch is None:
+                continue
+            if batch.round != round or batch.stage != stage:
+                self.inbox.drops["wrong_slot"] += 1
+                continue
+            groups.extend(batch.groups)
+            self._received_from[sender] = self._received_from.get(sender, 0) + len(batch.groups)
+        return groups
+
+    def peers(self) -> list[PeerInfo]:
+        out = []
+        for m in self.hub.members():
+            if m.peer_id != self.peer_id:
+                out.append(PeerInfo(m.peer_id, m.name or friendly_name(m.peer_id), m.round, m.last_seen,
+                                    self._received_from.get(m.peer_id, 0)))
+        return out
+
+    def counters(self) -> dict[str, int]:
+        return {"batches_sent": self.sent, "bytes_sent": self.bytes_sent, **self.inbox.counters()}
+
+    def close(self) -> None:
+        self.hub.leave(self.peer_id)
+
+
+class LocalCoordinator(Coordinator):
+    """Every node keeps its own clock; round r+1 follows round r."""
+
+    def start_round(self, resume_from: int) -> int:
+        return resume_from
+
+    def next_round(self, finished: int) -> int:
+        return finished + 1

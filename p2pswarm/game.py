@@ -1,0 +1,213 @@
+"""The round loop of DESIGN.md, read top to bottom in play_round(); resume, checkpoints, pause and stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from statistics import fmean
+from typing import Any
+
+from p2pswarm import events as ev
+from p2pswarm.components import CommunicationManager, Coordinator, DataManager, RewardManager, Trainer, TrainStats
+from p2pswarm.events import EventBus
+from p2pswarm.run import RunDir
+from p2pswarm.types import GameState, Group
+
+log = logging.getLogger(__name__)
+
+
+def _mean(groups: list[Group]) -> float | None:
+    rewards = [r for g in groups for r in g.rewards]
+    return fmean(rewards) if rewards else None
+
+
+class GameManager:
+    """Runs rounds of stages. Subclass and override the hooks (after_rewards, after_round, after_game)."""
+
+    def __init__(
+        self,
+        *,
+        data: DataManager,
+        rewards: RewardManager,
+        trainer: Trainer,
+        comm: CommunicationManager,
+        coordinator: Coordinator,
+        run: RunDir,
+        settings,
+        events: EventBus | None = None,
+        name: str = "",
+    ):
+        self.data, self.rewards, self.trainer = data, rewards, trainer
+        self.comm, self.coordinator, self.run_dir, self.s = comm, coordinator, run, settings
+        self.peer_id = comm.peer_id
+        self.name = name or self.peer_id
+        self.events = events or EventBus(self.peer_id)
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self.round = -1
+        self.last_checkpoint = -1
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def after_rewards(self, state: GameState) -> None:
+        """Every group of the round has its rewards; the update has not happened yet."""
+
+    def after_round(self, state: GameState, metrics: dict[str, Any]) -> None:
+        """The round is trained and its metrics are written."""
+
+    def after_game(self) -> None:
+        """The loop ended (round limit, stop request); the final checkpoint is written."""
+
+    # ---- control (thread-safe; the TUI and signal handlers call these) ---------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._running.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume_training(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def _progress(self, phase: str, done: int, total: int) -> None:
+        self.events.emit(ev.PROGRESS, round=self.round, phase=phase, done=done, total=total)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Load the last checkpoint; the first round not yet finished."""
+        latest = self.run_dir.latest_checkpoint()
+        if latest is None:
+            self.run_dir.truncate_metrics(-1)
+            return 0
+        r, path = latest
+        self.trainer.load(path)
+        dropped = self.run_dir.truncate_metrics(r)
+        self.last_checkpoint = r
+        self.events.emit(ev.RESUMED, round=r, checkpoint=str(path), metrics_rows_dropped=dropped)
+        log.info("%s resumed from %s (round %d done)", self.name, path, r)
+        return r + 1
+
+    def checkpoint(self, round: int) -> None:
+        path = self.run_dir.save_checkpoint(round, self.trainer, keep=self.s.keep_checkpoints, extra={"peer": self.peer_id})
+        self.last_checkpoint = round
+        self.events.emit(ev.CHECKPOINT_SAVED, round=round, path=str(path))
+
+    def run(self, rounds: int | None = None) -> None:
+        """Play until round index `rounds` is reached (a total, so a resumed run plays the rest) or stop."""
+        rounds = rounds if rounds is not None else self.s.rounds
+        first = self.restore()
+        self.events.emit(ev.NODE_STARTED, name=self.name, first_round=first, model=self.s.model)
+        r = self.coordinator.start_round(first)
+        if r > first:
+            self.events.emit(ev.ROUNDS_SKIPPED, skipped=list(range(first, r)))
+        last_done = first - 1
+        clean = False
+        try:
+            while not self.stopping and (rounds is None or r < rounds):
+                if self.paused:
+                    self.events.emit(ev.PAUSED, round=r, paused=True)
+                    self._running.wait()
+                    self.events.emit(ev.PAUSED, round=r, paused=False)
+                    continue
+                if self.play_round(r) is None:
+                    break
+                last_done = r
+                if (r + 1) % self.s.checkpoint_every == 0:
+                    self.checkpoint(r)
+                nxt = self.coordinator.next_round(r)
+                if nxt > r + 1:
+                    self.events.emit(ev.ROUNDS_SKIPPED, skipped=list(range(r + 1, nxt)))
+                    log.info("%s skipped round(s) %d-%d to catch up with the swarm", self.name, r + 1, nxt - 1)
+                r = nxt
+            clean = True
+        finally:
+            # Only a clean exit or a stop request saves: after a crash the model may be mid-update.
+            if (clean or self.stopping) and last_done > self.last_checkpoint:
+                self.checkpoint(last_done)
+            self.after_game()
+            self.events.emit(ev.NODE_STOPPED, round=last_done, clean=clean)
+
+    def play_round(self, r: int) -> dict[str, Any] | None:
+        """One round; None if a stop request abandoned it (nothing was trained)."""
+        self.round = r
+        t0 = time.perf_counter()
+        self.events.emit(ev.ROUND_STARTED, round=r)
+        state = GameState(r)
+        tasks = self.data.round_tasks(r)
+        gen_seconds = gen_tokens = 0.0
+        for stage in range(self.data.num_stages):
+            if self.stopping:
+                return None
+            if stage > 0:
+                tasks = self.data.stage_tasks(state, stage)
+            for t in tasks:
+                t.stage = stage
+                t.prompt = self.data.messages(t)
+            local = self.trainer.generate(tasks, progress=self._progress) if tasks else []
+            gen = getattr(self.trainer, "last_generate", {}) if tasks else {}
+            gen_seconds += gen.get("seconds", 0.0)
+            gen_tokens += gen.get("tokens", 0)
+            for g in local:
+                g.peer = self.peer_id
+            self.rewards.score(local)
+            self.comm.publish(r, stage, local)
+            swarm = self.comm.collect(r, stage)
+            for g in swarm:
+                g.task.prompt = self.data.messages(g.task)
+            self.rewards.score(swarm)  # re-scored against the task's answer; the sender's rewards are ignored
+            state.add(stage, local, swarm)
+            self.events.emit(
+                ev.ROLLOUTS_RECEIVED, round=r, stage=stage, groups=len(swarm), peers=sorted({g.peer for g in swarm})
+            )
+        self.after_rewards(state)
+        if self.stopping:
+            return None
+        t_train = time.perf_counter()
+        stats = self.trainer.train(state, progress=self._progress)
+        metrics = self._metrics(state, stats, gen_seconds, gen_tokens, time.perf_counter() - t_train, t0)
+        if self.s.eval_every and (r + 1) % self.s.eval_every == 0 and hasattr(self.trainer, "evaluate"):
+            tasks = self.data.eval_tasks()
+            for t in tasks:
+                t.prompt = self.data.messages(t)
+            if tasks:
+                metrics.update(self.trainer.evaluate(tasks, self.rewards.reward))
+                self.events.emit(ev.EVALUATED, round=r, **{k: v for k, v in metrics.items() if k.startswith("eval_")})
+        self.run_dir.append_metrics(metrics)
+        self.events.emit(ev.ROUND_FINISHED, **metrics)
+        self.after_round(state, metrics)
+        return metrics
+
+    def _metrics(self, state: GameState, stats: TrainStats, gen_s: float, gen_tok: float, train_s: float, t0: float) -> dict[str, Any]:
+        local, swarm = state.local_groups(), state.swarm_groups()
+        return {
+            "round": state.round,
+            "peer": self.peer_id,
+            "node": self.name,
+            "time": round(time.time(), 3),
+            "reward_mean": _mean(local + swarm),
+            "reward_local_mean": _mean(local),
+            "reward_swarm_mean": _mean(swarm),
+            "local_groups": stats.local_groups,
+            "swarm_groups": stats.swarm_groups,
+            "swarm_peers": stats.swarm_peers,
+            "swarm_groups_received": len(swarm),
+            "signal_fraction": sum(g.has_signal for g in local) / max(len(local), 1),
+            "loss": stats.loss,
+            "kl": stats.kl,
+            "clip_fraction": stats.clip_fraction,
+            "skipped_update": stats.skipped,
+            "gen_tokens_per_s": gen_tok / gen_s if gen_s else 0.0,
+            "gen_seconds": gen_s,
+            "train_seconds": train_s,
+            "round_seconds": time.perf_counter() - t0,
+            "comm": self.comm.counters(),
+        }

@@ -1,0 +1,114 @@
+"""Assembling a node from settings, and running one or several agents in this process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from p2pswarm import events as ev
+from p2pswarm import models
+from p2pswarm.comm.inprocess import InProcessComm, InProcessHub, LocalCoordinator
+from p2pswarm.data.reasoning_gym import ReasoningGymData
+from p2pswarm.data.revise import ReviseData
+from p2pswarm.events import EventBus, JsonlEventLog
+from p2pswarm.game import GameManager
+from p2pswarm.identity import Identity
+from p2pswarm.rewards import ReasoningGymRewards
+from p2pswarm.run import RunDir
+from p2pswarm.settings import Settings
+from p2pswarm.trainer import GRPOTrainer
+
+log = logging.getLogger(__name__)
+
+_configured_threads = False
+
+
+def configure_torch(settings: Settings) -> None:
+    global _configured_threads
+    # Denormal floats made the first CPU training steps ~50x slower with the tiny policy.
+    torch.set_flush_denormal(True)
+    if not _configured_threads:
+        threads = settings.threads or None
+        if threads is None and settings.agents > 1:
+            threads = 1  # N agents share the cores; one intra-op thread each avoids oversubscription
+        if threads:
+            torch.set_num_threads(threads)
+        _configured_threads = True
+
+
+def identity_path(settings: Settings, index: int) -> Path:
+    if settings.identity_path is not None:
+        p = settings.identity_path
+        return p if settings.agents == 1 else p.with_name(f"{p.stem}-{index}{p.suffix}")
+    base = settings.output_dir or settings.runs_dir / settings.experiment
+    return base / ("identity.key" if settings.agents == 1 else f"identity-{index}.key")
+
+
+def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None = None, device=None) -> GameManager:
+    configure_torch(settings)
+    identity = Identity.load_or_create(identity_path(settings, index))
+    name = settings.node_id or identity.name
+    if settings.agents > 1 and settings.node_id:
+        name = f"{settings.node_id}-{index}"
+    if settings.output_dir is not None and settings.agents > 1:
+        run = RunDir(settings.output_dir / name)
+    else:
+        run = RunDir(settings.run_dir(name))
+    device = device or models.pick_device(settings.device)
+    model, tokenizer = models.load(settings.model, device, models.pick_dtype(settings.dtype, device))
+    agent_settings = settings.model_copy(update={"seed": settings.seed + index})
+    data_cls = ReviseData if settings.game == "revise" else ReasoningGymData
+    data = data_cls(settings.preset, seed=agent_settings.seed, tasks_per_round=settings.tasks_per_round,
+                    peer=identity.peer_id, eval_size=settings.eval_size)
+    events = EventBus(identity.peer_id)
+    events.subscribe(JsonlEventLog(run.events_path))
+    comm = InProcessComm(hub or InProcessHub(), identity, settings.experiment, settings.collect_timeout, settings.collect_peers)
+    return GameManager(
+        data=data,
+        rewards=ReasoningGymRewards(settings.format_weight),
+        trainer=GRPOTrainer(model, tokenizer, agent_settings, device),
+        comm=comm,
+        coordinator=LocalCoordinator(),
+        run=run,
+        settings=agent_settings,
+        events=events,
+        name=name,
+    )
+
+
+def build_swarm(settings: Settings) -> list[GameManager]:
+    """`settings.agents` agents sharing one in-process hub."""
+    hub = InProcessHub()
+    return [build_agent(settings, index=i, hub=hub) for i in range(settings.agents)]
+
+
+def run_agents(agents: list[GameManager], rounds: int | None = None) -> None:
+    """Run each agent in its own thread; returns when all have stopped. Errors are logged and re-raised."""
+    errors: list[BaseException] = []
+
+    def target(agent: GameManager) -> None:
+        try:
+            agent.run(rounds)
+        except BaseException as e:  # noqa: BLE001 - reported below, after the others stop
+            agent.events.emit(ev.ERROR, message=f"{type(e).__name__}: {e}")
+            log.exception("%s failed", agent.name)
+            errors.append(e)
+            for other in agents:
+                other.request_stop()
+        finally:
+            agent.comm.close()
+
+    if len(agents) == 1:
+        target(agents[0])
+    else:
+        threads = [threading.Thread(target=target, args=(a,), name=a.name, daemon=True) for a in agents]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+    if errors:
+        raise errors[0]

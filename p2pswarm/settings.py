@@ -1,0 +1,164 @@
+"""The one settings object. Precedence: defaults < TOML file (--config) < environment < CLI flags.
+
+Environment variables are P2PSWARM_<NAME> (e.g. P2PSWARM_NUM_GENERATIONS=8), plus the names RL Swarm
+users know: MODEL_NAME, EXPERIMENT_NAME, NODE_ID, SEED, IDENTITY_PATH.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from p2pswarm.grpo import LOSS_TYPES
+
+_config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
+
+
+def _env(name: str, *also: str) -> Any:
+    return AliasChoices(name, f"P2PSWARM_{name.upper()}", *also)
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="P2PSWARM_", extra="forbid", validate_default=True)
+
+    # --- who and where --------------------------------------------------------------------------
+    experiment: str = Field("default", validation_alias=_env("experiment", "EXPERIMENT_NAME"), min_length=1,
+                            description="experiment (swarm) name; peers only exchange within one")
+    node_id: str | None = Field(None, validation_alias=_env("node_id", "NODE_ID"),
+                                description="display name; default: a friendly name derived from the peer id")
+    identity_path: Path | None = Field(None, validation_alias=_env("identity_path", "IDENTITY_PATH"),
+                                       description="Ed25519 identity file (created on first run, 0600)")
+    runs_dir: Path = Field(Path("runs"), validation_alias=_env("runs_dir"))
+    output_dir: Path | None = Field(None, validation_alias=_env("output_dir"),
+                                    description="default: <runs_dir>/<experiment>/<node_id>")
+    seed: int = Field(42, validation_alias=_env("seed", "SEED"))
+    rounds: int | None = Field(None, validation_alias=_env("rounds"), ge=1,
+                               description="stop after this round count (default: run until stopped)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=_env("log_level"))
+
+    # --- model and device ----------------------------------------------------------------------
+    model: str = Field("embedded", validation_alias=_env("model", "MODEL_NAME"),
+                       description="'embedded', a local folder, or a Hugging Face causal LM name")
+    device: str = Field("auto", validation_alias=_env("device"), description="auto, cpu, cuda, cuda:N or mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", validation_alias=_env("dtype"))
+    threads: int = Field(0, validation_alias=_env("threads"), ge=0, description="torch CPU threads (0: all cores)")
+
+    # --- the game --------------------------------------------------------------------------------
+    game: Literal["reasoning-gym", "revise"] = Field("reasoning-gym", validation_alias=_env("game"),
+                                                     description="'revise' adds a stage that revises using the swarm's answers")
+    preset: str = Field("easy", validation_alias=_env("preset"),
+                        description="reasoning-gym preset ('easy', 'rl-swarm') or a TOML/YAML file")
+    tasks_per_round: int = Field(8, validation_alias=_env("tasks_per_round"), ge=1)
+    format_weight: float = Field(0.0, validation_alias=_env("format_weight"), ge=0)
+    eval_every: int = Field(10, validation_alias=_env("eval_every"), ge=0, description="rounds between held-out evals (0: never)")
+    eval_size: int = Field(100, validation_alias=_env("eval_size"), ge=1, le=200)
+
+    # --- the swarm -------------------------------------------------------------------------------
+    comm: Literal["inprocess"] = Field("inprocess", validation_alias=_env("comm"))
+    agents: int = Field(1, validation_alias=_env("agents"), ge=1, le=64,
+                        description="agents in this process (in-process swarm)")
+    collect_timeout: float = Field(10.0, validation_alias=_env("collect_timeout"), gt=0,
+                                   description="seconds to wait for other peers' rollouts in a stage")
+    collect_peers: int = Field(0, validation_alias=_env("collect_peers"), ge=0,
+                               description="stop waiting once this many peers have published (0: all known)")
+
+    # --- GRPO / SAPO -----------------------------------------------------------------------------
+    num_generations: int = Field(4, validation_alias=_env("num_generations"), ge=2, description="G, completions per task")
+    local_groups: int = Field(4, validation_alias=_env("local_groups"), ge=0, description="I, local groups per update")
+    swarm_groups: int = Field(4, validation_alias=_env("swarm_groups"), ge=0, description="J, swarm groups per update (0: plain GRPO)")
+    max_new_tokens: int = Field(32, validation_alias=_env("max_new_tokens"), ge=1)
+    max_prompt_tokens: int = Field(1024, validation_alias=_env("max_prompt_tokens"), ge=8)
+    temperature: float = Field(1.0, validation_alias=_env("temperature"), gt=0)
+    top_p: float = Field(1.0, validation_alias=_env("top_p"), gt=0, le=1)
+    learning_rate: float = Field(0.0, validation_alias=_env("learning_rate"), ge=0,
+                                 description="0: 5e-4 for the embedded policy, 1e-6 for any other model")
+    weight_decay: float = Field(0.0, validation_alias=_env("weight_decay"), ge=0)
+    beta: float = Field(0.0, validation_alias=_env("beta"), ge=0, description="KL weight (a reference model only when > 0)")
+    epsilon: float = Field(0.2, validation_alias=_env("epsilon"), gt=0, lt=1)
+    epsilon_high: float = Field(0.28, validation_alias=_env("epsilon_high"), gt=0)
+    loss_type: str = Field("grpo", validation_alias=_env("loss_type"))
+    num_iterations: int = Field(2, validation_alias=_env("num_iterations"), ge=1)
+    max_grad_norm: float = Field(1.0, validation_alias=_env("max_grad_norm"), ge=0)
+    micro_batch_size: int = Field(32, validation_alias=_env("micro_batch_size"), ge=1)
+    gradient_checkpointing: bool = Field(False, validation_alias=_env("gradient_checkpointing"))
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    checkpoint_every: int = Field(5, validation_alias=_env("checkpoint_every"), ge=1)
+    keep_checkpoints: int = Field(3, validation_alias=_env("keep_checkpoints"), ge=1)
+
+    @field_validator("loss_type")
+    @classmethod
+    def _loss_type(cls, v: str) -> str:
+        if v not in LOSS_TYPES:
+            raise ValueError(f"must be one of {', '.join(LOSS_TYPES)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        if self.learning_rate == 0.0:
+            self.learning_rate = 5e-4 if self.model == "embedded" else 1e-6
+        if self.local_groups + self.swarm_groups == 0:
+            raise ValueError("local_groups + swarm_groups must be at least 1")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def run_dir(self, node_id: str) -> Path:
+        return self.output_dir or self.runs_dir / self.experiment / node_id
+
+
+def env_name(field: str) -> str:
+    return f"P2PSWARM_{field.upper()}"
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from all sources; raises SettingsError naming the offending setting(s)."""
+    if config is not None and not Path(config).is_file():
+        raise SettingsError(f"config file {config} does not exist")
+    token = _config_file.set(Path(config) if config else None)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            name = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if not name:
+                lines.append(f"invalid settings: {msg}")
+            elif err["type"] == "extra_forbidden":
+                lines.append(f"unknown setting '{name}'")
+            else:
+                lines.append(f"setting '{name}' ({env_name(name)}): {msg}")
+        raise SettingsError("; ".join(lines)) from None
+    except ValueError as e:  # a TOML syntax error, for instance
+        raise SettingsError(f"{config}: {e}") from None
+    finally:
+        _config_file.reset(token)

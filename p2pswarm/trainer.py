@@ -1,0 +1,291 @@
+"""GRPO with SAPO mixing on any transformers causal LM.
+
+generate(): one batched `model.generate` call per stage for all prompts x G (KV cache, left padding).
+train():    drop groups whose rewards are all equal, sample I local + J swarm groups, compute old
+            log-probs once, then `num_iterations` clipped-surrogate steps (AdamW, grad clipping).
+Swarm completions are text: they are re-tokenised with the local tokenizer under the local prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from p2pswarm import grpo
+from p2pswarm.components import Trainer, TrainStats
+from p2pswarm.types import GameState, Group, Task
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class _StepProgress(StoppingCriteria):
+    """Never stops generation; reports each decoding step so a UI can draw a progress bar."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.progress, self.total, self.step = progress, total, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.step += 1
+        self.progress("generate", min(self.step, self.total), self.total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class GRPOTrainer(Trainer):
+    def __init__(self, model, tokenizer, settings, device: torch.device | None = None):
+        self.model = model
+        self.tok = tokenizer
+        self.s = settings
+        self.device = device or next(model.parameters()).device
+        self.rng = random.Random(settings.seed)
+        gen_eos = model.generation_config.eos_token_id
+        eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        if not eos:
+            raise ValueError("the model has no eos token; set generation_config.eos_token_id")
+        self.eos_ids = eos
+        self.end_id = eos[0]  # appended to re-tokenised swarm completions that ended on their own
+        max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.max_prompt_tokens = max(8, min(settings.max_prompt_tokens, max_pos - settings.max_new_tokens))
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+        )
+        self.ref_model = None
+        if settings.beta > 0:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.last_generate: dict[str, float] = {}
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def _render(self, task: Task) -> str:
+        if task.prompt is None:
+            raise ValueError(f"task {task.task_id} has no prompt; the DataManager builds it")
+        return self.tok.apply_chat_template(task.prompt, add_generation_prompt=True, tokenize=False)
+
+    def _encode_prompts(self, tasks: list[Task]) -> dict[str, torch.Tensor]:
+        return self.tok(
+            [self._render(t) for t in tasks],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            truncation=True,
+            truncation_side="left",
+            max_length=self.max_prompt_tokens,
+            add_special_tokens=False,
+        ).to(self.device)
+
+    def _prompt_ids(self, task: Task) -> list[int]:
+        ids = self.tok(self._render(task), add_special_tokens=False)["input_ids"]
+        return ids[-self.max_prompt_tokens :]
+
+    def _completion_ids(self, text: str) -> list[int]:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.s.max_new_tokens:
+            return ids[: self.s.max_new_tokens]  # the sender ran out of tokens too: no eos
+        return ids + [self.end_id]
+
+    # ---- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _sample(self, tasks: list[Task], n: int, greedy: bool, progress: Progress | None) -> list[list[list[int]]]:
+        """Completion token ids per task (n per task), each cut after its first eos (kept)."""
+        enc = self._encode_prompts(tasks)
+        self.model.eval()
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.s.max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.eos_ids,
+        )
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=self.s.temperature, top_p=self.s.top_p, top_k=0)
+        if progress is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StepProgress(progress, self.s.max_new_tokens)])
+        out = self.model.generate(**enc, **kwargs)
+        gen = out[:, enc["input_ids"].shape[1] :].tolist()
+        eos = set(self.eos_ids)
+        result: list[list[list[int]]] = []
+        for i in range(len(tasks)):
+            per_task = []
+            for row in gen[i * n : (i + 1) * n]:
+                cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+                per_task.append(row[:cut])
+            result.append(per_task)
+        return result
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
+
+    def generate(self, tasks: list[Task], progress: Progress | None = None) -> list[Group]:
+        t0 = time.perf_counter()
+        G = self.s.num_generations
+        sampled = self._sample(tasks, G, greedy=False, progress=progress)
+        groups = [
+            Group(task=t, completions=[self._decode(c) for c in ids], peer="", completion_ids=ids)
+            for t, ids in zip(tasks, sampled)
+        ]
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(c) for ids in sampled for c in ids)
+        self.last_generate = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
+        return groups
+
+    def evaluate(self, tasks: list[Task], score: Callable[[Task, str], float], batch: int = 64) -> dict[str, float]:
+        """Greedy accuracy on held-out tasks: the mean, and one figure per dataset."""
+        per: dict[str, list[float]] = defaultdict(list)
+        for i in range(0, len(tasks), batch):
+            chunk = tasks[i : i + batch]
+            for t, ids in zip(chunk, self._sample(chunk, 1, greedy=True, progress=None)):
+                per[t.dataset].append(score(t, self._decode(ids[0])))
+        scores = [x for v in per.values() for x in v]
+        out = {"eval_reward": sum(scores) / max(len(scores), 1)}
+        out.update({f"eval_{k}": sum(v) / len(v) for k, v in sorted(per.items())})
+        return out
+
+    # ---- training ------------------------------------------------------------------------------
+    def select(self, state: GameState) -> tuple[list[Group], list[Group]]:
+        """SAPO sampling: I local and J swarm groups among those with a learning signal."""
+        local = [g for g in state.local_groups() if g.has_signal]
+        swarm = [g for g in state.swarm_groups() if g.has_signal]
+        picked_local = self.rng.sample(local, min(self.s.local_groups, len(local)))
+        picked_swarm = self.rng.sample(swarm, min(self.s.swarm_groups, len(swarm)))
+        return picked_local, picked_swarm
+
+    def _batch(self, groups: list[Group]) -> dict[str, torch.Tensor]:
+        """Right-padded prompt+completion rows; mask marks completion targets; advantage per row."""
+        rows: list[tuple[list[int], list[int]]] = []
+        advantages: list[torch.Tensor] = []
+        scale = self.s.loss_type != "dr_grpo"
+        for g in groups:
+            prompt = self._prompt_ids(g.task)
+            completions = g.completion_ids if g.completion_ids is not None else [self._completion_ids(c) for c in g.completions]
+            advantages.append(grpo.group_advantages(torch.tensor(g.rewards, dtype=torch.float32), scale=scale))
+            rows.extend((prompt, c) for c in completions)
+        L = max(len(p) + len(c) for p, c in rows)
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(rows), L), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), L), dtype=torch.long)
+        target_mask = torch.zeros((len(rows), L - 1), dtype=torch.float32)
+        for i, (p, c) in enumerate(rows):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            attn[i, : len(p) + len(c)] = 1
+            target_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1  # logits at t predict token t+1
+        first = min(len(p) for p, _ in rows) - 1  # no completion target before this position
+        return {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "mask": target_mask[:, first:],
+            "keep": L - first,
+            "advantages": torch.cat(advantages),
+        }
+
+    def _logprobs(self, model, ids: torch.Tensor, attn: torch.Tensor, keep: int) -> torch.Tensor:
+        """(B, keep-1) log-probs of the targets ids[:, L-keep+1:], at the sampling temperature."""
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep, use_cache=False).logits
+        logits = logits[:, :-1] / self.s.temperature
+        return grpo.sequence_logprobs(logits, ids[:, ids.shape[1] - keep + 1 :])
+
+    def train(self, state: GameState, progress: Progress | None = None) -> TrainStats:
+        local, swarm = self.select(state)
+        stats = TrainStats(
+            local_groups=len(local), swarm_groups=len(swarm), swarm_peers=len({g.peer for g in swarm})
+        )
+        if not local and not swarm:
+            stats.skipped = True
+            return stats
+        b = self._batch(local + swarm)
+        B = b["input_ids"].shape[0]
+        mb = max(1, self.s.micro_batch_size)
+        chunks = [slice(i, i + mb) for i in range(0, B, mb)]
+        dev = lambda t: t.to(self.device)  # noqa: E731
+        totals = dict(
+            total_sequences=B,
+            total_tokens=int(b["mask"].sum()),
+            max_completion_length=self.s.max_new_tokens,
+        )
+        steps_total = self.s.num_iterations * len(chunks)
+        old: list[torch.Tensor | None] = [None] * len(chunks)
+        ref: list[torch.Tensor | None] = [None] * len(chunks)
+        with torch.no_grad():
+            for k, sl in enumerate(chunks):
+                ids, attn = dev(b["input_ids"][sl]), dev(b["attention_mask"][sl])
+                if self.s.num_iterations > 1:
+                    self.model.eval()
+                    old[k] = self._logprobs(self.model, ids, attn, b["keep"])
+                if self.ref_model is not None:
+                    ref[k] = self._logprobs(self.ref_model, ids, attn, b["keep"])
+        self.model.train()
+        losses, kls, clips = [], [], []
+        step = 0
+        for _ in range(self.s.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            it_loss = it_kl = it_clip = 0.0
+            for k, sl in enumerate(chunks):
+                ids, attn = dev(b["input_ids"][sl]), dev(b["attention_mask"][sl])
+                mask, adv = dev(b["mask"][sl]), dev(b["advantages"][sl])
+                logp = self._logprobs(self.model, ids, attn, b["keep"])
+                old_k = old[k] if old[k] is not None else logp.detach()
+                per_tok, kl, clipped = grpo.token_losses(
+                    logp, old_k, adv, self.s.epsilon, self.s.epsilon_high, ref[k], self.s.beta
+                )
+                loss = grpo.aggregate(per_tok, mask, self.s.loss_type, **totals)
+                loss.backward()
+                n_tok = max(totals["total_tokens"], 1)
+                it_loss += loss.item()
+                it_kl += float((kl * mask).sum()) / n_tok
+                it_clip += float((clipped * mask).sum()) / n_tok
+                step += 1
+                if progress is not None:
+                    progress("train", step, steps_total)
+            if self.s.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
+            self.optimizer.step()
+            losses.append(it_loss)
+            kls.append(it_kl)
+            clips.append(it_clip)
+        self.model.eval()
+        stats.loss = sum(losses) / len(losses)
+        stats.kl = sum(kls) / len(kls)
+        stats.clip_fraction = sum(clips) / len(clips)
+        return stats
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path / "model")
+        self.tok.save_pretrained(path / "model")
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(state, path / "trainer.pt")
+
+    def load(self, path: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())
+        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
