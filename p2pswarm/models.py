@@ -56,7 +56,9 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 def load(name_or_path: str, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer). Never downloads when the name is a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-shard bars would interleave with our own round lines
     source = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
