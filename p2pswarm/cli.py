@@ -41,7 +41,9 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
 
 def _settings(config: Optional[Path], sets: list[str], **flags) -> Settings:
     try:
-        return load_settings(config, **_parse_sets(sets), **flags)
+        values = _parse_sets(sets)
+        values.update({k: v for k, v in flags.items() if v is not None})  # an explicit flag wins over --set
+        return load_settings(config, **values)
     except SettingsError as e:
         _fail(str(e))
         raise  # unreachable

@@ -47,16 +47,19 @@ class InProcessHub:
                 del self._store[key]
             self._cv.notify_all()
 
-    def wait(self, round: int, stage: int, me: str, want: int, deadline: float) -> dict[str, bytes]:
-        """Others' payloads for (round, stage) once `want` peers published (0: every member), or at the deadline."""
+    def others(self, me: str) -> set[str]:
         with self._cv:
-            while True:
-                got = {p: d for p, d in self._store.get((round, stage), {}).items() if p != me}
-                need = want or len([m for m in self._members if m != me])
-                remaining = deadline - time.monotonic()
-                if len(got) >= need or remaining <= 0:
-                    return got
-                self._cv.wait(timeout=remaining)
+            return {m for m in self._members if m != me}
+
+    def wait(self, round: int, stage: int, seen: set[str], deadline: float) -> dict[str, bytes]:
+        """Payloads for (round, stage) from senders not in `seen`. Blocks until there is one, the hub
+        changes otherwise (a peer joined or left), or the deadline passes."""
+        with self._cv:
+            new = {p: d for p, d in self._store.get((round, stage), {}).items() if p not in seen}
+            if not new:
+                self._cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+                new = {p: d for p, d in self._store.get((round, stage), {}).items() if p not in seen}
+            return new
 
 
 class InProcessComm(CommunicationManager):
@@ -81,20 +84,30 @@ class InProcessComm(CommunicationManager):
         self.bytes_sent += len(data)
 
     def collect(self, round: int, stage: int) -> list[Group]:
+        """Valid batches from other members until all of them (or `want_peers`) delivered, or the deadline.
+        Invalid bytes are counted and never count toward the quorum."""
         t0 = time.monotonic()
-        raw = self.hub.wait(round, stage, self.peer_id, self.want_peers, t0 + self.timeout)
-        self.last_collect_seconds = time.monotonic() - t0
+        deadline = t0 + self.timeout
         self.inbox.forget_before(round - 2)
+        seen: set[str] = {self.peer_id}
+        valid: set[str] = set()
         groups: list[Group] = []
-        for sender, data in raw.items():
-            batch = self.inbox.accept(data, current_round=round, expect_peer=sender)
-            if batch is None:
-                continue
-            if batch.round != round or batch.stage != stage:
-                self.inbox.drops["wrong_slot"] += 1
-                continue
-            groups.extend(batch.groups)
-            self._received_from[sender] = self._received_from.get(sender, 0) + len(batch.groups)
+        while True:
+            need = self.want_peers or len(self.hub.others(self.peer_id))
+            if len(valid) >= need or time.monotonic() >= deadline:
+                break
+            for sender, data in self.hub.wait(round, stage, seen, deadline).items():
+                seen.add(sender)
+                batch = self.inbox.accept(data, current_round=round, expect_peer=sender)
+                if batch is None:
+                    continue
+                if batch.round != round or batch.stage != stage:
+                    self.inbox.drops["wrong_slot"] += 1
+                    continue
+                valid.add(sender)
+                groups.extend(batch.groups)
+                self._received_from[sender] = self._received_from.get(sender, 0) + len(batch.groups)
+        self.last_collect_seconds = time.monotonic() - t0
         return groups
 
     def peers(self) -> list[PeerInfo]:
