@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` (install + the main job) and `make test` (install + tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch installed first keeps pip from pulling several GB of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+ROUNDS ?= 20
+
+.PHONY: install run demo test bench policy clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/p2pswarm run --headless --rounds $(ROUNDS)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/round_time.py
+
+policy: install
+	$(PY) scripts/build_default_policy.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
