@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     loss_type: str = Field("grpo", validation_alias=_env("loss_type"))
     num_iterations: int = Field(2, validation_alias=_env("num_iterations"), ge=1)
     max_grad_norm: float = Field(1.0, validation_alias=_env("max_grad_norm"), ge=0)
-    micro_batch_size: int = Field(32, validation_alias=_env("micro_batch_size"), ge=1)
+    micro_batch_size: int = Field(8, validation_alias=_env("micro_batch_size"), ge=1,
+                                  description="sequences per forward/backward (gradient accumulation over the rest)")
     gradient_checkpointing: bool = Field(False, validation_alias=_env("gradient_checkpointing"))
 
     # --- checkpoints -----------------------------------------------------------------------------

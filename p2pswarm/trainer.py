@@ -74,7 +74,10 @@ class GRPOTrainer(Trainer):
     def _render(self, task: Task) -> str:
         if task.prompt is None:
             raise ValueError(f"task {task.task_id} has no prompt; the DataManager builds it")
-        return self.tok.apply_chat_template(task.prompt, add_generation_prompt=True, tokenize=False)
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(task.prompt, add_generation_prompt=True, tokenize=False)
+        # A base model (GPT-2 and the like) has no chat template: plain text turns.
+        return "".join(f"{m['content']}\n\n" for m in task.prompt)
 
     def _encode_prompts(self, tasks: list[Task]) -> dict[str, torch.Tensor]:
         return self.tok(

@@ -14,8 +14,7 @@ torch.set_flush_denormal(True)
 def policy_path() -> str:
     from p2pswarm.models import embedded_path
 
-    p = embedded_path()
-    return str(p) if (p / "config.json").exists() else "/tmp/devpolicy"  # TEMP until the build lands
+    return str(embedded_path())
 
 
 @pytest.fixture

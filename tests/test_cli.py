@@ -42,3 +42,33 @@ def test_headless_run_prints_a_line_per_round(tmp_path):
     for key in ("round", "peer", "reward_mean", "reward_local_mean", "reward_swarm_mean", "local_groups",
                 "swarm_groups", "swarm_peers", "loss", "kl", "gen_tokens_per_s", "round_seconds", "eval_reward"):
         assert key in row
+
+
+def test_any_causal_lm_folder_trains_through_the_hub_code_path(tmp_path, policy_path):
+    """`--model PATH` goes through AutoModelForCausalLM/AutoTokenizer.from_pretrained, as a hub name does."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(policy_path)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    folder = tmp_path / "my-model"
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    res = run("run", "--headless", "--model", str(folder), "--rounds", "1", "--set", f"runs_dir={tmp_path}",
+              "--set", "eval_every=0", "--node-id", "m")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "default" / "m" / "checkpoints" / "round_000000" / "model" / "config.json").exists()
+
+
+def test_hub_name_without_network_and_unavailable_device_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run("run", "--headless", "--model", "Gensyn/Qwen2.5-0.5B-Instruct", "--set", f"runs_dir={tmp_path}")
+    assert res.returncode == 1 and "cannot load model 'Gensyn/Qwen2.5-0.5B-Instruct'" in res.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        res = run("run", "--headless", "--device", "cuda", "--set", f"runs_dir={tmp_path}")
+        assert res.returncode == 1 and "CUDA is not available" in res.stderr
