@@ -40,8 +40,12 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing the pack
 
 import tokenizers  # noqa: E402
 import transformers  # noqa: E402
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from tokenizers import (  # noqa: E402
+    AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers,
+)
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+)
 
 from p2pswarm.data.reasoning_gym import ReasoningGymData  # noqa: E402
 from p2pswarm.rewards import rgym_score  # noqa: E402
@@ -170,7 +174,7 @@ def save_tokenizer(tok, folder: Path) -> None:
 
 
 def check_tokenizer(loaded, tasks) -> None:
-    """The reloaded tokenizer is ours: same pipeline and ids as the trained BPE, exact round trips, the chat template."""
+    """The reloaded tokenizer is ours: the trained BPE's pipeline and ids, exact round trips, the chat template."""
     assert loaded.is_fast, type(loaded)
     ours, theirs = json.loads(bpe.to_str()), json.loads(loaded.backend_tokenizer.to_str())
     for part in ("normalizer", "pre_tokenizer", "decoder"):
@@ -259,7 +263,9 @@ def evaluate(model, tokenizer, tasks) -> list[str]:
     outs = []
     for i in range(0, len(tasks), EVAL_BATCH):
         chunk = tasks[i : i + EVAL_BATCH]
-        prompts = [tokenizer.apply_chat_template(data.messages(t), add_generation_prompt=True, tokenize=False) for t in chunk]
+        prompts = [
+            tokenizer.apply_chat_template(data.messages(t), add_generation_prompt=True, tokenize=False) for t in chunk
+        ]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
             **enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=IM_END_ID, pad_token_id=PAD_ID
