@@ -22,6 +22,7 @@ import torch
 
 from p2pswarm import models
 from p2pswarm.data.reasoning_gym import ReasoningGymData
+from p2pswarm.node import configure_torch
 from p2pswarm.rewards import ReasoningGymRewards
 from p2pswarm.settings import load_settings
 from p2pswarm.trainer import GRPOTrainer
@@ -39,13 +40,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the node's default)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
 
-    torch.set_flush_denormal(True)
-    s = load_settings(model=args.model, device=args.device, num_generations=args.g, tasks_per_round=args.tasks,
+    s = load_settings(model=args.model, device=args.device, threads=args.threads, num_generations=args.g, tasks_per_round=args.tasks,
                       local_groups=args.tasks, swarm_groups=0, max_new_tokens=args.max_new_tokens,
                       runs_dir=Path(tempfile.mkdtemp()))
+    configure_torch(s)
     device = models.pick_device(s.device)
     model, tok = models.load(s.model, device, models.pick_dtype(s.dtype, device))
     trainer = GRPOTrainer(model, tok, s, device)

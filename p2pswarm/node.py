@@ -10,7 +10,9 @@ import torch
 
 from p2pswarm import events as ev
 from p2pswarm import models
+from p2pswarm.comm import torchdist
 from p2pswarm.comm.inprocess import InProcessComm, InProcessHub, LocalCoordinator
+from p2pswarm.components import CommunicationManager, Coordinator
 from p2pswarm.data.reasoning_gym import ReasoningGymData
 from p2pswarm.data.revise import ReviseData
 from p2pswarm.events import EventBus, JsonlEventLog
@@ -34,12 +36,19 @@ def configure_torch(settings: Settings) -> None:
         threads = settings.threads or None
         if threads is None and settings.agents > 1:
             threads = 1  # N agents share the cores; one intra-op thread each avoids oversubscription
+        if threads is None and settings.comm == "torch":
+            threads = torchdist.threads_per_rank()  # several ranks on this machine share its cores
         if threads:
             torch.set_num_threads(threads)
         _configured_threads = True
 
 
 def identity_path(settings: Settings, index: int) -> Path:
+    if settings.comm == "torch":  # one identity per rank; index is the global rank
+        if settings.identity_path is not None:
+            p = settings.identity_path
+            return p.with_name(f"{p.stem}-rank{index}{p.suffix}")
+        return (settings.output_dir or settings.runs_dir / settings.experiment) / f"identity-rank{index}.key"
     if settings.identity_path is not None:
         p = settings.identity_path
         return p if settings.agents == 1 else p.with_name(f"{p.stem}-{index}{p.suffix}")
@@ -47,17 +56,41 @@ def identity_path(settings: Settings, index: int) -> Path:
     return base / ("identity.key" if settings.agents == 1 else f"identity-{index}.key")
 
 
+def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | None, *, name: str = "",
+                   device: torch.device | None = None, output: Path | None = None) -> tuple[CommunicationManager, Coordinator]:
+    """The CommunicationManager and Coordinator that `settings.comm` names (one branch per backend)."""
+    if settings.comm == "inprocess":
+        comm = InProcessComm(hub or InProcessHub(), identity, settings.experiment, settings.collect_timeout, settings.collect_peers)
+        return comm, LocalCoordinator()
+    if settings.comm == "torch":
+        comm = torchdist.TorchDistComm(
+            identity, settings.experiment, name=name or identity.name, device=device or torch.device("cpu"),
+            timeout=settings.dist_timeout, output=str(output or ""),
+            lockstep={k: getattr(settings, k) for k in torchdist.LOCKSTEP_SETTINGS},
+        )
+        torchdist.quiet_other_ranks(comm.rank, settings.log_level)
+        return comm, torchdist.TorchDistCoordinator(comm)
+    raise ValueError(f"unknown comm backend {settings.comm!r}")
+
+
 def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None = None, device=None) -> GameManager:
     configure_torch(settings)
+    torch_rank = settings.comm == "torch"
+    if torch_rank:
+        index = torchdist.env_rank()  # one agent per process: its index is the global rank
     identity = Identity.load_or_create(identity_path(settings, index))
     name = settings.node_id or identity.name
     if settings.agents > 1 and settings.node_id:
         name = f"{settings.node_id}-{index}"
-    if settings.output_dir is not None and settings.agents > 1:
+    if torch_rank:
+        name = torchdist.node_name(settings.node_id, identity, index)
+    if settings.output_dir is not None and (settings.agents > 1 or torch_rank):
         run = RunDir(settings.output_dir / name)
     else:
         run = RunDir(settings.run_dir(name))
     device = device or models.pick_device(settings.device)
+    if torch_rank:
+        device = torchdist.rank_device(device, torchdist.RankEnv.from_env().local_rank)
     model, tokenizer = models.load(settings.model, device, models.pick_dtype(settings.dtype, device))
     agent_settings = settings.model_copy(update={"seed": settings.seed + index})
     data_cls = ReviseData if settings.game == "revise" else ReasoningGymData
@@ -65,13 +98,14 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
                     peer=identity.peer_id, eval_size=settings.eval_size)
     events = EventBus(identity.peer_id)
     events.subscribe(JsonlEventLog(run.events_path))
-    comm = InProcessComm(hub or InProcessHub(), identity, settings.experiment, settings.collect_timeout, settings.collect_peers)
-    return GameManager(
+    comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path)
+    game_cls = torchdist.LockstepGameManager if torch_rank else GameManager
+    return game_cls(
         data=data,
         rewards=ReasoningGymRewards(settings.format_weight),
         trainer=GRPOTrainer(model, tokenizer, agent_settings, device),
         comm=comm,
-        coordinator=LocalCoordinator(),
+        coordinator=coordinator,
         run=run,
         settings=agent_settings,
         events=events,
@@ -94,7 +128,8 @@ def run_agents(agents: list[GameManager], rounds: int | None = None) -> None:
             agent.run(rounds)
         except BaseException as e:  # noqa: BLE001 - reported below, after the others stop
             agent.events.emit(ev.ERROR, message=f"{type(e).__name__}: {e}")
-            log.exception("%s failed", agent.name)
+            if not isinstance(e, torchdist.RankFailure):  # that one is a complete sentence; no traceback
+                log.exception("%s failed", agent.name)
             errors.append(e)
             for other in agents:
                 other.request_stop()
