@@ -43,22 +43,29 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
+    def _metrics_text(self) -> str:
+        return self.metrics_path.read_text() if self.metrics_path.exists() else ""
+
+    @staticmethod
+    def _parse(text: str) -> list[dict[str, Any]]:
         rows = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line cut by a kill mid-write
         return rows
 
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return self._parse(self._metrics_text())
+
     def truncate_metrics(self, last_round: int) -> int:
-        """Drop rows of rounds after `last_round` (they are replayed after a resume); returns rows dropped."""
-        rows = self.read_metrics()
+        """Drop rows of rounds after `last_round` (a resumed node replays them) and any line a kill cut
+        short; returns the number of rows dropped."""
+        text = self._metrics_text()
+        rows = self._parse(text)
         keep = [r for r in rows if r.get("round", -1) <= last_round]
-        if len(keep) != len(rows) or (self.metrics_path.exists() and not self.metrics_path.read_text().endswith("\n") and rows):
+        if len(keep) != len(rows) or (text and not text.endswith("\n")):
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
         return len(rows) - len(keep)
 
