@@ -194,13 +194,22 @@ class Inbox:
         self._seen: set[tuple[str, int, int]] = set()
 
     def accept(
-        self, data: bytes, *, current_round: int | None = None, expect_peer: str | None = None
+        self,
+        data: bytes,
+        *,
+        current_round: int | None = None,
+        expect_peer: str | None = None,
+        slot: tuple[int, int] | None = None,
     ) -> RolloutBatch | None:
-        """The decoded batch, or None (counted) when it is invalid or a replay of one already taken."""
+        """The decoded batch, or None (counted) when it is invalid, not for the (round, stage) `slot` the
+        caller is collecting, or a replay of one already taken."""
         try:
             batch = decode(data, swarm=self.swarm, current_round=current_round, expect_peer=expect_peer, limits=self.limits)
         except WireError as e:
             self.drops[e.reason] += 1
+            return None
+        if slot is not None and (batch.round, batch.stage) != slot:
+            self.drops["wrong_slot"] += 1
             return None
         key = (batch.peer, batch.round, batch.stage)
         if key in self._seen:

@@ -102,7 +102,10 @@ def test_inbox_counts_drops_and_replays(alice):
     assert inbox.accept(data, current_round=3) is not None
     assert inbox.accept(data, current_round=3) is None  # the same (peer, round, stage) again
     assert inbox.accept(b"junk") is None
-    assert inbox.counters() == {"batches_received": 1, "bytes_received": len(data), "dropped_replay": 1, "dropped_malformed": 1}
+    other_stage = wire.encode(batch(alice, stage=1), alice)
+    assert inbox.accept(other_stage, current_round=3, slot=(3, 0)) is None  # not the slot being collected
+    assert inbox.counters() == {"batches_received": 1, "bytes_received": len(data), "dropped_replay": 1, "dropped_malformed": 1,
+                                "dropped_wrong_slot": 1}
 
 
 def test_identity_file_is_private_and_stable(tmp_path):

@@ -98,11 +98,8 @@ class InProcessComm(CommunicationManager):
                 break
             for sender, data in self.hub.wait(round, stage, seen, deadline).items():
                 seen.add(sender)
-                batch = self.inbox.accept(data, current_round=round, expect_peer=sender)
+                batch = self.inbox.accept(data, current_round=round, expect_peer=sender, slot=(round, stage))
                 if batch is None:
-                    continue
-                if batch.round != round or batch.stage != stage:
-                    self.inbox.drops["wrong_slot"] += 1
                     continue
                 valid.add(sender)
                 groups.extend(batch.groups)

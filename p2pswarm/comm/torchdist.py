@@ -409,11 +409,8 @@ class TorchDistComm(CommunicationManager):
                 continue
             if not payload:
                 continue  # that rank published nothing for this slot
-            batch = self.inbox.accept(payload, current_round=round, expect_peer=peer)
+            batch = self.inbox.accept(payload, current_round=round, expect_peer=peer, slot=(round, stage))
             if batch is None:
-                continue
-            if batch.round != round or batch.stage != stage:
-                self.inbox.drops["wrong_slot"] += 1
                 continue
             groups.extend(batch.groups)
             self._received_from[peer] = self._received_from.get(peer, 0) + len(batch.groups)
