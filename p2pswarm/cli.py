@@ -16,8 +16,9 @@ from p2pswarm.models import ModelError
 from p2pswarm.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
-    help="p2pswarm: a peer-to-peer reinforcement-learning swarm for language models (GRPO + SAPO).",
-    no_args_is_help=True,
+    help="p2pswarm: a peer-to-peer reinforcement-learning swarm for language models (GRPO + SAPO).\n\n"
+    "Without a command it opens the terminal UI (as `p2pswarm tui`).",
+    no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -62,6 +63,76 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML 
 SetOpt = Annotated[list[str], typer.Option("--set", help="any setting as KEY=VALUE (repeatable)")]
 
 
+def _settings_factory(config: Optional[Path], sets: list[str], defaults: dict | None = None, **flags):
+    """For the UI: `factory(**overrides)` -> Settings, from defaults < config/env < --set < flags < overrides.
+    Checked once here, so a bad --set fails before the UI opens."""
+    base = dict(defaults or {})
+    base.update(_parse_sets(sets))
+    base.update({k: v for k, v in flags.items() if v is not None})
+
+    def factory(**overrides) -> Settings:
+        return load_settings(config, **{**base, **overrides})
+
+    try:
+        factory()
+    except SettingsError as e:
+        _fail(str(e))
+    return factory
+
+
+def _open_tui(factory, *, autostart: bool, rounds: Optional[int] = None) -> None:
+    """Run the terminal UI; afterwards say where the node's output and last checkpoint are."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tui import SwarmApp
+
+    outcome = SwarmApp(factory, autostart=autostart, rounds=rounds).run()
+    if outcome is None:
+        return
+    if outcome.run_dir:
+        typer.echo(f"output in {outcome.run_dir}")
+    if outcome.checkpoint:
+        typer.echo(f"last checkpoint: {outcome.checkpoint}")
+    if outcome.forced:
+        typer.echo("left without waiting for the node to stop")
+    if outcome.error:
+        _fail(outcome.error, 1)
+
+
+@app.callback(invoke_without_command=True)
+def _no_command(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        tui()
+
+
+@app.command()
+def tui(
+    config: ConfigOpt = None,
+    sets: SetOpt = [],  # noqa: B006
+    model: Annotated[Optional[str], typer.Option(help="prefills the join screen's model")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="prefills the experiment / swarm name")] = None,
+    node_id: Annotated[Optional[str], typer.Option(help="prefills the node name")] = None,
+    agents: Annotated[Optional[int], typer.Option(help="prefills the local agents")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="stop when this many rounds are done")] = None,
+) -> None:
+    """Open the terminal UI: join a swarm (or start a local one) and watch it learn."""
+    factory = _settings_factory(config, sets, model=model, experiment=experiment, node_id=node_id, agents=agents)
+    _open_tui(factory, autostart=False, rounds=rounds)
+
+
+@app.command()
+def demo(
+    agents: Annotated[int, typer.Option(help="local agents in the swarm", min=1, max=64)] = 4,
+    rounds: Annotated[Optional[int], typer.Option(help="stop when this many rounds are done")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = [],  # noqa: B006
+) -> None:
+    """A whole swarm on this machine with nothing to configure: N local agents, the UI on one of them."""
+    factory = _settings_factory(config, sets, defaults={"experiment": "demo"}, agents=agents)
+    _open_tui(factory, autostart=True, rounds=rounds)
+
+
 @app.command()
 def run(
     config: ConfigOpt = None,
@@ -75,6 +146,7 @@ def run(
     agents: Annotated[Optional[int], typer.Option(help="agents in this process (in-process swarm)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="reasoning-gym preset or file")] = None,
     game: Annotated[Optional[str], typer.Option(help="reasoning-gym or revise (two stages)")] = None,
+    comm: Annotated[Optional[str], typer.Option(help="inprocess, or torch (one agent per torchrun rank)")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -90,23 +162,31 @@ def run(
     log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
 ) -> None:
     """Run a node: train the policy round after round and share rollouts with the swarm."""
-    s = _settings(
-        config, sets, model=model, experiment=experiment, node_id=node_id, identity_path=identity, rounds=rounds,
-        agents=agents, preset=preset, game=game, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
+    flags = dict(
+        model=model, experiment=experiment, node_id=node_id, identity_path=identity, rounds=rounds,
+        agents=agents, preset=preset, game=game, comm=comm, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
         num_generations=num_generations, local_groups=local_groups, swarm_groups=swarm_groups,
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, loss_type=loss_type, beta=beta,
         checkpoint_every=checkpoint_every, log_level=log_level,
     )
+    s = _settings(config, sets, **flags)
+    if not headless and s.comm == "inprocess" and sys.stdin.isatty() and sys.stdout.isatty():  # a terminal: the UI
+        _open_tui(_settings_factory(config, sets, **flags), autostart=True, rounds=s.rounds)
+        return
     _setup_logging(s.log_level)
     from p2pswarm.headless import ConsolePrinter
     from p2pswarm.node import build_swarm, run_agents
 
+    from p2pswarm.comm.torchdist import RankFailure, env_rank
+
     try:
         agents_ = build_swarm(s)
-    except (ModelError, PresetError) as e:
+    except (ModelError, PresetError, RankFailure) as e:
         _fail(str(e), 1)
+    # One progress bar per terminal: none with several agents, none on torchrun ranks other than 0.
+    single_bar = len(agents_) == 1 and (s.comm != "torch" or env_rank() == 0)
     for a in agents_:
-        a.events.subscribe(ConsolePrinter(a.name, show_name=len(agents_) > 1, progress_bar=None if len(agents_) == 1 else False))
+        a.events.subscribe(ConsolePrinter(a.name, show_name=len(agents_) > 1, progress_bar=None if single_bar else False))
         log.info("%s: output in %s", a.name, a.run_dir.path)
 
     def stop(signum, _frame):

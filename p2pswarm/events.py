@@ -23,6 +23,10 @@ EVALUATED = "evaluated"
 PAUSED = "paused"
 NODE_STOPPED = "node_stopped"
 ERROR = "error"
+# A bounded sample of a stage's groups with their texts, for the TUI's rollout browser; like progress,
+# it is not written to events.jsonl (texts would bloat it).
+ROLLOUTS = "rollouts"
+_NOT_LOGGED = frozenset({PROGRESS, ROLLOUTS})
 
 
 @dataclass
@@ -56,7 +60,7 @@ class EventBus:
 
 
 class JsonlEventLog:
-    """Appends every event but progress ticks to events.jsonl, one JSON object a line."""
+    """Appends every event but progress ticks and rollout samples to events.jsonl, one JSON object a line."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -64,8 +68,40 @@ class JsonlEventLog:
         self._lock = threading.Lock()
 
     def __call__(self, event: Event) -> None:
-        if event.kind == PROGRESS:
+        if event.kind in _NOT_LOGGED:
             return
         line = json.dumps({"time": round(event.time, 3), "kind": event.kind, "peer": event.peer, **event.data}, default=str)
         with self._lock, open(self.path, "a") as f:
             f.write(line + "\n")
+
+
+def peer_rewards(groups) -> dict[str, float]:
+    """Mean reward of each sender's groups (as this node scored them), by peer id."""
+    by_peer: dict[str, list[float]] = {}
+    for g in groups:
+        by_peer.setdefault(g.peer, []).extend(g.rewards)
+    return {p: sum(r) / len(r) for p, r in by_peer.items() if r}
+
+
+def rollout_sample(local, swarm, per_side: int = 4, max_chars: int = 600) -> dict[str, Any]:
+    """The data of a ROLLOUTS event: counts, and up to `per_side` local and `per_side` swarm groups
+    (taken round-robin over senders) with truncated texts."""
+    by_peer: dict[str, list] = {}
+    for g in swarm:
+        by_peer.setdefault(g.peer, []).append(g)
+    picked, queues = [], list(by_peer.values())
+    while queues and len(picked) < per_side:
+        for q in list(queues):
+            if len(picked) < per_side:
+                picked.append(q.pop(0))
+            if not q:
+                queues.remove(q)
+    cut = lambda text: text if len(text) <= max_chars else text[: max_chars - 1] + "…"  # noqa: E731
+    samples = [
+        {"peer": g.peer, "local": is_local, "task_id": g.task.task_id, "dataset": g.task.dataset,
+         "question": cut(g.task.question), "answer": cut(str(g.task.answer)),
+         "completions": [cut(c) for c in g.completions], "rewards": list(g.rewards)}
+        for is_local, groups in ((True, local[:per_side]), (False, picked))
+        for g in groups
+    ]
+    return {"local_groups": len(local), "swarm_groups": len(swarm), "samples": samples}

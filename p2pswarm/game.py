@@ -47,6 +47,7 @@ class GameManager:
         self._running = threading.Event()
         self._running.set()
         self.round = -1
+        self.stage = 0
         self.last_checkpoint = -1
 
     # ---- hooks ------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ class GameManager:
         return not self._running.is_set()
 
     def _progress(self, phase: str, done: int, total: int) -> None:
-        self.events.emit(ev.PROGRESS, round=self.round, phase=phase, done=done, total=total)
+        self.events.emit(ev.PROGRESS, round=self.round, stage=self.stage, phase=phase, done=done, total=total)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -147,6 +148,7 @@ class GameManager:
         for stage in range(self.data.num_stages):
             if self.stopping:
                 return None
+            self.stage = stage
             if stage > 0:
                 tasks = self.data.stage_tasks(state, stage)
             for t in tasks:
@@ -166,8 +168,10 @@ class GameManager:
             self.rewards.score(swarm)  # re-scored against the task's answer; the sender's rewards are ignored
             state.add(stage, local, swarm)
             self.events.emit(
-                ev.ROLLOUTS_RECEIVED, round=r, stage=stage, groups=len(swarm), peers=sorted({g.peer for g in swarm})
+                ev.ROLLOUTS_RECEIVED, round=r, stage=stage, groups=len(swarm), peers=sorted({g.peer for g in swarm}),
+                peer_rewards=ev.peer_rewards(swarm),
             )
+            self.events.emit(ev.ROLLOUTS, round=r, stage=stage, **ev.rollout_sample(local, swarm))
         self.after_rewards(state)
         if self.stopping:
             return None

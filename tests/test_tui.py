@@ -1,0 +1,239 @@
+"""The terminal UI against a real in-process swarm of the embedded policy, driven by Textual's pilot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from p2pswarm.settings import load_settings
+from tui import SwarmApp
+from tui.dashboard import DashboardScreen, HelpScreen, RolloutScreen
+from tui.join import JoinScreen
+from tui.widgets import HeaderBar, LogPanel, PeersTable, RewardPlot, RolloutsBrowser, RolloutsTable, TrainingPanel
+
+WAIT = 90.0  # seconds: the bound on any one wait (a round takes about a second on 2 cores)
+
+
+def factory(tmp_path: Path, **base):
+    def make(**overrides):
+        return load_settings(**{"runs_dir": tmp_path / "runs", "eval_every": 0, "collect_timeout": 30, **base,
+                                **overrides})
+
+    return make
+
+
+async def until(pilot, cond, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@asynccontextmanager
+async def running(app: SwarmApp, size: tuple[int, int]):
+    """The app under the pilot; whatever happens, its engine is stopped and joined afterwards."""
+    try:
+        async with app.run_test(size=size) as pilot:
+            yield pilot
+    finally:
+        if app.engine is not None:
+            app.engine.stop()
+            assert app.engine.join(60), "the engine thread did not stop"
+
+
+def text_of(widget) -> str:
+    """The plain text a Static shows (markup resolved)."""
+    content = widget.content
+    if hasattr(content, "plain"):
+        return content.plain
+    return getattr(widget.visual, "plain", str(content))
+
+
+def metrics(app: SwarmApp) -> list[dict]:
+    return app.engine.agent.run_dir.read_metrics()
+
+
+def visible(widget, size: tuple[int, int]) -> bool:
+    r = widget.region
+    return r.width > 0 and r.height > 0 and r.right <= size[0] and r.bottom <= size[1]
+
+
+def test_enter_with_defaults_starts_a_node_and_the_dashboard_follows_it_at_80x24(tmp_path):
+    size = (80, 24)
+    app = SwarmApp(factory(tmp_path, agents=2))
+
+    async def scenario():
+        async with running(app, size) as pilot:
+            join = app.screen
+            assert isinstance(join, JoinScreen)
+            await until(pilot, lambda: "from your peer id" in join.query_one("#node_id").placeholder,
+                        "the node id's default (the friendly name)")
+            await pilot.press("enter")  # every field has a default
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.ready, "the dashboard")
+            dash = app.screen
+            agent = app.engine.agent
+            peers = dash.query_one(PeersTable)
+
+            # the peers table fills: this node first, then the other agent
+            await until(pilot, lambda: peers.row_count == 2, "both peers in the table")
+            assert str(peers.get_row_at(0)[0]) == agent.name
+            # the round advances and the plot gets points
+            plot = dash.query_one(RewardPlot)
+            await until(pilot, lambda: plot.points >= 2, "two rounds on the reward plot")
+            header = dash.query_one(HeaderBar)
+            assert agent.name in text_of(header.query_one("#hdr-node"))
+            assert "round" in text_of(header.query_one("#hdr-round"))
+            assert "loss" in text_of(dash.query_one(TrainingPanel))
+            assert peers.get_row_at(1)[6] != "–"  # the other peer's reward, as this node scored it
+            # everything of the swarm panel fits in 80x24
+            for w in (header, peers, plot, dash.query_one(TrainingPanel)):
+                assert visible(w, size), w
+
+            # panels switch with the keys; one at a time at this size
+            await pilot.press("2")
+            browser = dash.query_one(RolloutsBrowser)
+            assert browser.display and not dash.query_one("#swarm-panel").display
+            await until(pilot, lambda: dash.query_one(RolloutsTable).row_count > 0, "rollouts in the browser")
+            assert "answer" in text_of(dash.query_one("#rollout-detail"))
+            await pilot.press("tab")
+            assert dash.query_one(LogPanel).display and dash.active == "log"
+            await pilot.press("1")
+            assert dash.query_one(PeersTable).display
+
+            # pause: rounds stop advancing until resumed
+            await pilot.press("p")
+            await until(pilot, lambda: "paused" in text_of(header.query_one("#hdr-status")), "the paused state")
+            done, at = len(metrics(app)), agent.round
+            await pilot.pause(2.5)
+            assert len(metrics(app)) == done and agent.round == at
+            await pilot.press("p")
+            await until(pilot, lambda: len(metrics(app)) > done, "a round after resuming")
+
+            # quit: graceful stop, checkpoint, then the app exits
+            await pilot.press("q")
+            await until(pilot, lambda: app.return_value is not None, "the app to exit")
+        return agent
+
+    agent = asyncio.run(scenario())
+    outcome = app.return_value
+    assert not app.engine.alive and not outcome.forced and outcome.error is None
+    last = agent.run_dir.latest_checkpoint()
+    assert last is not None and last[0] == metrics(app)[-1]["round"]
+    assert outcome.checkpoint == str(last[1])
+
+
+def test_demo_on_a_large_terminal_shows_every_panel(tmp_path):
+    size = (140, 42)
+    app = SwarmApp(factory(tmp_path, agents=3, experiment="demo"), autostart=True)
+
+    async def scenario():
+        async with running(app, size) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.ready, "the dashboard")
+            dash = app.screen
+            plot = dash.query_one(RewardPlot)
+            await until(pilot, lambda: plot.points >= 2, "two rounds on the reward plot")
+            await until(pilot, lambda: dash.query_one(PeersTable).row_count == 3, "three peers")
+            for w in (dash.query_one(PeersTable), plot, dash.query_one(TrainingPanel), dash.query_one(RolloutsBrowser),
+                      dash.query_one(LogPanel)):
+                assert visible(w, size), w
+            assert plot.region.width > 45 and plot.region.height > 15  # it scales up
+            log = dash.query_one(LogPanel)
+            assert any("round    1" in line.text for line in log.lines)  # drawn
+            assert any("round    1" in line for line in log.texts)
+
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
+            assert app.screen is dash
+            await pilot.press("2", "enter")  # the highlighted rollout in full
+            assert isinstance(app.screen, RolloutScreen)
+            await pilot.press("escape")
+
+            svg = app.save_screenshot(path=str(tmp_path), filename="dash.svg")
+            assert app.engine.agent.name in Path(svg).read_text()
+
+            await pilot.press("q")
+            await until(pilot, lambda: app.return_value is not None, "the app to exit")
+
+    asyncio.run(scenario())
+    for a in app.engine.agents:
+        assert a.run_dir.latest_checkpoint() is not None, a.name
+
+
+def test_errors_are_messages_on_the_join_screen_not_tracebacks(tmp_path):
+    app = SwarmApp(factory(tmp_path))
+
+    async def scenario():
+        async with running(app, (80, 24)) as pilot:
+            join = app.screen
+            status = join.query_one("#join-status")
+
+            # a mode that has not landed yet is offered, explained, and does not start
+            join.query_one("#mode").value = "dht"
+            await pilot.pause()
+            assert "not available yet" in text_of(join.query_one("#mode-hint"))
+            await pilot.press("enter")
+            assert app.engine is None and "not available yet" in text_of(status)
+            join.query_one("#mode").value = "auto"
+
+            # bad settings name the setting
+            join.query_one("#swarm_groups").value = "-1"
+            await pilot.press("enter")
+            assert app.engine is None and "swarm_groups" in text_of(status)
+            join.query_one("#swarm_groups").value = "4"
+
+            # a model that does not exist: the engine reports it, the form stays to fix it
+            join.query_one("#model").value = str(tmp_path / "no-such-model")
+            await pilot.press("enter")
+            await until(pilot, lambda: "cannot load model" in text_of(status), "the model error")
+            assert isinstance(app.screen, JoinScreen) and "Traceback" not in text_of(status)
+            assert not join.query_one("#model").disabled  # editable again
+            await pilot.press("escape")
+            await until(pilot, lambda: app.return_value is not None, "the app to exit")
+
+    asyncio.run(scenario())
+    assert app.return_value.error.startswith("cannot load model")
+
+
+@pytest.mark.parametrize("text,expected", [("", "local"), ("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWabc", "dht"),
+                                           ("/content/drive/MyDrive/swarm", "drive")])
+def test_auto_mode_reads_the_swarm_field(text, expected):
+    from tui.join import JoinError, mode_available, resolve_mode
+
+    if mode_available(expected):
+        assert resolve_mode("auto", text) == expected
+    else:
+        with pytest.raises(JoinError, match="not available yet"):
+            resolve_mode("auto", text)
+
+
+def test_an_engine_failure_mid_run_is_a_message_in_the_ui(tmp_path, monkeypatch):
+    from p2pswarm.trainer import GRPOTrainer
+
+    def broken_train(self, state, progress=None):
+        raise RuntimeError("the optimizer exploded")
+
+    monkeypatch.setattr(GRPOTrainer, "train", broken_train)
+    app = SwarmApp(factory(tmp_path), autostart=True)
+
+    async def scenario():
+        async with running(app, (80, 24)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.ready, "the dashboard")
+            dash = app.screen
+            header = dash.query_one(HeaderBar)
+            await until(pilot, lambda: "error" in text_of(header.query_one("#hdr-status")), "the error state")
+            lines = dash.query_one(LogPanel).texts
+            assert any("RuntimeError: the optimizer exploded" in line for line in lines), lines
+            assert not any("Traceback" in line for line in lines)
+            assert app.engine.error == "RuntimeError: the optimizer exploded"
+            await pilot.press("q")  # the engine has stopped: q leaves at once
+            await until(pilot, lambda: app.return_value is not None, "the app to exit")
+
+    asyncio.run(scenario())
+    assert app.return_value.error == "RuntimeError: the optimizer exploded"

@@ -1,0 +1,223 @@
+"""The engine side of the UI: builds the node's agents and runs them off the UI thread.
+
+Everything the UI shows comes from here, either as messages (the node's events, log records, "built",
+"failed", "finished") or from thread-safe queries of the running agent (`comm.peers()`, `round`,
+`paused`). The UI never trains, never waits on training, and keeps no state the engine does not have.
+
+The engine runs in a daemon thread of its own rather than a Textual thread worker: those run in the
+asyncio default executor, whose threads the interpreter joins at exit, so a node stuck in a long step
+would keep the process alive after the user chose to leave anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from textual.message import Message
+
+from p2pswarm import events as ev
+from p2pswarm.events import Event
+from p2pswarm.settings import Settings
+
+log = logging.getLogger("p2pswarm.tui")
+
+# Progress ticks arrive once per decoding step; the UI needs a few per second at most.
+PROGRESS_INTERVAL = 0.1
+
+
+# ---- messages (posted from engine threads; Textual's post_message is thread-safe) ------------------
+class NodeBuilt(Message):
+    """The agents are built (model loaded); the run starts right after."""
+
+
+class NodeFailed(Message):
+    """The node could not be built: a one-line reason for the user (bad model, preset, identity...)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
+class NodeEvent(Message):
+    """One event of the watched node's event stream."""
+
+    def __init__(self, event: Event) -> None:
+        super().__init__()
+        self.event = event
+
+
+class LogLine(Message):
+    def __init__(self, text: str, level: int = logging.INFO) -> None:
+        super().__init__()
+        self.text = text
+        self.level = level
+
+
+class EngineFinished(Message):
+    """Every agent has stopped (final checkpoints written); `error` is set if the run failed."""
+
+    def __init__(self, error: str | None) -> None:
+        super().__init__()
+        self.error = error
+
+
+Sink = Callable[[Message], None]
+
+
+class UILogHandler(logging.Handler):
+    """Log records of the engine, as LogLine messages, instead of lines written over the screen."""
+
+    def __init__(self, sink: Sink) -> None:
+        super().__init__(logging.INFO)
+        self.sink = sink
+        self.setFormatter(_Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) if not record.exc_info else self.format(_no_traceback(record))
+            self.sink(LogLine(text, record.levelno))
+        except Exception:  # noqa: BLE001 - a log line must never break the engine
+            pass
+
+
+class _Formatter(logging.Formatter):
+    """Time and message; the level only when it is a warning or worse."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            stamp, _, msg = text.partition(" ")
+            text = f"{stamp} {record.levelname} {msg}"
+        return text
+
+
+def _no_traceback(record: logging.LogRecord) -> logging.LogRecord:
+    """The record with its exception as one line: a traceback is for a file, not for the UI."""
+    exc = record.exc_info[1] if record.exc_info else None
+    copy = logging.makeLogRecord(record.__dict__)
+    copy.exc_info = copy.exc_text = None
+    if exc is not None:
+        copy.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+        copy.args = None
+    return copy
+
+
+def describe_error(e: BaseException) -> str:
+    """A message for the user: the library's own errors read well as they are."""
+    from p2pswarm.data.reasoning_gym import PresetError
+    from p2pswarm.identity import IdentityError
+    from p2pswarm.models import ModelError
+    from p2pswarm.settings import SettingsError
+
+    if isinstance(e, (ModelError, PresetError, IdentityError, SettingsError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+class Engine:
+    """`settings.agents` agents of the in-process swarm; the UI watches agent `watch`.
+
+    Thread-safe for the UI: start(), stop(), pause(), resume(), and the read-only properties.
+    """
+
+    def __init__(self, settings: Settings, *, rounds: int | None = None, watch: int = 0, mode: str = "local",
+                 swarm: str = "new local swarm") -> None:
+        self.settings = settings
+        self.rounds = rounds if rounds is not None else settings.rounds
+        self.watch = watch
+        self.mode = mode
+        self.swarm = swarm
+        self.agents: list = []
+        self.error: str | None = None
+        self._sink: Sink | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_requested = False
+        self._last_progress = 0.0
+
+    # ---- queries ----------------------------------------------------------------------------------
+    @property
+    def agent(self):
+        """The watched GameManager (None until built)."""
+        return self.agents[self.watch] if self.agents else None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
+
+    @property
+    def paused(self) -> bool:
+        a = self.agent
+        return a is not None and a.paused
+
+    # ---- control ----------------------------------------------------------------------------------
+    def start(self, sink: Sink) -> None:
+        """Build and run in a daemon thread; everything is reported to `sink` (from that thread)."""
+        self._sink = sink
+        self._thread = threading.Thread(target=self._main, name="p2pswarm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Graceful: every agent finishes its current step, writes a checkpoint and leaves the swarm."""
+        self._stop_requested = True
+        for a in self.agents:
+            a.request_stop()
+
+    def pause(self) -> None:
+        """Pause every agent of this process after its current round (the UI shows them as one node)."""
+        for a in self.agents:
+            a.pause()
+
+    def resume(self) -> None:
+        for a in self.agents:
+            a.resume_training()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.alive
+
+    # ---- the thread -------------------------------------------------------------------------------
+    def _post(self, message: Message) -> None:
+        if self._sink is not None:
+            try:
+                self._sink(message)
+            except RuntimeError:  # the UI's event loop is gone (the app exited): nobody is watching
+                pass
+
+    def _listener(self, event: Event) -> None:
+        if event.kind == ev.PROGRESS:
+            now = time.monotonic()
+            if event.data.get("done") not in (0, event.data.get("total")) and now - self._last_progress < PROGRESS_INTERVAL:
+                return
+            self._last_progress = now
+        self._post(NodeEvent(event))
+
+    def _main(self) -> None:
+        from p2pswarm.node import build_swarm, run_agents
+
+        try:
+            log.info("loading %s for %d agent(s)", self.settings.model, self.settings.agents)
+            agents = build_swarm(self.settings)
+        except Exception as e:  # noqa: BLE001 - shown to the user as one line
+            self.error = describe_error(e)
+            self._post(NodeFailed(self.error))
+            return
+        self.agents = agents
+        self.agent.events.subscribe(self._listener)  # before the run: no event is missed
+        if self._stop_requested:
+            self.stop()
+        self._post(NodeBuilt())
+        for a in agents:
+            log.info("%s: output in %s", a.name, a.run_dir.path)
+        try:
+            run_agents(agents, self.rounds)
+        except BaseException as e:  # noqa: BLE001 - run_agents logged it and emitted an error event
+            self.error = describe_error(e)
+        self._post(EngineFinished(self.error))

@@ -1,0 +1,379 @@
+"""The dashboard's panels. Each renders from the node's events (`consume`) and, for live values such as
+the peer list, from queries of the running engine (`refresh_from`)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from statistics import fmean
+
+from textual.markup import escape
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, ProgressBar, RichLog, Static
+from textual_plotext import PlotextPlot
+
+from p2pswarm import events as ev
+from p2pswarm.events import Event
+from p2pswarm.headless import round_line
+from p2pswarm.identity import friendly_name
+
+from tui.fmt import ago, num, rate, short_id
+
+PHASES = {"generate": "generating", "collect": "sharing rollouts", "train": "training", "idle": "between rounds"}
+
+
+class HeaderBar(Vertical):
+    """Swarm, node, mode and model; the round and stage with a progress bar for the current phase."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="hdr-swarm")
+        yield Static(id="hdr-node")
+        with Horizontal(id="hdr-progress"):
+            yield Static("starting…", id="hdr-round")
+            yield ProgressBar(total=1, show_eta=False, id="hdr-bar")
+            yield Static("", id="hdr-status")
+
+    def describe(self, engine) -> None:
+        s, a = engine.settings, engine.agent
+        self.query_one("#hdr-swarm", Static).update(
+            f"[b $accent]p2pswarm[/] · swarm [b]{escape(s.experiment)}[/] [dim]({escape(engine.swarm)})[/]"
+            f" · mode [b]{engine.mode}[/] · model [b]{escape(s.model)}[/]"
+        )
+        if a is not None:
+            here = f" · {len(engine.agents)} agents in this process" if len(engine.agents) > 1 else ""
+            self.query_one("#hdr-node", Static).update(
+                f"node [b $accent]{escape(a.name)}[/] · peer [b]{a.peer_id[:8]}…{a.peer_id[-6:]}[/]{here}"
+            )
+        else:
+            self.query_one("#hdr-node", Static).update("node [dim]loading…[/]")
+
+    def set_status(self, text: str, style: str = "") -> None:
+        status = self.query_one("#hdr-status", Static)
+        status.update(Text(text, style=style))
+
+    def set_round(self, round: int, stage: int, stages: int, phase: str) -> None:
+        stage_txt = f" · stage {stage + 1}/{stages}" if stages > 1 else ""
+        self.query_one("#hdr-round", Static).update(f"round [b]{round}[/]{stage_txt} · {PHASES.get(phase, phase)}")
+
+    def set_progress(self, done: float, total: float) -> None:
+        self.query_one("#hdr-bar", ProgressBar).update(total=max(total, 1), progress=done)
+
+
+class PeersTable(DataTable):
+    """This node first, then every peer the transport knows: name, short id, mode, round, last seen,
+    mean reward (of their rollouts, as this node scored them) and rollouts shared/received."""
+
+    COLUMNS = (("name", "name"), ("peer", "peer"), ("mode", "mode"), ("round", "round"), ("seen", "seen"),
+               ("reward", "reward"), ("rollouts", "shared/recv"))
+
+    def __init__(self, **kw) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kw)
+        self._reward: dict[str, float] = {}  # last per-peer mean reward from rollouts_received
+        self._self_reward: float | None = None
+        self._shared = self._received = 0
+
+    def on_mount(self) -> None:
+        for key, label in self.COLUMNS:
+            self.add_column(label, key=key)
+
+    def consume(self, e: Event) -> None:
+        if e.kind == ev.ROLLOUTS_RECEIVED:
+            self._reward.update(e.data.get("peer_rewards", {}))
+        elif e.kind == ev.ROLLOUTS:
+            self._shared += e.data["local_groups"]
+            self._received += e.data["swarm_groups"]
+        elif e.kind == ev.ROUND_FINISHED:
+            self._self_reward = e.data.get("reward_local_mean")
+
+    def refresh_from(self, engine) -> None:
+        a = engine.agent
+        if a is None:
+            return
+        now = time.time()
+        rows = [(a.peer_id, Text(a.name, style="bold"), short_id(a.peer_id), engine.mode, str(max(a.round, 0)),
+                 "you", num(self._self_reward), f"{self._shared}/{self._received}")]
+        for p in sorted(a.comm.peers(), key=lambda p: p.name or p.peer_id):
+            rows.append((p.peer_id, p.name or friendly_name(p.peer_id), short_id(p.peer_id),
+                         getattr(p, "mode", engine.mode), str(p.round) if p.round >= 0 else "–",
+                         ago(p.last_seen, now), num(self._reward.get(p.peer_id)), f"{p.rollouts_received}/–"))
+        keys = [r[0] for r in rows]
+        existing = [k.value for k in self.rows]
+        if existing != keys:
+            cursor = self.cursor_row
+            self.clear()
+            for key, *cells in rows:
+                self.add_row(*cells, key=key)
+            if self.row_count:
+                self.move_cursor(row=min(cursor, self.row_count - 1))
+        else:
+            for key, *cells in rows:
+                for (col, _), value in zip(self.COLUMNS, cells):
+                    self.update_cell(key, col, value)
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {k.value: str(self.get_cell(k, "name")) for k in self.rows}
+
+
+class RewardPlot(PlotextPlot):
+    """Reward per round: this node's own rollouts, the swarm's (as this node scored them), the best peer."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self._mine: dict[int, float] = {}
+        self._swarm: dict[int, float] = {}
+        self._best: dict[int, float] = {}
+
+    @property
+    def points(self) -> int:
+        return len(self._mine)
+
+    def prefill(self, rows: list[dict]) -> None:
+        """Earlier rounds of this node (metrics.jsonl), so a resumed node shows its history."""
+        for m in rows:
+            self._add_round(m)
+        self.replot()
+
+    def _add_round(self, m: dict) -> None:
+        r = m.get("round")
+        if r is None:
+            return
+        if m.get("reward_local_mean") is not None:
+            self._mine[r] = m["reward_local_mean"]
+        if m.get("reward_swarm_mean") is not None:
+            self._swarm[r] = m["reward_swarm_mean"]
+
+    def consume(self, e: Event) -> None:
+        if e.kind == ev.ROUND_FINISHED:
+            self._add_round(e.data)
+            self.replot()
+        elif e.kind == ev.ROLLOUTS_RECEIVED and e.data.get("peer_rewards"):
+            r, best = e.data["round"], max(e.data["peer_rewards"].values())
+            self._best[r] = max(best, self._best.get(r, best))
+
+    SERIES = (("this node", "#33c3f0"), ("swarm mean", "#ff9f1c"), ("best peer", "#7bd389"))
+
+    @classmethod
+    def legend(cls) -> str:
+        """Markup for the panel's title: the series and their colours."""
+        return "  ".join(f"[{color}]━[/] {label}" for label, color in cls.SERIES)
+
+    def replot(self) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        top = 1.0
+        for data, (label, color) in zip((self._mine, self._swarm, self._best), self.SERIES):
+            xs = sorted(data)
+            if xs:
+                ys = [data[x] for x in xs]
+                top = max(top, *ys)
+                plt.plot(xs, ys, color=tuple(int(color[i:i + 2], 16) for i in (1, 3, 5)), marker="braille")
+        plt.ylim(0, top)
+        rounds = sorted(set(self._mine) | set(self._swarm) | set(self._best))
+        if rounds:
+            lo, hi = rounds[0], max(rounds[-1], rounds[0] + 1)
+            plt.xlim(lo, hi)
+            step = max(1, -(-(hi - lo) // 5))
+            ticks = list(range(lo, hi + 1, step))
+            plt.xticks(ticks, [str(t) for t in ticks])
+        plt.yticks([0, 0.25, 0.5, 0.75, 1.0], ["0", ".25", ".5", ".75", "1"])
+        plt.xlabel("round")
+        self.refresh()
+
+
+class TrainingPanel(Static):
+    """The last round's update: loss, KL, tokens/s, round time, and what it trained on."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__("waiting for the first round…", **kw)
+        self._m: dict = {}
+        self._checkpoint: int | None = None
+        self._eval: float | None = None
+
+    def consume(self, e: Event) -> None:
+        if e.kind == ev.ROUND_FINISHED:
+            self._m = e.data
+            if "eval_reward" in e.data:
+                self._eval = e.data["eval_reward"]
+        elif e.kind == ev.CHECKPOINT_SAVED:
+            self._checkpoint = e.data["round"]
+        elif e.kind == ev.RESUMED:
+            self._checkpoint = e.data["round"]
+        else:
+            return
+        self._redraw()
+
+    def _redraw(self) -> None:
+        m = self._m
+        rows = []
+        if m:
+            comm = m.get("comm") or {}
+            rows = [
+                ("loss", num(m.get("loss"), "+.4f")),
+                ("KL", num(m.get("kl"), ".4f")),
+                ("tokens/s", rate(m.get("gen_tokens_per_s"))),
+                ("round time", f"{m.get('round_seconds', 0):.2f} s"),
+                ("groups I+J", f"{m.get('local_groups', 0)}+{m.get('swarm_groups', 0)}"),
+                ("swarm peers", f"{m.get('swarm_peers', 0)}"),
+                ("signal", num(m.get("signal_fraction"), ".0%")),
+                ("clipped", num(m.get("clip_fraction"), ".1%")),
+                ("dropped", f"{sum(v for k, v in comm.items() if k.startswith('dropped_'))}"),
+            ]
+        if self._eval is not None:
+            rows.append(("eval", num(self._eval)))
+        rows.append(("checkpoint", "–" if self._checkpoint is None else f"round {self._checkpoint}"))
+        self.border_title = f"training · round {m['round']}" if m else "training"
+        text = Text()
+        for i, (k, v) in enumerate(rows):
+            text.append(f"{k:<12}", style="dim")
+            text.append(v, style="bold")
+            if i < len(rows) - 1:
+                text.append("\n")
+        self.update(text)
+
+
+class RolloutsTable(DataTable):
+    pass
+
+
+class RolloutsBrowser(Vertical):
+    """Recent rollout groups, local and from the swarm; the highlighted one in full below (or beside)."""
+
+    KEEP = 64
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self._samples: deque[dict] = deque(maxlen=self.KEEP)
+        self._seq = 0
+        self.names: dict[str, str] = {}
+
+    def compose(self) -> ComposeResult:
+        yield RolloutsTable(cursor_type="row", zebra_stripes=True, id="rollouts-table")
+        with VerticalScroll(id="rollout-detail-box"):
+            yield Static("no rollouts yet: they appear once this node has generated a stage", id="rollout-detail")
+
+    def on_mount(self) -> None:
+        table = self.query_one(RolloutsTable)
+        for key, label in (("round", "rd"), ("from", "from"), ("dataset", "dataset"), ("reward", "reward"),
+                           ("question", "question")):
+            table.add_column(label, key=key)
+
+    def peer_label(self, peer: str, local: bool) -> str:
+        return "you" if local else self.names.get(peer) or friendly_name(peer)
+
+    def consume(self, e: Event) -> None:
+        if e.kind != ev.ROLLOUTS:
+            return
+        table = self.query_one(RolloutsTable)
+        follow = table.row_count == 0 or table.cursor_row >= table.row_count - 1  # on the newest: keep following
+        for s in e.data["samples"]:
+            self._seq += 1
+            key = str(self._seq)
+            s = {**s, "round": e.data["round"], "stage": e.data["stage"], "key": key}
+            if len(self._samples) == self.KEEP:
+                old = self._samples.popleft()
+                if old["key"] in [k.value for k in table.rows]:
+                    table.remove_row(old["key"])
+            self._samples.append(s)
+            mean = fmean(s["rewards"]) if s["rewards"] else None
+            question = " ".join(s["question"].split())
+            table.add_row(str(s["round"]), self.peer_label(s["peer"], s["local"]), s["dataset"], num(mean, ".2f"),
+                          question[:60], key=key)
+        if follow and table.row_count:
+            table.move_cursor(row=table.row_count - 1)
+            self.show(self._samples[-1])
+
+    def on_data_table_row_highlighted(self, message: DataTable.RowHighlighted) -> None:
+        key = message.row_key.value
+        for s in self._samples:
+            if s["key"] == key:
+                self.show(s)
+                break
+
+    def selected(self) -> dict | None:
+        table = self.query_one(RolloutsTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
+        return next((s for s in self._samples if s["key"] == key), None)
+
+    def show(self, s: dict) -> None:
+        self.query_one("#rollout-detail", Static).update(render_rollout(s, self.peer_label(s["peer"], s["local"])))
+
+
+def render_rollout(s: dict, who: str) -> Text:
+    t = Text()
+    src = "local" if s["local"] else "swarm"
+    t.append(f"round {s['round']} stage {s['stage']} · {src} · from {who} · {s['dataset']}\n", style="bold")
+    t.append("question ", style="dim")
+    t.append(s["question"].strip() + "\n")
+    t.append("answer   ", style="dim")
+    t.append(s["answer"] + "\n", style="bold green")
+    for i, (c, r) in enumerate(zip(s["completions"], s["rewards"] or [None] * len(s["completions"]))):
+        style = "green" if r and r >= 0.999 else ("yellow" if r and r > 0 else "red")
+        t.append(f"#{i + 1} ", style="dim")
+        t.append(f"[{num(r, '.2f')}] ", style=f"bold {style}")
+        t.append(" ".join(c.split()) + "\n")
+    return t
+
+
+class LogPanel(RichLog):
+    """The node's log: one line per round (as the headless console prints it) and the engine's log records.
+    Lines are kept (bounded) and re-wrapped when the panel changes width."""
+
+    KEEP = 2000
+
+    def __init__(self, **kw) -> None:
+        super().__init__(max_lines=self.KEEP, min_width=20, wrap=True, markup=False, highlight=False,
+                         auto_scroll=True, **kw)
+        self._kept: deque[Text] = deque(maxlen=self.KEEP)
+        self._width = 0
+
+    @property
+    def texts(self) -> list[str]:
+        """The plain text of the kept lines (drawn or not: a hidden panel draws once shown)."""
+        return [t.plain for t in self._kept]
+
+    def _add(self, text: Text) -> None:
+        self._kept.append(text)
+        self.write(text)
+
+    def on_resize(self, event) -> None:
+        if event.size.width != self._width:
+            self._width = event.size.width
+            self.clear()
+            for line in self._kept:
+                self.write(line)
+
+    def consume(self, e: Event) -> None:
+        d = e.data
+        stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
+        line = None
+        if e.kind == ev.ROUND_FINISHED:
+            line = round_line(d)
+        elif e.kind == ev.NODE_STARTED:
+            line = f"node {d['name']} (peer {e.peer}) starting at round {d['first_round']} with model {d['model']}"
+        elif e.kind == ev.RESUMED:
+            line = f"resumed from {d['checkpoint']}"
+        elif e.kind == ev.ROUNDS_SKIPPED:
+            line = f"skipped round(s) {d['skipped']} to follow the swarm"
+        elif e.kind == ev.CHECKPOINT_SAVED:
+            line = f"checkpoint {d['path']}"
+        elif e.kind == ev.PAUSED:
+            line = "paused" if d["paused"] else "resumed training"
+        elif e.kind == ev.EVALUATED:
+            line = "eval " + " ".join(f"{k}={v:.3f}" for k, v in d.items() if isinstance(v, float))
+        elif e.kind == ev.NODE_STOPPED:
+            line = f"stopped after round {d['round']}" + ("" if d.get("clean") else " (interrupted)")
+        elif e.kind == ev.ERROR:
+            self._add(Text(f"{stamp} ERROR {d['message']}", style="bold red"))
+            return
+        if line is not None:
+            self._add(Text(f"{stamp} {line}"))
+
+    def add_line(self, text: str, level: int) -> None:
+        style = "bold red" if level >= 40 else ("yellow" if level >= 30 else "")
+        self._add(Text(text, style=style))
