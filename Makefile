@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ROUNDS ?= 20
 
-.PHONY: install run demo test bench policy clean
+.PHONY: install run run-headless test bench policy clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job: a local swarm of 4 agents on the embedded policy, watched in the terminal UI.
 run: install
+	$(VENV)/bin/p2pswarm demo
+
+run-headless: install
 	$(VENV)/bin/p2pswarm run --headless --rounds $(ROUNDS)
 
 test: install

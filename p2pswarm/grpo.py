@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+from p2pswarm.settings import LOSS_TYPES
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads lazily so that `p2pswarm --help` answers at once
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ def resolve(name_or_path: str) -> str:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    import torch
+
     if requested != "auto":
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise ModelError("device 'cuda' was requested but CUDA is not available")
@@ -46,11 +50,18 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if requested != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are `org/name`; anything absolute, relative-dotted or home-based is meant as a folder."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
 
 
 def load(name_or_path: str, device: torch.device, dtype: torch.dtype):
@@ -60,6 +71,8 @@ def load(name_or_path: str, device: torch.device, dtype: torch.dtype):
 
     hf_logging.disable_progress_bar()  # per-shard bars would interleave with our own round lines
     source = resolve(name_or_path)
+    if _looks_like_path(source) and not Path(source).expanduser().is_dir():
+        raise ModelError(f"cannot load model {name_or_path!r}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from p2pswarm.grpo import LOSS_TYPES
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # implemented in p2pswarm/grpo.py
 
 _config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
 

@@ -26,7 +26,7 @@ def test_invalid_setting_stops_at_start_naming_it():
 def test_missing_model_is_a_one_line_error(tmp_path):
     res = run("run", "--headless", "--model", str(tmp_path / "nope"), "--set", f"runs_dir={tmp_path}")
     assert res.returncode == 1
-    assert "cannot load model" in res.stderr and "Traceback" not in res.stderr
+    assert "cannot load model" in res.stderr and "no such folder" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_headless_run_prints_a_line_per_round(tmp_path):
