@@ -191,6 +191,7 @@ class Inbox:
         self.drops: Counter[str] = Counter()
         self.received = 0
         self.bytes_received = 0
+        self.groups_from: Counter[str] = Counter()  # groups accepted, by sending peer
         self._seen: set[tuple[str, int, int]] = set()
 
     def accept(
@@ -218,6 +219,7 @@ class Inbox:
         self._seen.add(key)
         self.received += 1
         self.bytes_received += len(data)
+        self.groups_from[batch.peer] += len(batch.groups)
         return batch
 
     def forget_before(self, round: int) -> None:

@@ -74,7 +74,6 @@ class InProcessComm(CommunicationManager):
         self.sent = 0
         self.bytes_sent = 0
         self.last_collect_seconds = 0.0
-        self._received_from: dict[str, int] = {}
         hub.join(self.peer_id, identity.name)
 
     def publish(self, round: int, stage: int, groups: list[Group]) -> None:
@@ -103,7 +102,6 @@ class InProcessComm(CommunicationManager):
                     continue
                 valid.add(sender)
                 groups.extend(batch.groups)
-                self._received_from[sender] = self._received_from.get(sender, 0) + len(batch.groups)
         self.last_collect_seconds = time.monotonic() - t0
         return groups
 
@@ -112,7 +110,7 @@ class InProcessComm(CommunicationManager):
         for m in self.hub.members():
             if m.peer_id != self.peer_id:
                 out.append(PeerInfo(m.peer_id, m.name or friendly_name(m.peer_id), m.round, m.last_seen,
-                                    self._received_from.get(m.peer_id, 0)))
+                                    self.inbox.groups_from[m.peer_id]))
         return out
 
     def counters(self) -> dict[str, int]:

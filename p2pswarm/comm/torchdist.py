@@ -166,7 +166,6 @@ class TorchDistComm(CommunicationManager):
         self.bytes_sent = 0
         self.last_collect_seconds = 0.0
         self._outbox: dict[tuple[int, int], bytes] = {}
-        self._received_from: dict[str, int] = {}
         self._last_round: dict[str, int] = {}
         self._last_seen: dict[str, float] = {}
         self._failed: str | None = None
@@ -413,7 +412,6 @@ class TorchDistComm(CommunicationManager):
             if batch is None:
                 continue
             groups.extend(batch.groups)
-            self._received_from[peer] = self._received_from.get(peer, 0) + len(batch.groups)
         self.last_collect_seconds = time.monotonic() - t0
         return groups
 
@@ -424,7 +422,7 @@ class TorchDistComm(CommunicationManager):
                 continue
             p = info["peer"]
             out.append(PeerInfo(p, info.get("name") or friendly_name(p), self._last_round.get(p, -1),
-                                self._last_seen.get(p, 0.0), self._received_from.get(p, 0)))
+                                self._last_seen.get(p, 0.0), self.inbox.groups_from[p]))
         return out
 
     def counters(self) -> dict[str, int]:
