@@ -146,7 +146,9 @@ def run(
     agents: Annotated[Optional[int], typer.Option(help="agents in this process (in-process swarm)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="reasoning-gym preset or file")] = None,
     game: Annotated[Optional[str], typer.Option(help="reasoning-gym or revise (two stages)")] = None,
-    comm: Annotated[Optional[str], typer.Option(help="inprocess, or torch (one agent per torchrun rank)")] = None,
+    comm: Annotated[Optional[str], typer.Option(help="inprocess, torch (one agent per torchrun rank) or drive (a shared folder)")] = None,
+    drive_path: Annotated[Optional[str], typer.Option("--drive-path", help="comm=drive: the shared folder or fsspec URL (GDRIVE_PATH)")] = None,
+    role: Annotated[Optional[str], typer.Option(help="comm=drive: worker, or coordinator (keeps the round clock; NODE_ROLE)")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -164,7 +166,7 @@ def run(
     """Run a node: train the policy round after round and share rollouts with the swarm."""
     flags = dict(
         model=model, experiment=experiment, node_id=node_id, identity_path=identity, rounds=rounds,
-        agents=agents, preset=preset, game=game, comm=comm, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
+        agents=agents, preset=preset, game=game, comm=comm, drive_path=drive_path, role=role, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
         num_generations=num_generations, local_groups=local_groups, swarm_groups=swarm_groups,
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, loss_type=loss_type, beta=beta,
         checkpoint_every=checkpoint_every, log_level=log_level,

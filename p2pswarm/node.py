@@ -70,6 +70,15 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
         )
         torchdist.quiet_other_ranks(comm.rank, settings.log_level)
         return comm, torchdist.TorchDistCoordinator(comm)
+    if settings.comm == "drive":
+        from p2pswarm.comm.folder import FolderComm, FolderCoordinator
+
+        comm = FolderComm(settings.drive_path, identity, settings.experiment, name=name or identity.name,
+                          timeout=settings.collect_timeout, want_peers=settings.collect_peers,
+                          poll=settings.drive_poll_interval, peer_timeout=settings.drive_peer_timeout, role=settings.role)
+        return comm, FolderCoordinator(comm, role=settings.role, stages=2 if settings.game == "revise" else 1,
+                                       quorum=settings.collect_peers, deadline=settings.round_deadline,
+                                       keep_rounds=settings.keep_rounds, archive=settings.archive_rollouts)
     raise ValueError(f"unknown comm backend {settings.comm!r}")
 
 

@@ -1,7 +1,7 @@
 """The one settings object. Precedence: defaults < TOML file (--config) < environment < CLI flags.
 
 Environment variables are P2PSWARM_<NAME> (e.g. P2PSWARM_NUM_GENERATIONS=8), plus the names RL Swarm
-users know: MODEL_NAME, EXPERIMENT_NAME, NODE_ID, SEED, IDENTITY_PATH.
+users know: MODEL_NAME, EXPERIMENT_NAME, NODE_ID, SEED, IDENTITY_PATH, GDRIVE_PATH, NODE_ROLE.
 """
 
 from __future__ import annotations
@@ -64,14 +64,32 @@ class Settings(BaseSettings):
     eval_size: int = Field(100, validation_alias=_env("eval_size"), ge=1, le=200)
 
     # --- the swarm -------------------------------------------------------------------------------
-    comm: Literal["inprocess", "torch"] = Field("inprocess", validation_alias=_env("comm"),
-                                                description="'torch': one agent per torchrun rank (docs/torch-distributed.md)")
+    comm: Literal["inprocess", "torch", "drive"] = Field("inprocess", validation_alias=_env("comm"),
+                                                         description="'torch': one agent per torchrun rank (docs/torch-distributed.md); "
+                                                                     "'drive': through a shared folder (docs/drive-mode.md)")
     agents: int = Field(1, validation_alias=_env("agents"), ge=1, le=64,
                         description="agents in this process (in-process swarm)")
     collect_timeout: float = Field(10.0, validation_alias=_env("collect_timeout"), gt=0,
                                    description="seconds to wait for other peers' rollouts in a stage")
     collect_peers: int = Field(0, validation_alias=_env("collect_peers"), ge=0,
                                description="stop waiting once this many peers have published (0: all known)")
+    # comm=drive (docs/drive-mode.md)
+    drive_path: str | None = Field(None, validation_alias=_env("drive_path", "GDRIVE_PATH"),
+                                   description="comm=drive: the shared folder (a path, or any fsspec URL)")
+    role: Literal["worker", "coordinator"] = Field("worker", validation_alias=_env("role", "NODE_ROLE"),
+                                                   description="comm=drive: 'coordinator' also keeps the round clock "
+                                                               "and cleans up old rounds (one per experiment)")
+    drive_poll_interval: float = Field(2.0, validation_alias=_env("drive_poll_interval"), gt=0,
+                                       description="comm=drive: seconds between folder polls (backs off up to 4x)")
+    drive_peer_timeout: float = Field(60.0, validation_alias=_env("drive_peer_timeout"), gt=0,
+                                      description="comm=drive: a peer whose heartbeat is older than this is not live")
+    round_deadline: float = Field(300.0, validation_alias=_env("round_deadline"), gt=0,
+                                  description="comm=drive: the coordinator advances the round after this many seconds "
+                                              "without a quorum")
+    keep_rounds: int = Field(10, validation_alias=_env("keep_rounds"), ge=0,
+                             description="comm=drive: rounds of rollouts kept before the current one (0: keep all)")
+    archive_rollouts: bool = Field(False, validation_alias=_env("archive_rollouts"),
+                                   description="comm=drive: move old rounds to archive/ instead of deleting them")
     dist_timeout: float = Field(0.0, validation_alias=_env("dist_timeout"), ge=0,
                                 description="comm=torch: seconds a rank waits in a collective for the slowest rank "
                                             "before the run fails (0: max(60, 6 x collect_timeout))")
@@ -129,6 +147,10 @@ class Settings(BaseSettings):
     def _derived(self) -> Settings:
         if self.comm == "torch" and self.agents > 1:
             raise ValueError("comm=torch runs one agent per process: keep agents=1 and start N ranks with torchrun")
+        if self.comm == "drive" and not self.drive_path:
+            raise ValueError("comm=drive needs the shared folder: set drive_path (--drive-path or GDRIVE_PATH)")
+        if self.comm == "drive" and self.role == "coordinator" and self.agents > 1:
+            raise ValueError("role=coordinator keeps the swarm's one round clock: run it with agents=1")
         if self.dist_timeout == 0.0:
             self.dist_timeout = max(60.0, 6 * self.collect_timeout)
         if self.learning_rate == 0.0:

@@ -34,7 +34,7 @@ MODES: dict[str, dict[str, Any]] = {
     "local": {"label": "local: a swarm in this process", "comm": "inprocess"},
     "dht": {"label": "DHT (hivemind)", "comm": "hivemind", "field": "initial_peers",
             "later": "joining over the network arrives with the hivemind backend"},
-    "drive": {"label": "Drive folder", "comm": "folder", "field": "gdrive_path",
+    "drive": {"label": "Drive folder", "comm": "drive", "field": "drive_path",
               "later": "the shared-folder (Drive) backend has not landed yet"},
 }
 
