@@ -55,9 +55,7 @@ def main() -> None:
     rewards = ReasoningGymRewards()
     gen_s, train_s, round_s, tok_s, trained = [], [], [], [], []
     for r in range(args.warmup + args.rounds):
-        tasks = data.round_tasks(r)
-        for t in tasks:
-            t.prompt = data.messages(t)
+        tasks = data.with_prompts(data.round_tasks(r))
         t0 = time.perf_counter()
         groups = trainer.generate(tasks)
         t1 = time.perf_counter()

@@ -40,14 +40,24 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _settings(config: Optional[Path], sets: list[str], **flags) -> Settings:
+def _values(sets: list[str], flags: dict, defaults: dict | None = None) -> dict:
+    """defaults < --set < flags (an explicit flag wins over --set); config and environment sit below."""
+    values = dict(defaults or {})
+    values.update(_parse_sets(sets))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return values
+
+
+def _load(config: Optional[Path], values: dict) -> Settings:
     try:
-        values = _parse_sets(sets)
-        values.update({k: v for k, v in flags.items() if v is not None})  # an explicit flag wins over --set
         return load_settings(config, **values)
     except SettingsError as e:
         _fail(str(e))
         raise  # unreachable
+
+
+def _settings(config: Optional[Path], sets: list[str], **flags) -> Settings:
+    return _load(config, _values(sets, flags))
 
 
 def _setup_logging(level: str) -> None:
@@ -64,19 +74,14 @@ SetOpt = Annotated[list[str], typer.Option("--set", help="any setting as KEY=VAL
 
 
 def _settings_factory(config: Optional[Path], sets: list[str], defaults: dict | None = None, **flags):
-    """For the UI: `factory(**overrides)` -> Settings, from defaults < config/env < --set < flags < overrides.
-    Checked once here, so a bad --set fails before the UI opens."""
-    base = dict(defaults or {})
-    base.update(_parse_sets(sets))
-    base.update({k: v for k, v in flags.items() if v is not None})
+    """For the UI: `factory(**overrides)` -> Settings, the join screen's choices on top of the command line.
+    Checked once here, so a bad value stops the program before the UI opens, naming the setting."""
+    base = _values(sets, flags, defaults)
+    _load(config, base)
 
     def factory(**overrides) -> Settings:
         return load_settings(config, **{**base, **overrides})
 
-    try:
-        factory()
-    except SettingsError as e:
-        _fail(str(e))
     return factory
 
 
@@ -232,9 +237,7 @@ def evaluate(
         data = ReasoningGymData(s.preset, seed=s.seed, eval_size=s.eval_size)
     except (ModelError, PresetError) as e:
         _fail(str(e), 1)
-    tasks = data.eval_tasks()
-    for t in tasks:
-        t.prompt = data.messages(t)
+    tasks = data.with_prompts(data.eval_tasks())
     result = GRPOTrainer(m, tok, s, device).evaluate(tasks, ReasoningGymRewards().reward)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

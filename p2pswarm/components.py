@@ -40,6 +40,12 @@ class DataManager(ABC):
     def messages(self, task: Task) -> list[dict[str, str]]:
         """Chat messages for a task (the local prompt format; applied to swarm tasks too)."""
 
+    def with_prompts(self, tasks: list[Task]) -> list[Task]:
+        """Set each task's prompt from messages(); the one place a task, local or swarm, gets its prompt."""
+        for t in tasks:
+            t.prompt = self.messages(t)
+        return tasks
+
     def eval_tasks(self) -> list[Task]:
         """A held-out split that is never trained on."""
         return []

@@ -153,7 +153,7 @@ class GameManager:
                 tasks = self.data.stage_tasks(state, stage)
             for t in tasks:
                 t.stage = stage
-                t.prompt = self.data.messages(t)
+            self.data.with_prompts(tasks)
             local = self.trainer.generate(tasks, progress=self._progress) if tasks else []
             gen = getattr(self.trainer, "last_generate", {}) if tasks else {}
             gen_seconds += gen.get("seconds", 0.0)
@@ -163,8 +163,7 @@ class GameManager:
             self.rewards.score(local)
             self.comm.publish(r, stage, local)
             swarm = self.comm.collect(r, stage)
-            for g in swarm:
-                g.task.prompt = self.data.messages(g.task)
+            self.data.with_prompts([g.task for g in swarm])
             self.rewards.score(swarm)  # re-scored against the task's answer; the sender's rewards are ignored
             state.add(stage, local, swarm)
             self.events.emit(
@@ -179,9 +178,7 @@ class GameManager:
         stats = self.trainer.train(state, progress=self._progress)
         metrics = self._metrics(state, stats, gen_seconds, gen_tokens, time.perf_counter() - t_train, t0)
         if self.s.eval_every and (r + 1) % self.s.eval_every == 0 and hasattr(self.trainer, "evaluate"):
-            tasks = self.data.eval_tasks()
-            for t in tasks:
-                t.prompt = self.data.messages(t)
+            tasks = self.data.with_prompts(self.data.eval_tasks())
             if tasks:
                 metrics.update(self.trainer.evaluate(tasks, self.rewards.reward))
                 self.events.emit(ev.EVALUATED, round=r, **{k: v for k, v in metrics.items() if k.startswith("eval_")})

@@ -44,20 +44,21 @@ def configure_torch(settings: Settings) -> None:
 
 
 def identity_path(settings: Settings, index: int) -> Path:
-    if settings.comm == "torch":  # one identity per rank; index is the global rank
-        if settings.identity_path is not None:
-            p = settings.identity_path
-            return p.with_name(f"{p.stem}-rank{index}{p.suffix}")
-        return (settings.output_dir or settings.runs_dir / settings.experiment) / f"identity-rank{index}.key"
+    """One identity per agent: `identity.key`, `identity-<i>.key` (in-process agents) or
+    `identity-rank<R>.key` (torch ranks), beside the outputs or next to --identity."""
+    if settings.comm == "torch":
+        suffix = f"-rank{index}"
+    else:
+        suffix = f"-{index}" if settings.agents > 1 else ""
     if settings.identity_path is not None:
         p = settings.identity_path
-        return p if settings.agents == 1 else p.with_name(f"{p.stem}-{index}{p.suffix}")
-    base = settings.output_dir or settings.runs_dir / settings.experiment
-    return base / ("identity.key" if settings.agents == 1 else f"identity-{index}.key")
+        return p.with_name(f"{p.stem}{suffix}{p.suffix}")
+    return (settings.output_dir or settings.runs_dir / settings.experiment) / f"identity{suffix}.key"
 
 
 def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | None, *, name: str = "",
-                   device: torch.device | None = None, output: Path | None = None) -> tuple[CommunicationManager, Coordinator]:
+                   device: torch.device | None = None, output: Path | None = None,
+                   stages: int = 1) -> tuple[CommunicationManager, Coordinator]:
     """The CommunicationManager and Coordinator that `settings.comm` names (one branch per backend)."""
     if settings.comm == "inprocess":
         comm = InProcessComm(hub or InProcessHub(), identity, settings.experiment, settings.collect_timeout, settings.collect_peers)
@@ -76,7 +77,7 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
         comm = FolderComm(settings.drive_path, identity, settings.experiment, name=name or identity.name,
                           timeout=settings.collect_timeout, want_peers=settings.collect_peers,
                           poll=settings.drive_poll_interval, peer_timeout=settings.drive_peer_timeout, role=settings.role)
-        return comm, FolderCoordinator(comm, role=settings.role, stages=2 if settings.game == "revise" else 1,
+        return comm, FolderCoordinator(comm, role=settings.role, stages=stages,
                                        quorum=settings.collect_peers, deadline=settings.round_deadline,
                                        keep_rounds=settings.keep_rounds, archive=settings.archive_rollouts)
     raise ValueError(f"unknown comm backend {settings.comm!r}")
@@ -107,7 +108,8 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
                     peer=identity.peer_id, eval_size=settings.eval_size)
     events = EventBus(identity.peer_id)
     events.subscribe(JsonlEventLog(run.events_path))
-    comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path)
+    comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
+                                       stages=data.num_stages)
     game_cls = torchdist.LockstepGameManager if torch_rank else GameManager
     return game_cls(
         data=data,

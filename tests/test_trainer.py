@@ -10,10 +10,7 @@ from p2pswarm.types import GameState, Group, Task
 
 def tasks_with_prompts(n, seed=0):
     data = ReasoningGymData("easy", seed=seed, tasks_per_round=n)
-    tasks = data.round_tasks(0)
-    for t in tasks:
-        t.prompt = data.messages(t)
-    return tasks
+    return data.with_prompts(data.round_tasks(0))
 
 
 def seq_logprob(trainer, group):
