@@ -8,3 +8,18 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# The fork's analysis functions, imported on first use so that `import p2pswarm` stays light (no pandas).
+_LAZY = {"get_experiment_status": "p2pswarm.analysis", "get_experiment_metrics": "p2pswarm.analysis"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'p2pswarm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

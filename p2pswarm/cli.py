@@ -151,7 +151,12 @@ def run(
     agents: Annotated[Optional[int], typer.Option(help="agents in this process (in-process swarm)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="reasoning-gym preset or file")] = None,
     game: Annotated[Optional[str], typer.Option(help="reasoning-gym or revise (two stages)")] = None,
-    comm: Annotated[Optional[str], typer.Option(help="inprocess, torch (one agent per torchrun rank) or drive (a shared folder)")] = None,
+    comm: Annotated[Optional[str], typer.Option(help="hivemind (default), inprocess, torch (one agent per torchrun rank) or drive (a shared folder)")] = None,
+    initial_peers: Annotated[Optional[list[str]], typer.Option("--initial-peers", help="multiaddr of a peer to join (repeatable; INITIAL_PEERS); none: start a new swarm")] = None,
+    host: Annotated[Optional[str], typer.Option(help="comm=hivemind: address to listen on")] = None,
+    port: Annotated[Optional[int], typer.Option(help="comm=hivemind: TCP port (0: any free)")] = None,
+    client_mode: Annotated[Optional[bool], typer.Option("--client-mode/--no-client-mode", help="comm=hivemind: behind NAT, only dial out")] = None,
+    announce_maddrs: Annotated[Optional[list[str]], typer.Option("--announce-maddrs", help="comm=hivemind: multiaddrs others should dial (repeatable)")] = None,
     drive_path: Annotated[Optional[str], typer.Option("--drive-path", help="comm=drive: the shared folder or fsspec URL (GDRIVE_PATH)")] = None,
     role: Annotated[Optional[str], typer.Option(help="comm=drive: worker, or coordinator (keeps the round clock; NODE_ROLE)")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")] = None,
@@ -171,24 +176,26 @@ def run(
     """Run a node: train the policy round after round and share rollouts with the swarm."""
     flags = dict(
         model=model, experiment=experiment, node_id=node_id, identity_path=identity, rounds=rounds,
-        agents=agents, preset=preset, game=game, comm=comm, drive_path=drive_path, role=role, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
+        agents=agents, preset=preset, game=game, comm=comm, initial_peers=initial_peers or None, host=host, port=port,
+        client_mode=client_mode, announce_maddrs=announce_maddrs or None, drive_path=drive_path, role=role, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
         num_generations=num_generations, local_groups=local_groups, swarm_groups=swarm_groups,
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, loss_type=loss_type, beta=beta,
         checkpoint_every=checkpoint_every, log_level=log_level,
     )
     s = _settings(config, sets, **flags)
-    if not headless and s.comm == "inprocess" and sys.stdin.isatty() and sys.stdout.isatty():  # a terminal: the UI
+    if not headless and s.comm != "torch" and sys.stdin.isatty() and sys.stdout.isatty():  # a terminal: the UI
         _open_tui(_settings_factory(config, sets, **flags), autostart=True, rounds=s.rounds)
         return
     _setup_logging(s.log_level)
     from p2pswarm.headless import ConsolePrinter
     from p2pswarm.node import build_swarm, run_agents
 
+    from p2pswarm.comm.hivemind.node import StartupError
     from p2pswarm.comm.torchdist import RankFailure, env_rank
 
     try:
         agents_ = build_swarm(s)
-    except (ModelError, PresetError, RankFailure) as e:
+    except (ModelError, PresetError, RankFailure, StartupError) as e:
         _fail(str(e), 1)
     # One progress bar per terminal: none with several agents, none on torchrun ranks other than 0.
     single_bar = len(agents_) == 1 and (s.comm != "torch" or env_rank() == 0)
@@ -210,6 +217,24 @@ def run(
         _fail("aborted", 130)
     except Exception as e:  # already logged with its traceback by run_agents
         _fail(f"{type(e).__name__}: {e}", 1)
+
+
+@app.command()
+def bootstrap(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="TCP port (keep it fixed: peers' initial-peers name it)")] = 38331,
+    identity: Annotated[Path, typer.Option(help="identity key file (created 0600 on first run; keeps the peer id)")] = Path("bootstrap.key"),
+    initial_peers: Annotated[Optional[list[str]], typer.Option("--initial-peers", help="other bootstrap peers (repeatable)")] = None,
+    announce_maddrs: Annotated[Optional[list[str]], typer.Option("--announce-maddrs", help="multiaddrs to announce (repeatable)")] = None,
+    coordinator: Annotated[bool, typer.Option("--coordinator", help="also keep the experiment's round clock")] = False,
+    experiment: Annotated[str, typer.Option(envvar="EXPERIMENT_NAME", help="experiment whose clock to keep")] = "default",
+    state_dir: Annotated[Optional[Path], typer.Option(help="where the round clock persists (default: beside the identity)")] = None,
+    status_every: Annotated[float, typer.Option(help="seconds between status lines")] = 60.0,
+) -> None:
+    """Run a headless bootstrap peer (the same as `p2pswarm-bootstrap`)."""
+    from bootstrap.cli import serve
+
+    serve(host, port, identity, initial_peers, announce_maddrs, coordinator, experiment, state_dir, status_every)
 
 
 @app.command("eval")
@@ -244,6 +269,65 @@ def evaluate(
     else:
         for k, v in result.items():
             typer.echo(f"{k:32s} {v:.3f}")
+
+
+DrivePathOpt = Annotated[Optional[str], typer.Option(
+    "--drive-path", envvar=["GDRIVE_PATH", "P2PSWARM_DRIVE_PATH"], show_envvar=False,
+    help="the shared folder or fsspec URL (GDRIVE_PATH)")]
+ExperimentOpt = Annotated[Optional[str], typer.Option(
+    envvar=["EXPERIMENT_NAME", "P2PSWARM_EXPERIMENT"], show_envvar=False, help="experiment name (EXPERIMENT_NAME)")]
+
+
+@app.command()
+def status(
+    drive_path: DrivePathOpt = None,
+    experiment: ExperimentOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    peer_timeout: Annotated[float, typer.Option(help="a heartbeat older than this (s) is not live")] = 60.0,
+) -> None:
+    """Drive mode: an experiment's round, its peers (heartbeat, round) and their rewards."""
+    from p2pswarm.analysis import ExperimentNotFound, format_status, get_experiment_status, list_experiments
+
+    if not drive_path:
+        _fail("status reads a shared folder: --drive-path PATH (or GDRIVE_PATH)")
+    if not experiment:
+        names = list_experiments(drive_path)
+        _fail(f"which experiment? --experiment NAME (or EXPERIMENT_NAME); in {drive_path}: {', '.join(names) or 'none'}")
+    try:
+        st = get_experiment_status(drive_path, experiment, peer_timeout=peer_timeout)
+    except ExperimentNotFound as e:
+        _fail(str(e), 1)
+    typer.echo(json.dumps(st, indent=2, default=str) if as_json else format_status(st))
+
+
+@app.command()
+def report(
+    drive_path: DrivePathOpt = None,
+    experiment: ExperimentOpt = None,
+    runs_dir: Annotated[Optional[Path], typer.Option(help="read local run folders <runs-dir>/<experiment>/<node>/ instead")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="the PNG to write (default <experiment>-rewards.png)")] = None,
+    metric: Annotated[str, typer.Option(help="the metrics.jsonl column to plot")] = "reward_local_mean",
+    window: Annotated[int, typer.Option(help="rounds in the rolling mean", min=1)] = 5,
+) -> None:
+    """A PNG of reward per round per node, from the shared folder's logs or local run folders."""
+    from p2pswarm.analysis import ExperimentNotFound, get_experiment_metrics, get_run_metrics, plot_rewards
+
+    experiment = experiment or "default"
+    try:
+        if runs_dir is not None or not drive_path:
+            source = runs_dir or Path("runs")
+            df = get_run_metrics(source, experiment)
+        else:
+            source = drive_path
+            df = get_experiment_metrics(drive_path, experiment)
+    except ExperimentNotFound as e:
+        _fail(str(e), 1)
+    if df.empty or metric not in df or df[metric].isna().all():
+        _fail(f"no {metric} values yet for experiment {experiment!r} in {source}", 1)
+    path = plot_rewards(df, out or Path(f"{experiment}-rewards.png"), title=f"{experiment}: {metric} per round", metric=metric,
+                        window=window)
+    typer.echo(f"report written to {path.resolve()} ({df['node'].nunique()} node(s), rounds "
+               f"{int(df['round'].min())}-{int(df['round'].max())})")
 
 
 def main() -> None:

@@ -56,11 +56,16 @@ class Identity:
             return cls(Ed25519PrivateKey.from_private_bytes(data[len(_PRIV_PREFIX) : len(_PRIV_PREFIX) + 32]))
         ident = cls.generate()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(ident.to_bytes())
-        os.replace(tmp, path)
+        try:
+            os.link(tmp, path)  # atomic and never overwrites: two nodes starting at once get one key
+        except FileExistsError:
+            return cls.load_or_create(path)
+        finally:
+            os.unlink(tmp)
         return ident
 
     def to_bytes(self) -> bytes:

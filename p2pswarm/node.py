@@ -45,7 +45,8 @@ def configure_torch(settings: Settings) -> None:
 
 def identity_path(settings: Settings, index: int) -> Path:
     """One identity per agent: `identity.key`, `identity-<i>.key` (in-process agents) or
-    `identity-rank<R>.key` (torch ranks), beside the outputs or next to --identity."""
+    `identity-rank<R>.key` (torch ranks), next to --identity, else in the output folder: the node's own
+    (runs/<experiment>/<node_id>) when it has a name, so that nodes sharing a runs folder stay distinct peers."""
     if settings.comm == "torch":
         suffix = f"-rank{index}"
     else:
@@ -53,13 +54,22 @@ def identity_path(settings: Settings, index: int) -> Path:
     if settings.identity_path is not None:
         p = settings.identity_path
         return p.with_name(f"{p.stem}{suffix}{p.suffix}")
-    return (settings.output_dir or settings.runs_dir / settings.experiment) / f"identity{suffix}.key"
+    base = settings.output_dir or settings.runs_dir / settings.experiment
+    if settings.output_dir is None and settings.node_id:
+        base = base / settings.node_id
+    return base / f"identity{suffix}.key"
 
 
 def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | None, *, name: str = "",
                    device: torch.device | None = None, output: Path | None = None,
-                   stages: int = 1) -> tuple[CommunicationManager, Coordinator]:
+                   stages: int = 1, key_path: Path | None = None,
+                   initial_peers: list[str] | None = None) -> tuple[CommunicationManager, Coordinator]:
     """The CommunicationManager and Coordinator that `settings.comm` names (one branch per backend)."""
+    if settings.comm == "hivemind":
+        from p2pswarm.comm import hivemind
+
+        return hivemind.connect(settings, identity, key_path or identity_path(settings, 0), name=name or identity.name,
+                                state_dir=output, initial_peers=initial_peers)
     if settings.comm == "inprocess":
         comm = InProcessComm(hub or InProcessHub(), identity, settings.experiment, settings.collect_timeout, settings.collect_peers)
         return comm, LocalCoordinator()
@@ -83,12 +93,14 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
     raise ValueError(f"unknown comm backend {settings.comm!r}")
 
 
-def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None = None, device=None) -> GameManager:
+def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None = None, device=None,
+                initial_peers: list[str] | None = None) -> GameManager:
     configure_torch(settings)
     torch_rank = settings.comm == "torch"
     if torch_rank:
         index = torchdist.env_rank()  # one agent per process: its index is the global rank
-    identity = Identity.load_or_create(identity_path(settings, index))
+    key_path = identity_path(settings, index)
+    identity = Identity.load_or_create(key_path)
     name = settings.node_id or identity.name
     if settings.agents > 1 and settings.node_id:
         name = f"{settings.node_id}-{index}"
@@ -109,7 +121,11 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     events = EventBus(identity.peer_id)
     events.subscribe(JsonlEventLog(run.events_path))
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
-                                       stages=data.num_stages)
+                                       stages=data.num_stages, key_path=key_path, initial_peers=initial_peers)
+    if settings.comm == "drive":  # logs and checkpoints in the shared folder; resume from it (docs/drive-mode.md)
+        from p2pswarm.comm.folder_mirror import attach_mirror
+
+        attach_mirror(comm, run, events, keep=settings.keep_checkpoints)
     game_cls = torchdist.LockstepGameManager if torch_rank else GameManager
     return game_cls(
         data=data,
@@ -125,7 +141,29 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
 
 
 def build_swarm(settings: Settings) -> list[GameManager]:
-    """`settings.agents` agents sharing one in-process hub."""
+    """`settings.agents` agents: sharing one in-process hub, or each its own hivemind peer. Several hivemind
+    agents with no initial peers get a local bootstrap peer (keeping the round clock) to join."""
+    if settings.comm == "hivemind" and settings.agents > 1 and not settings.initial_peers:
+        from bootstrap.peer import BootstrapPeer
+
+        root = settings.output_dir or settings.runs_dir / settings.experiment
+        boot = BootstrapPeer.from_settings(settings, root / "bootstrap.key", state_dir=root / "bootstrap",
+                                           coordinator=True, host="127.0.0.1").start()
+        try:
+            agents = [build_agent(settings, index=i, initial_peers=boot.maddrs) for i in range(settings.agents)]
+        except BaseException:
+            boot.close()
+            raise
+        remaining = [len(agents)]
+
+        def one_closed() -> None:  # the bootstrap goes when the last agent has left
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                boot.close()
+
+        for a in agents:
+            a.comm._on_close.append(one_closed)
+        return agents
     hub = InProcessHub()
     return [build_agent(settings, index=i, hub=hub) for i in range(settings.agents)]
 

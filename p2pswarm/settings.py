@@ -1,7 +1,7 @@
 """The one settings object. Precedence: defaults < TOML file (--config) < environment < CLI flags.
 
 Environment variables are P2PSWARM_<NAME> (e.g. P2PSWARM_NUM_GENERATIONS=8), plus the names RL Swarm
-users know: MODEL_NAME, EXPERIMENT_NAME, NODE_ID, SEED, IDENTITY_PATH, GDRIVE_PATH, NODE_ROLE.
+users know: MODEL_NAME, EXPERIMENT_NAME, NODE_ID, SEED, IDENTITY_PATH, INITIAL_PEERS, GDRIVE_PATH, NODE_ROLE.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # implemented in p2pswarm/grpo.py
@@ -64,28 +64,54 @@ class Settings(BaseSettings):
     eval_size: int = Field(100, validation_alias=_env("eval_size"), ge=1, le=200)
 
     # --- the swarm -------------------------------------------------------------------------------
-    comm: Literal["inprocess", "torch", "drive"] = Field("inprocess", validation_alias=_env("comm"),
-                                                         description="'torch': one agent per torchrun rank (docs/torch-distributed.md); "
-                                                                     "'drive': through a shared folder (docs/drive-mode.md)")
+    comm: Literal["hivemind", "inprocess", "torch", "drive"] = Field(
+        "hivemind", validation_alias=_env("comm"),
+        description="'hivemind': peers over a DHT (the default); 'inprocess': agents of this process only; "
+                    "'torch': one agent per torchrun rank (docs/torch-distributed.md); "
+                    "'drive': through a shared folder (docs/drive-mode.md)")
     agents: int = Field(1, validation_alias=_env("agents"), ge=1, le=64,
                         description="agents in this process (in-process swarm)")
     collect_timeout: float = Field(10.0, validation_alias=_env("collect_timeout"), gt=0,
                                    description="seconds to wait for other peers' rollouts in a stage")
     collect_peers: int = Field(0, validation_alias=_env("collect_peers"), ge=0,
                                description="stop waiting once this many peers have published (0: all known)")
+    # comm=hivemind (docs/hivemind.md)
+    initial_peers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("initial_peers", "INITIAL_PEERS"),
+        description="multiaddrs of peers to join (space- or comma-separated); none: start a new swarm")
+    host: str = Field("0.0.0.0", validation_alias=_env("host"), description="comm=hivemind: address to listen on")
+    port: int = Field(0, validation_alias=_env("port"), ge=0, le=65535, description="comm=hivemind: TCP port (0: any free)")
+    announce_maddrs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("announce_maddrs"),
+        description="comm=hivemind: the multiaddrs others should dial (a public IP behind port forwarding)")
+    client_mode: bool = Field(False, validation_alias=_env("client_mode"),
+                              description="comm=hivemind: behind NAT, only dial out (others answer over our connections)")
+    use_relay: bool = Field(True, validation_alias=_env("use_relay"), description="comm=hivemind: libp2p circuit relays")
+    use_auto_relay: bool = Field(False, validation_alias=_env("use_auto_relay"),
+                                 description="comm=hivemind: look for a relay to become reachable behind NAT")
+    coordinator_peer: str | None = Field(None, validation_alias=_env("coordinator_peer"),
+                                         description="comm=hivemind: peer id whose round clock to follow "
+                                                     "(default: the initial peers')")
+    round_seconds: float = Field(0.0, validation_alias=_env("round_seconds"), ge=0,
+                                 description="comm=hivemind: with no coordinator, a time clock of rounds this long (0: off)")
+    genesis: float = Field(0.0, validation_alias=_env("genesis"), ge=0,
+                           description="comm=hivemind: unix time of round 0 for the time clock")
+    max_clock_skew: float = Field(3.0, validation_alias=_env("max_clock_skew"), gt=0,
+                                  description="comm=hivemind: refuse to join when this machine's clock is further off")
     # comm=drive (docs/drive-mode.md)
     drive_path: str | None = Field(None, validation_alias=_env("drive_path", "GDRIVE_PATH"),
                                    description="comm=drive: the shared folder (a path, or any fsspec URL)")
     role: Literal["worker", "coordinator"] = Field("worker", validation_alias=_env("role", "NODE_ROLE"),
-                                                   description="comm=drive: 'coordinator' also keeps the round clock "
-                                                               "and cleans up old rounds (one per experiment)")
+                                                   description="'coordinator' also keeps the swarm's round clock (one per "
+                                                               "experiment; with comm=drive it also cleans up old rounds). "
+                                                               "A hivemind node with no initial peers keeps it anyway")
     drive_poll_interval: float = Field(2.0, validation_alias=_env("drive_poll_interval"), gt=0,
                                        description="comm=drive: seconds between folder polls (backs off up to 4x)")
     drive_peer_timeout: float = Field(60.0, validation_alias=_env("drive_peer_timeout"), gt=0,
                                       description="comm=drive: a peer whose heartbeat is older than this is not live")
     round_deadline: float = Field(300.0, validation_alias=_env("round_deadline"), gt=0,
-                                  description="comm=drive: the coordinator advances the round after this many seconds "
-                                              "without a quorum")
+                                  description="the coordinator advances the round this many seconds after the first "
+                                              "node finished it, without waiting for a quorum")
     keep_rounds: int = Field(10, validation_alias=_env("keep_rounds"), ge=0,
                              description="comm=drive: rounds of rollouts kept before the current one (0: keep all)")
     archive_rollouts: bool = Field(False, validation_alias=_env("archive_rollouts"),
@@ -124,6 +150,23 @@ class Settings(BaseSettings):
     def _loss_type(cls, v: str) -> str:
         if v not in LOSS_TYPES:
             raise ValueError(f"must be one of {', '.join(LOSS_TYPES)}")
+        return v
+
+    @field_validator("initial_peers", "announce_maddrs", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):  # INITIAL_PEERS="/ip4/.../p2p/A /ip4/.../p2p/B" or comma-separated
+            return [x for x in v.replace(",", " ").split() if x]
+        if isinstance(v, (list, tuple)):
+            return [x for item in v for x in str(item).replace(",", " ").split() if x]
+        return v
+
+    @field_validator("initial_peers", "announce_maddrs")
+    @classmethod
+    def _maddrs(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if not m.startswith(("/ip4/", "/ip6/", "/dns", "/p2p/")):
+                raise ValueError(f"{m!r} is not a multiaddr (like /ip4/203.0.113.5/tcp/38331/p2p/12D3KooW...)")
         return v
 
     @field_validator("device")

@@ -30,6 +30,7 @@ def make_settings(tmp_path, **kw):
 
     kw.setdefault("runs_dir", tmp_path / "runs")
     kw.setdefault("eval_every", 0)
+    kw.setdefault("comm", "inprocess")  # the hivemind tests start real peers themselves
     return load_settings(**kw)
 
 

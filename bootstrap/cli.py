@@ -1,0 +1,79 @@
+"""`p2pswarm-bootstrap` (also `p2pswarm bootstrap`): run a headless bootstrap peer until SIGTERM / Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("bootstrap.key"),
+          initial_peers: list[str] | None = None, announce_maddrs: list[str] | None = None,
+          coordinator: bool = False, experiment: str = "default", state_dir: Optional[Path] = None,
+          status_every: float = 60.0, quorum: int = 0, round_deadline: float = 300.0) -> None:
+    from bootstrap.peer import BootstrapPeer
+    from p2pswarm.comm.hivemind.node import NetConfig, StartupError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    log = logging.getLogger("p2pswarm.bootstrap")
+    net = NetConfig(initial_peers=list(initial_peers or []), host=host, port=port,
+                    announce_maddrs=list(announce_maddrs or []))
+    try:
+        peer = BootstrapPeer(identity, net, experiment=experiment, coordinator=coordinator, state_dir=state_dir,
+                             quorum=quorum, deadline=round_deadline).start()
+    except StartupError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    for m in peer.maddrs:
+        print(m, flush=True)
+    log.info("bootstrap peer %s (identity %s) is up; peers join with --initial-peers %s",
+             peer.peer_id, identity, peer.maddrs[0] if peer.maddrs else "")
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("stopping (%s)", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop.wait(status_every):
+            try:
+                log.info(peer.status_line())
+            except Exception as e:  # noqa: BLE001 - a status hiccup is not a reason to stop serving
+                log.warning("status: %s", e)
+    finally:
+        peer.close()
+        log.info("stopped")
+
+
+@app.command()
+def main_command(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="TCP port (keep it fixed: peers' initial-peers name it)")] = 38331,
+    identity: Annotated[Path, typer.Option(help="identity key file (created 0600 on first run; keeps the peer id)")] = Path("bootstrap.key"),
+    initial_peers: Annotated[Optional[list[str]], typer.Option("--initial-peers", help="other bootstrap peers to link up with (repeatable)")] = None,
+    announce_maddrs: Annotated[Optional[list[str]], typer.Option("--announce-maddrs", help="multiaddrs to announce (public address behind port forwarding)")] = None,
+    coordinator: Annotated[bool, typer.Option("--coordinator", help="also keep the experiment's round clock")] = False,
+    experiment: Annotated[str, typer.Option(envvar="EXPERIMENT_NAME", help="experiment whose clock to keep and peers to count")] = "default",
+    state_dir: Annotated[Optional[Path], typer.Option(help="where the round clock persists (default: beside the identity)")] = None,
+    status_every: Annotated[float, typer.Option(help="seconds between status lines")] = 60.0,
+    quorum: Annotated[int, typer.Option(help="--coordinator: advance when this many trainers finished (0: all live)")] = 0,
+    round_deadline: Annotated[float, typer.Option(help="--coordinator: advance this long after the first trainer finished")] = 300.0,
+) -> None:
+    """Run a headless bootstrap peer: prints its multiaddrs first, logs a status line every minute,
+    keeps its peer id across restarts, stops cleanly on SIGTERM."""
+    serve(host, port, identity, initial_peers, announce_maddrs, coordinator, experiment, state_dir, status_every,
+          quorum, round_deadline)
+
+
+def main() -> None:
+    app()

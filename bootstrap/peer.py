@@ -1,0 +1,87 @@
+"""A bootstrap peer: a full DHT node with a stable peer id and no model. Peers join the swarm through it;
+with `coordinator=True` it also keeps the round clock (persisted in `state_dir`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from p2pswarm.identity import Identity
+
+log = logging.getLogger("p2pswarm.bootstrap")
+
+
+class BootstrapPeer:
+    def __init__(self, identity_path: Path, net, *, experiment: str, coordinator: bool = False,
+                 state_dir: Path | None = None, quorum: int = 0, deadline: float = 300.0):
+        self.identity_path = Path(identity_path)
+        self.net = net
+        self.experiment = experiment
+        self.coordinator = coordinator
+        self.state_dir = Path(state_dir) if state_dir else self.identity_path.parent
+        self.quorum = quorum
+        self.deadline = deadline
+        self.identity = Identity.load_or_create(self.identity_path)
+        self.node = self.comm = self.keeper = None
+        self.started = time.time()
+
+    @classmethod
+    def from_settings(cls, settings, identity_path: Path, *, state_dir: Path | None = None, coordinator: bool = True,
+                      host: str | None = None) -> BootstrapPeer:
+        from p2pswarm.comm.hivemind import net_config
+
+        net = net_config(settings)
+        if host is not None:
+            net = replace(net, host=host, client_mode=False)
+        return cls(identity_path, net, experiment=settings.experiment, coordinator=coordinator, state_dir=state_dir,
+                   quorum=settings.collect_peers, deadline=settings.round_deadline)
+
+    def start(self) -> BootstrapPeer:
+        from p2pswarm.comm.hivemind.coordinator import RoundKeeper
+        from p2pswarm.comm.hivemind.manager import HivemindComm
+        from p2pswarm.comm.hivemind.node import HivemindNode
+
+        self.node = HivemindNode(self.identity, self.identity_path, self.net).start()
+        try:
+            self.comm = HivemindComm(self.node, self.experiment, name="bootstrap", role="bootstrap")
+            if self.coordinator:
+                self.keeper = RoundKeeper(self.comm, self.state_dir / f"round_clock-{self.experiment}.json",
+                                          quorum=self.quorum, deadline=self.deadline)
+        except BaseException:
+            self.node.close()
+            raise
+        return self
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def maddrs(self) -> list[str]:
+        return self.node.maddrs if self.node else []
+
+    def status(self) -> dict:
+        """Peers connected at the libp2p level, trainers in the experiment, and the round."""
+        members = self.node.call(self.comm.fetch_members(), timeout=10)
+        connected = self.node.call(self.node.p2p.list_peers(), timeout=10)
+        trainers = [m for m in members.values() if m.role == "trainer"]
+        return {"peers_connected": len(connected), "trainers": len(trainers),
+                "round": self.keeper.round if self.keeper else max((m.round for m in trainers), default=-1),
+                "uptime_s": round(time.time() - self.started),
+                "dropped": sum(v for k, v in self.comm.counters().items() if k.startswith("dropped_"))}
+
+    def status_line(self) -> str:
+        s = self.status()
+        return (f"status: {s['peers_connected']} peer(s) connected, {s['trainers']} trainer(s) in "
+                f"'{self.experiment}', round {s['round']}" + (" (coordinator)" if self.keeper else "")
+                + (f", {s['dropped']} bad record(s)/payload(s) dropped" if s["dropped"] else ""))
+
+    def close(self) -> None:
+        if self.keeper is not None:
+            self.keeper.close()
+        if self.comm is not None:
+            self.comm.close()
+        elif self.node is not None:
+            self.node.close()

@@ -1,0 +1,297 @@
+"""Looking at an experiment: its round clock, its peers and their rewards (`p2pswarm status`, `p2pswarm
+report`), and the functions users of the rl-swarm Drive fork know:
+
+    from p2pswarm import get_experiment_status, get_experiment_metrics
+    status = get_experiment_status("/content/drive/MyDrive/rl-swarm", "my_swarm")
+    print(status["current_round"], status["num_active_peers"])
+    df = get_experiment_metrics("/content/drive/MyDrive/rl-swarm", "my_swarm")   # one row per node per round
+    df.groupby("round")["my_reward"].mean().plot()
+
+The shared folder is read through fsspec (a path or any fsspec URL). Nothing here imports pandas or
+matplotlib until a function that needs it is called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from p2pswarm.comm.folder import FolderStore, check_record
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+REWARD = "reward_local_mean"  # the reward of a node's own rollouts: how well its policy does
+RECENT = 10  # rounds in the "recent reward" mean
+
+
+class ExperimentNotFound(FileNotFoundError):
+    """No such experiment (or no such folder); the message names the experiments that do exist."""
+
+    def __init__(self, where: str, name: str, available: list[str], *, folder_missing: bool = False):
+        self.available = available
+        if folder_missing:
+            super().__init__(f"{where} does not exist (or is not mounted)")
+        else:
+            listed = ", ".join(available) if available else "none"
+            super().__init__(f"no experiment {name!r} in {where} (experiments there: {listed})")
+
+
+def list_experiments(root: str) -> list[str]:
+    """Names of the experiments in a shared folder (the folders under <root>/experiments)."""
+    store = FolderStore(str(root), "_")
+    return sorted(n for n in store.subfolders(f"{store.root}/experiments") if not n.startswith("."))
+
+
+def _open(root: str, name: str) -> FolderStore:
+    store = FolderStore(str(root), name)
+    try:
+        found, root_found = store.fs.isdir(store.base), store.fs.isdir(store.root)
+    except OSError:
+        found = root_found = False
+    if not root_found:
+        raise ExperimentNotFound(str(root), name, [], folder_missing=True)
+    if not found:
+        raise ExperimentNotFound(str(root), name, list_experiments(root))
+    return store
+
+
+def _rows(data: bytes | str | None) -> list[dict]:
+    if not data:
+        return []
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows.append(row)
+    return rows
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    """One row per round (the last one written: a resumed node replays the rounds after its checkpoint)."""
+    by_round = {r["round"]: r for r in rows}
+    return [by_round[k] for k in sorted(by_round)]
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _node_metrics(store: FolderStore) -> dict[str, list[dict]]:
+    """logs/<node>/metrics.jsonl of every node, rows deduplicated by round."""
+    out = {}
+    logs = store.path("logs")
+    for node in store.subfolders(logs):
+        if node.startswith("."):
+            continue
+        rows = _dedupe(_rows(store.read(f"{logs}/{node}/metrics.jsonl")))
+        if rows:
+            out[node] = rows
+    return out
+
+
+def _summary(rows: list[dict]) -> dict[str, Any]:
+    rewards = [v for v in (_finite(r.get(REWARD)) for r in rows) if v is not None]
+    recent = rewards[-RECENT:]
+    return {
+        "rounds_done": len(rows),
+        "last_round": rows[-1]["round"] if rows else None,
+        "reward_last": rewards[-1] if rewards else None,
+        "reward_recent": sum(recent) / len(recent) if recent else None,
+        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
+        "swarm_peers_last": rows[-1].get("swarm_peers") if rows else None,
+    }
+
+
+def get_experiment_status(root: str, name: str, *, peer_timeout: float = 60.0) -> dict[str, Any]:
+    """The experiment's state: its round clock, every node that registered or logged (live, left or stale by
+    heartbeat age), and each node's rewards from logs/<node>/metrics.jsonl.
+
+    Keys (the fork's, plus more): experiment_name, path, checked_at, current_round, current_stage,
+    last_updated, coordinator, active_peers and num_active_peers (live nodes), peer_ids (their names),
+    peers (one dict per node: node, name, peer_id, role, state, round, stage, last_heartbeat,
+    heartbeat_age_s, rounds_done, last_round, reward_last, reward_recent (mean of the last 10 rounds),
+    reward_mean, latest_checkpoint), latest_checkpoint, total_metric_entries, invalid_peer_files.
+    Raises ExperimentNotFound when the experiment is not there."""
+    from p2pswarm.comm.folder_mirror import shared_checkpoints
+
+    store = _open(root, name)
+    now = time.time()
+    clock = store.read_clock()
+    status: dict[str, Any] = {
+        "experiment_name": name,
+        "path": store.base,
+        "checked_at": now,
+        "current_round": clock["round"] if clock else None,
+        "current_stage": clock.get("stage", 0) if clock else None,
+        "last_updated": clock.get("updated") if clock else None,
+        "coordinator": clock.get("coordinator_name") if clock else None,
+    }
+    peers: dict[str, dict[str, Any]] = {}
+    invalid = 0
+    folder = store.path("peers")
+    for fname, _, _ in store.listing(folder):
+        if not fname.endswith(".json"):
+            continue
+        rec = check_record(store.read_json(f"{folder}/{fname}"))
+        if rec is None:
+            invalid += 1
+            continue
+        node = fname[: -len(".json")]
+        age = max(0.0, now - float(rec["time"]))
+        state = "left" if rec.get("left") else ("live" if age <= peer_timeout else "stale")
+        peers[node] = {"node": node, "name": rec.get("name", node), "peer_id": rec.get("peer_id"),
+                       "role": rec.get("role", ""), "state": state, "round": rec.get("round"), "stage": rec.get("stage"),
+                       "last_heartbeat": float(rec["time"]), "heartbeat_age_s": round(age, 1)}
+    metrics = _node_metrics(store)
+    for node, rows in metrics.items():
+        entry = peers.setdefault(node, {"node": node, "name": rows[-1].get("node", node), "peer_id": rows[-1].get("peer"),
+                                        "role": "", "state": "unregistered", "round": None, "stage": None,
+                                        "last_heartbeat": None, "heartbeat_age_s": None})
+        entry.update(_summary(rows))
+    for node, entry in peers.items():
+        if "rounds_done" not in entry:
+            entry.update(_summary([]))
+        ckpts = shared_checkpoints(store, node)
+        entry["latest_checkpoint"] = ckpts[-1] if ckpts else None
+    live = [n for n, p in sorted(peers.items()) if p["state"] == "live"]
+    checkpoints = [p["latest_checkpoint"] for p in peers.values() if p["latest_checkpoint"] is not None]
+    status.update({
+        "active_peers": len(live),
+        "num_active_peers": len(live),
+        "peer_ids": live,
+        "peers": [peers[n] for n in sorted(peers)],
+        "latest_checkpoint": max(checkpoints) if checkpoints else None,
+        "total_metric_entries": sum(len(r) for r in metrics.values()),
+        "invalid_peer_files": invalid,
+    })
+    return status
+
+
+# ---- metrics as a DataFrame ---------------------------------------------------------------------------------
+def _frame(by_node: dict[str, list[dict]]) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = []
+    for folder, node_rows in by_node.items():
+        for r in node_rows:
+            rows.append({**r, "node": r.get("node") or folder})
+    if not rows:
+        return pd.DataFrame(columns=["node", "round", "peer", REWARD, "reward_mean", "node_id", "my_reward", "timestamp"])
+    df = pd.json_normalize(rows, sep=".")  # comm{...} becomes comm.batches_sent, ...
+    df["node_id"] = df["node"]  # the fork's names
+    df["my_reward"] = df[REWARD] if REWARD in df else float("nan")
+    df["timestamp"] = df["time"] if "time" in df else float("nan")
+    first = ["node", "round", "peer", REWARD, "reward_mean"]
+    df = df[[c for c in first if c in df] + [c for c in df.columns if c not in first]]
+    return df.sort_values(["node", "round"], kind="stable").reset_index(drop=True)
+
+
+def get_experiment_metrics(root: str, name: str) -> pd.DataFrame:
+    """Every node's metrics.jsonl from the shared folder's logs/, one row per node per round, with a `node`
+    column (and the fork's `node_id`, `my_reward` = reward_local_mean, `timestamp`); nested counters are
+    flattened (`comm.batches_sent`, ...). Raises ExperimentNotFound when the experiment is not there."""
+    return _frame(_node_metrics(_open(root, name)))
+
+
+def get_run_metrics(runs_dir: str | Path, name: str) -> pd.DataFrame:
+    """The same DataFrame from local run folders: <runs_dir>/<name>/<node>/metrics.jsonl."""
+    base = Path(runs_dir) / name
+    if not Path(runs_dir).is_dir():
+        raise ExperimentNotFound(str(runs_dir), name, [], folder_missing=True)
+    if not base.is_dir():
+        available = sorted(p.name for p in Path(runs_dir).iterdir() if p.is_dir()) if Path(runs_dir).is_dir() else []
+        raise ExperimentNotFound(str(runs_dir), name, available)
+    by_node = {}
+    for p in sorted(base.iterdir()):
+        f = p / "metrics.jsonl"
+        if f.is_file():
+            rows = _dedupe(_rows(f.read_text(errors="replace")))
+            if rows:
+                by_node[p.name] = rows
+    return _frame(by_node)
+
+
+# ---- the PNG report -----------------------------------------------------------------------------------------
+def plot_rewards(df: pd.DataFrame, out: str | Path, *, title: str = "", metric: str = REWARD, window: int = 5) -> Path:
+    """Reward per round per node: faint points for each round, a line for the rolling mean. Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if df.empty or metric not in df:
+        raise ValueError(f"no {metric} values to plot")
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    try:
+        for i, (node, g) in enumerate(df.dropna(subset=[metric]).groupby("node", sort=True)):
+            g = g.sort_values("round")
+            color = f"C{i % 10}"
+            ax.scatter(g["round"], g[metric], s=14, alpha=0.35, color=color, linewidths=0)
+            ax.plot(g["round"], g[metric].rolling(window, min_periods=1).mean(), color=color, lw=1.8, label=str(node))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{metric}\n(points: each round; lines: rolling mean of {window})")
+        ax.set_title(title or "reward per round")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small", ncols=max(1, df["node"].nunique() // 12 + 1))
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(out, format="png")
+    finally:
+        plt.close(fig)
+    return out
+
+
+# ---- `p2pswarm status` as text ------------------------------------------------------------------------------
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def _num(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A few summary lines and an aligned table of the peers."""
+    lines = [f"experiment {status['experiment_name']}  ({status['path']})"]
+    if status["current_round"] is None:
+        lines.append("round clock: not started (no coordinator has run yet)")
+    else:
+        updated = status["last_updated"]
+        age = _age(status["checked_at"] - updated) + " ago" if isinstance(updated, (int, float)) else "-"
+        lines.append(f"round {status['current_round']}, stage {status['current_stage']}  "
+                     f"(clock kept by {status['coordinator'] or '?'}, advanced {age})")
+    lines.append(f"{status['num_active_peers']} live peer(s) of {len(status['peers'])}"
+                 + (f"; latest checkpoint: round {status['latest_checkpoint']}" if status["latest_checkpoint"] is not None else "")
+                 + (f"; {status['invalid_peer_files']} invalid peer file(s) ignored" if status["invalid_peer_files"] else ""))
+    header = ("node", "role", "state", "heartbeat", "round", "stage", "rounds", f"reward(last {RECENT})", "reward(last)", "checkpoint")
+    table = [header]
+    for p in status["peers"]:
+        table.append((str(p["node"]), p["role"] or "-", p["state"], _age(p["heartbeat_age_s"]),
+                      "-" if p["round"] is None else str(p["round"]), "-" if p["stage"] is None else str(p["stage"]),
+                      str(p["rounds_done"]), _num(p["reward_recent"]), _num(p["reward_last"]),
+                      "-" if p["latest_checkpoint"] is None else str(p["latest_checkpoint"])))
+    if len(table) > 1:
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines.append("")
+        for row in table:
+            lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    else:
+        lines.append("no peers have registered yet")
+    return "\n".join(lines)

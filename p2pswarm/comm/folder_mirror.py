@@ -1,0 +1,296 @@
+"""Drive mode: a node's logs and checkpoints in the shared folder, and resuming from them.
+
+    <root>/experiments/<name>/logs/<node>/metrics.jsonl, events.jsonl        copies of the run folder's files
+    <root>/experiments/<name>/checkpoints/<node>/round_NNNNNN/              model/, trainer.pt, state.json,
+                                                                             manifest.json (signed, written last)
+
+The run folder stays the source of truth while the node runs; this mirrors it into the shared folder from a
+background thread (at most one log upload per round and one checkpoint upload per checkpoint; a slow mount
+coalesces them, never slowing a round). A checkpoint is uploaded into a temporary folder, its signed manifest
+(size and sha256 of every file) written last, and the folder renamed into place; the last `keep` are kept.
+
+When a node starts and its run folder has no checkpoint, or an older one than the shared folder (a Colab VM
+that died with its disk), the newest shared checkpoint is brought back first, and so are the logs, so that
+the node resumes where it was instead of starting over. A checkpoint is restored only if its manifest is
+signed by this node's own identity and every file matches it: trainer.pt is a pickle, and anyone who can
+write to the shared folder could otherwise plant code in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path, PurePosixPath
+
+from p2pswarm import events as ev
+from p2pswarm.comm.folder import FolderComm, FolderStore, check_record, safe_name, signed_record
+from p2pswarm.identity import Identity
+from p2pswarm.run import RunDir
+
+log = logging.getLogger(__name__)
+
+_CKPT_RE = re.compile(r"^round_(\d+)$")
+MANIFEST = "manifest.json"
+LOG_FILES = ("metrics.jsonl", "events.jsonl")
+
+
+def logs_dir(store: FolderStore, node: str) -> str:
+    return store.path("logs", safe_name(node))
+
+
+def checkpoints_dir(store: FolderStore, node: str) -> str:
+    return store.path("checkpoints", safe_name(node))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shared_checkpoints(store: FolderStore, node: str) -> list[int]:
+    """Rounds of this node's complete checkpoints in the shared folder (a manifest is written last), sorted."""
+    folder = checkpoints_dir(store, node)
+    out = []
+    for name in store.subfolders(folder):
+        m = _CKPT_RE.match(name)
+        if m and store.fs.exists(f"{folder}/{name}/{MANIFEST}"):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+class DriveMirror:
+    """Listens to a node's events and mirrors its run folder into the shared folder (see the module doc)."""
+
+    def __init__(self, store: FolderStore, identity: Identity, node: str, run: RunDir, keep: int = 3):
+        self.store, self.identity, self.node, self.run, self.keep = store, identity, safe_name(node), run, max(1, keep)
+        self.logs = logs_dir(store, node)
+        self.checkpoints = checkpoints_dir(store, node)
+        self.uploaded_checkpoints: list[int] = []
+        self._sent: dict[str, bytes] = {}  # file name -> digest of the content last uploaded
+        self._cond = threading.Condition()
+        self._want_logs = False
+        self._want_ckpt: tuple[int, Path] | None = None
+        self._closing = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._loop, name=f"drive-mirror-{self.node}", daemon=True)
+        self._thread.start()
+
+    # ---- events (called on the game thread: only note the work) -------------------------------------------
+    def __call__(self, event: ev.Event) -> None:
+        if event.kind == ev.CHECKPOINT_SAVED and event.data.get("path"):
+            with self._cond:
+                self._want_ckpt = (int(event.data["round"]), Path(event.data["path"]))
+                self._want_logs = True
+                self._cond.notify()
+        elif event.kind in (ev.ROUND_FINISHED, ev.NODE_STOPPED, ev.RESUMED, ev.ROUNDS_SKIPPED):
+            with self._cond:
+                self._want_logs = True
+                self._cond.notify()
+
+    # ---- the upload thread --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._want_logs or self._want_ckpt or self._closing):
+                    self._cond.wait()
+                if not (self._want_logs or self._want_ckpt):
+                    return  # closing, nothing left
+                ckpt, self._want_ckpt = self._want_ckpt, None
+                logs, self._want_logs = self._want_logs, False
+                self._busy = True
+            try:
+                if ckpt is not None:
+                    self.upload_checkpoint(*ckpt)
+                if logs:
+                    self.upload_logs()
+            except Exception as e:  # noqa: BLE001 - a flaky mount must never stop training
+                log.warning("mirroring to %s failed: %s: %s", self.store.base, type(e).__name__, e)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything noted so far is uploaded; False on timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._want_logs or self._want_ckpt or self._busy:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Upload what is pending (the final checkpoint above all), then stop the thread."""
+        with self._cond:
+            pending = self._want_ckpt
+            self._want_logs = True  # the last events (node stopped) too
+            self._closing = True
+            self._cond.notify_all()
+        if pending is not None:
+            log.info("uploading checkpoint of round %d to %s", pending[0], self.checkpoints)
+        self._thread.join()
+
+    # ---- uploads ------------------------------------------------------------------------------------------
+    def upload_logs(self) -> None:
+        for name in LOG_FILES:
+            path = self.run.path / name
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            digest = hashlib.sha256(data).digest()
+            if self._sent.get(name) == digest:
+                continue
+            self.store.write_atomic(f"{self.logs}/{name}", data)
+            self._sent[name] = digest
+
+    def upload_checkpoint(self, round: int, local: Path) -> bool:
+        """Copy a local checkpoint folder to checkpoints/<node>/round_NNNNNN/; False if it vanished first
+        (pruned locally by a newer one, which is queued)."""
+        fs, final = self.store.fs, f"{self.checkpoints}/{local.name}"
+        tmp = f"{self.checkpoints}/.tmp-{local.name}-{os.getpid()}"
+        files: dict[str, dict] = {}
+        try:
+            self._rm(tmp)
+            for p in sorted(local.rglob("*")):
+                if not p.is_file():
+                    continue
+                rel = p.relative_to(local).as_posix()
+                files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+                dest = f"{tmp}/{rel}"
+                if self.store.local:
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    shutil.copyfile(p, dest)
+                else:
+                    fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+                    fs.put_file(str(p), dest)
+        except FileNotFoundError:
+            self._rm(tmp)
+            return False
+        if "state.json" not in files:
+            self._rm(tmp)
+            return False
+        manifest = signed_record(self.identity, {"node": self.node, "round": round, "time": time.time(), "files": files})
+        self.store.write_atomic(f"{tmp}/{MANIFEST}", manifest)
+        self._rm(final)
+        if self.store.local:
+            os.replace(tmp, final)
+        else:
+            fs.mv(tmp, final, recursive=True)
+        self.uploaded_checkpoints.append(round)
+        self.prune()
+        log.debug("checkpoint of round %d mirrored to %s", round, final)
+        return True
+
+    def prune(self) -> None:
+        """Keep the last `keep` complete checkpoints; remove older ones and dead uploads' temporaries."""
+        for r in shared_checkpoints(self.store, self.node)[: -self.keep]:
+            self._rm(f"{self.checkpoints}/round_{r:06d}")
+        for name in self.store.subfolders(self.checkpoints):
+            if name.startswith(".tmp-"):
+                self._rm(f"{self.checkpoints}/{name}")
+
+    def _rm(self, path: str) -> None:
+        try:
+            if self.store.local:
+                shutil.rmtree(path, ignore_errors=True)
+            elif self.store.fs.exists(path):
+                self.store.fs.rm(path, recursive=True)
+        except OSError as e:
+            log.debug("removing %s failed: %s", path, e)
+
+    # ---- resume (before the node starts) ------------------------------------------------------------------
+    def restore(self) -> int | None:
+        """Bring back the newest shared checkpoint (and the logs) if the run folder has none or an older one;
+        the round restored, or None."""
+        local = self.run.latest_checkpoint()
+        local_round = local[0] if local else -1
+        for r in reversed(shared_checkpoints(self.store, self.node)):
+            if r <= local_round:
+                return None
+            if self._download_checkpoint(r):
+                self._restore_logs()
+                log.info("%s: restored the checkpoint of round %d from %s (the run folder had %s)", self.node, r,
+                         self.checkpoints, f"round {local_round}" if local else "none")
+                return r
+        return None
+
+    def _download_checkpoint(self, round: int) -> bool:
+        src = f"{self.checkpoints}/round_{round:06d}"
+        rec = check_record(self.store.read_json(f"{src}/{MANIFEST}"))
+        if rec is None or rec.get("round") != round or not isinstance(rec.get("files"), dict):
+            log.warning("not restoring %s: its manifest is missing, unsigned or wrongly signed", src)
+            return False
+        if rec["peer_id"] != self.identity.peer_id:
+            log.warning("not restoring %s: it was signed by %s, and this node is %s. Keep the identity file on "
+                        "persistent storage (IDENTITY_PATH) so that a restarted node stays the same peer.",
+                        src, rec["peer_id"], self.identity.peer_id)
+            return False
+        dest = self.run.checkpoint_path(round)
+        tmp = self.run.checkpoints / f".tmp-{dest.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for rel, meta in rec["files"].items():
+                parts = PurePosixPath(rel).parts
+                if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+                    raise ValueError(f"bad file name {rel!r}")
+                target = tmp.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.store.fs.get_file(f"{src}/{rel}", str(target))
+                if target.stat().st_size != meta.get("size") or _sha256(target) != meta.get("sha256"):
+                    raise ValueError(f"{rel} does not match the manifest")
+            if not (tmp / "state.json").exists():
+                raise ValueError("no state.json")
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("not restoring %s: %s", src, e)
+            return False
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return True
+
+    def _restore_logs(self) -> None:
+        """The shared logs replace local ones that have fewer lines (the run folder was lost); only this
+        node's own rows are taken."""
+        for name in LOG_FILES:
+            data = self.store.read(f"{self.logs}/{name}")
+            if not data:
+                continue
+            rows = []
+            for line in data.decode("utf-8", "replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("peer") == self.identity.peer_id:
+                    rows.append(line)
+            path = self.run.path / name
+            have = path.read_text().splitlines() if path.exists() else []
+            if len(rows) > len(have):
+                tmp = path.with_name(f".{name}.{os.getpid()}.restore")
+                tmp.write_text("".join(r + "\n" for r in rows))
+                os.replace(tmp, path)
+
+
+def attach_mirror(comm: FolderComm, run: RunDir, events: ev.EventBus, keep: int = 3) -> DriveMirror:
+    """Restore from the shared folder if it is ahead of the run folder, then mirror the node into it.
+    Call before the node starts; the mirror uploads what is pending when `comm` closes."""
+    mirror = DriveMirror(comm.store, comm.identity, comm.node, run, keep)
+    try:
+        mirror.restore()
+    except Exception as e:  # noqa: BLE001 - a missing or flaky mount: start from the run folder
+        log.warning("could not look for a checkpoint in %s: %s: %s", mirror.checkpoints, type(e).__name__, e)
+    events.subscribe(mirror)
+    comm._closers.append(mirror.close)
+    return mirror

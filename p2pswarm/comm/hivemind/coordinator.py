@@ -1,0 +1,170 @@
+"""The round clock over the DHT.
+
+One peer keeps it (`role=coordinator`: a bootstrap peer started with --coordinator, or the node that starts
+a new swarm): it publishes an owner-signed record {round, started} and advances it when a quorum of live
+trainers has finished the round (each says so in its member record), or `deadline` seconds after the
+first one did. It persists the round on disk, so a restarted keeper resumes where it was, never rewinding.
+
+Every other peer follows records signed by a peer it trusts (its initial peers, or `coordinator_peer`):
+it plays max(its next round, the clock), so it joins late by jumping forward ("skipped rounds") and
+never goes back. With no keeper, a time clock from config (round = (now - genesis) // round_seconds)
+serves, and without that each peer paces itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from p2pswarm.comm.hivemind import records
+from p2pswarm.comm.hivemind.manager import HivemindComm
+from p2pswarm.components import Coordinator
+
+log = logging.getLogger(__name__)
+
+CLOCK_TTL = 30.0
+CLOCK_REFRESH = 5.0
+
+
+def read_round(path: Path | None) -> int | None:
+    try:
+        state = json.loads(Path(path).read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+    return state["round"] if isinstance(state, dict) and isinstance(state.get("round"), int) else None
+
+
+def write_round(path: Path, round: int, started: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"round": round, "started": started}))
+    os.replace(tmp, path)
+
+
+class RoundKeeper:
+    """The keeper's loop, on the node's event loop: advance, persist, publish."""
+
+    def __init__(self, comm: HivemindComm, state_path: Path | None, *, quorum: int = 0, deadline: float = 300.0,
+                 poll: float = 0.25):
+        self.comm = comm
+        self.state_path = state_path
+        self.quorum = quorum
+        self.deadline = deadline
+        self.poll = poll
+        saved = read_round(state_path)
+        self.round = saved if saved is not None else 0
+        self.started = time.time()
+        self.first_done: float | None = None
+        if saved is not None:
+            log.info("round clock resumed at round %d (from %s)", self.round, state_path)
+        else:
+            log.info("round clock starts at round 0")
+        self._persist()
+        comm.node.call(self._publish(), timeout=30)
+        self._stopped = False
+        comm.node.spawn(self._loop())
+
+    def _persist(self) -> None:
+        if self.state_path is not None:
+            write_round(self.state_path, self.round, self.started)
+
+    async def _publish(self) -> None:
+        from hivemind.utils import get_dht_time
+
+        await self.comm.node.dht.store(records.clock_key(self.comm.swarm),
+                                       {"round": self.round, "started": self.started},
+                                       get_dht_time() + CLOCK_TTL, subkey=self.comm.node.validator.marker)
+
+    def step(self, members: dict[str, records.Member]) -> bool:
+        """Advance once if the round is done by a quorum (or the deadline passed since one finished)."""
+        live = {p: m for p, m in members.items() if m.role == "trainer"}
+        done = [p for p, m in live.items() if m.finished >= self.round]
+        if not done:
+            return False
+        now = time.time()
+        self.first_done = self.first_done or now
+        need = max(1, self.quorum or len(live))
+        if len(done) < need and now - self.first_done < self.deadline:
+            return False
+        self.round += 1
+        self.started, self.first_done = now, None
+        self._persist()
+        log.info("round clock advanced to round %d (%d of %d live trainer(s) finished round %d)",
+                 self.round, len(done), len(live), self.round - 1)
+        return True
+
+    async def _loop(self) -> None:
+        last_publish = time.monotonic()
+        while not self._stopped:
+            await asyncio.sleep(self.poll)
+            try:
+                moved = self.step(await self.comm.fetch_members())
+                if moved or time.monotonic() - last_publish > CLOCK_REFRESH:
+                    await self._publish()
+                    last_publish = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - a DHT hiccup must not stop the clock
+                log.warning("round clock: %s: %s", type(e).__name__, e)
+
+    def close(self) -> None:
+        self._stopped = True
+
+
+class DHTCoordinator(Coordinator):
+    def __init__(self, comm: HivemindComm, *, trusted: set[str], keeper: RoundKeeper | None = None,
+                 round_seconds: float = 0.0, genesis: float = 0.0):
+        self.comm = comm
+        self.trusted = set(trusted) | ({comm.peer_id} if keeper else set())
+        self.keeper = keeper
+        self.round_seconds = round_seconds
+        self.genesis = genesis
+        self.clock = -1
+        self._stop = threading.Event()
+        self._warned = False
+
+    def current(self) -> int | None:
+        """The swarm's round: the keeper's record (never lower than one seen before), the time clock, or None."""
+        if self.keeper is not None:
+            self.clock = max(self.clock, self.keeper.round)
+            return self.clock
+        try:
+            got = self.comm.node.call(self.comm.node.dht.get(records.clock_key(self.comm.swarm), latest=True), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            log.debug("clock read failed: %s", e)
+            got = None
+        for c in records.parse_entries(got, self.comm.record_drops, records.clock):
+            if c.peer_id in self.trusted:
+                self.clock = max(self.clock, c.round)
+        if self.clock >= 0:
+            return self.clock
+        if self.round_seconds > 0:
+            return max(0, math.floor((time.time() - self.genesis) / self.round_seconds))
+        if not self._warned:
+            log.info("no round coordinator in this swarm: this peer paces its own rounds")
+            self._warned = True
+        return None
+
+    def start_round(self, resume_from: int) -> int:
+        cur = self.current()
+        return resume_from if cur is None else max(resume_from, cur)
+
+    def next_round(self, finished: int) -> int:
+        self.comm.set_position(finished=finished)
+        cur = self.current()
+        target = finished + 1 if cur is None else max(finished + 1, cur)
+        if self.keeper is None and self.clock < 0 and self.round_seconds > 0:
+            # The time clock: wait for the round to start (others play it then), never past a stop request.
+            start = self.genesis + target * self.round_seconds
+            while not self._stop.is_set() and time.time() < start:
+                self._stop.wait(min(0.5, start - time.time()))
+        return target
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.keeper is not None:
+            self.keeper.close()

@@ -1,0 +1,249 @@
+"""The swarm over hivemind: the DHT says who has what, payloads are pulled peer to peer.
+
+publish(r, s): keep the signed wire bytes in this peer's PayloadServer, then announce "I have (r, s),
+               digest D, size N" as an owner-signed DHT record.
+collect(r, s): poll the announcements (and the member list) until `want_peers` peers (0: every live
+               member) delivered a valid batch or the deadline passes; pull new announcers' payloads in
+               parallel, each under a timeout; check digest, then wire.Inbox (signature, peer id = the
+               announcer = the stream's authenticated peer, swarm, round window, size, replay).
+Anything invalid is dropped and counted by reason, overall and per peer; nothing a peer sends can raise
+into the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+from p2pswarm import wire
+from p2pswarm.comm.hivemind import records
+from p2pswarm.comm.hivemind.node import HivemindNode
+from p2pswarm.comm.hivemind.payloads import PROTOCOL, PayloadServer, PullError, pull
+from p2pswarm.components import CommunicationManager, PeerInfo
+from p2pswarm.types import Group
+
+log = logging.getLogger(__name__)
+
+MEMBER_TTL = 15.0  # a SIGKILLed peer drops out of the member list this long after its last refresh
+MEMBER_REFRESH = 5.0
+
+
+class HivemindComm(CommunicationManager):
+    def __init__(self, node: HivemindNode, swarm: str, *, name: str = "", role: str = "trainer",
+                 timeout: float = 10.0, want_peers: int = 0, poll: float = 0.1,
+                 limits: wire.Limits = wire.Limits(), own_node: bool = True):
+        self.node = node
+        self.identity = node.identity
+        self.peer_id = node.peer_id
+        self.swarm = swarm
+        self.name = name or node.identity.name
+        self.role = role
+        self.timeout = timeout
+        self.want_peers = want_peers
+        self.poll = poll
+        self.limits = limits
+        self.own_node = own_node
+        self.inbox = wire.Inbox(swarm, limits)
+        self.server = PayloadServer()
+        self.record_ttl = max(60.0, 4 * timeout)
+        self.sent = 0
+        self.bytes_sent = 0
+        self.last_collect_seconds = 0.0
+        self.collect_seconds_total = 0.0
+        self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
+        self.per_peer: dict[str, Counter[str]] = defaultdict(Counter)
+        self.record_drops: Counter[str] = Counter()
+        self.members: dict[str, records.Member] = {}
+        self.seen_peers: set[str] = set()
+        self.position = {"round": -1, "stage": 0, "finished": -1}
+        self._closed = False
+        self._on_close: list = []
+        node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
+        node.call(self._store_member(), timeout=30)
+        node.spawn(self._refresh_member_loop())
+
+    # ---- membership -------------------------------------------------------------------------------------
+    async def _store_member(self, left: bool = False) -> bool:
+        from hivemind.utils import get_dht_time
+
+        value = {"name": self.name, "role": self.role, **self.position, "time": time.time(), "left": left}
+        return await self.node.dht.store(records.members_key(self.swarm), value, get_dht_time() + MEMBER_TTL,
+                                         subkey=self.node.validator.marker)
+
+    async def _refresh_member_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(MEMBER_REFRESH)
+            if self._closed:
+                break
+            try:
+                await self._store_member()
+            except Exception as e:  # noqa: BLE001 - the next refresh tries again
+                log.debug("member refresh failed: %s", e)
+
+    async def fetch_members(self) -> dict[str, records.Member]:
+        """Members of this swarm whose record has not expired and who have not left (self included)."""
+        got = await self.node.dht.get(records.members_key(self.swarm), latest=True)
+        members = {m.peer_id: m for m in records.parse_entries(got, self.record_drops, records.member)}
+        self.seen_peers.update(p for p in members if p != self.peer_id)
+        self.members = {p: m for p, m in members.items() if not m.left}
+        return self.members
+
+    def live_trainers(self) -> set[str]:
+        return {p for p, m in self.members.items() if m.role == "trainer" and p != self.peer_id}
+
+    def set_position(self, **fields: int) -> None:
+        """Update this peer's member record now (round, stage, finished)."""
+        self.position.update(fields)
+        try:
+            self.node.call(self._store_member(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - the periodic refresh will carry it
+            log.debug("member update failed: %s", e)
+
+    # ---- publish ----------------------------------------------------------------------------------------
+    def publish(self, round: int, stage: int, groups: list[Group]) -> None:
+        data = wire.encode(wire.RolloutBatch(self.swarm, round, stage, self.peer_id, groups), self.identity)
+        self.server.put(round, stage, data)
+        self.position.update(round=round, stage=stage)
+        self.node.call(self._announce(round, stage, hashlib.sha256(data).digest(), len(data)), timeout=30)
+        self.sent += 1
+        self.bytes_sent += len(data)
+
+    async def _announce(self, round: int, stage: int, digest: bytes, size: int) -> None:
+        from hivemind.utils import get_dht_time
+
+        value = {"digest": digest, "size": size, "created": time.time()}
+        ok = await self.node.dht.store(records.rollouts_key(self.swarm, round, stage), value,
+                                       get_dht_time() + self.record_ttl, subkey=self.node.validator.marker)
+        if not ok:
+            log.warning("announcing round %d stage %d: no DHT peer stored the record", round, stage)
+        await self._store_member()
+
+    # ---- collect ----------------------------------------------------------------------------------------
+    def collect(self, round: int, stage: int) -> list[Group]:
+        t0 = time.monotonic()
+        try:
+            groups = self.node.call(self._collect(round, stage), timeout=self.timeout + 30)
+        except TimeoutError:
+            log.warning("collect of round %d stage %d did not finish; going on without the swarm", round, stage)
+            groups = []
+        self.last_collect_seconds = time.monotonic() - t0
+        self.collect_seconds_total += self.last_collect_seconds
+        return groups
+
+    async def _collect(self, round: int, stage: int) -> list[Group]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        self.inbox.forget_before(round - 2)
+        self.latencies = []
+        tried: set[str] = {self.peer_id}
+        valid: set[str] = set()
+        failed: set[str] = set()
+        groups: list[Group] = []
+        pending: set[asyncio.Task] = set()
+        delay = self.poll
+        key = records.rollouts_key(self.swarm, round, stage)
+        while True:
+            try:
+                got, _ = await asyncio.gather(self.node.dht.get(key, latest=True), self.fetch_members())
+            except Exception as e:  # noqa: BLE001 - a DHT hiccup; poll again
+                log.debug("DHT get failed: %s", e)
+                got = None
+            for a in records.parse_entries(got, self.record_drops, records.announcement):
+                if a.peer_id not in tried:
+                    tried.add(a.peer_id)
+                    pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))
+            # A peer whose payload failed this round (gone, hostile) no longer holds the collect up.
+            need = self.want_peers or len(self.live_trainers() - failed)
+            remaining = deadline - loop.time()
+            if remaining <= 0 or len(valid) >= need and (need > 0 or not pending):
+                break
+            if pending:
+                done, pending = await asyncio.wait(pending, timeout=min(delay, remaining),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    peer, batch = task.result()
+                    if batch is None:
+                        failed.add(peer)
+                    else:
+                        valid.add(peer)
+                        groups.extend(batch.groups)
+            else:
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 1.5, 0.3)  # bounds what polling adds to delivery latency
+        for task in pending:
+            task.cancel()
+        return groups
+
+    async def _fetch(self, a: records.Announcement, round: int, stage: int,
+                     deadline: float) -> tuple[str, wire.RolloutBatch | None]:
+        return a.peer_id, await self._fetch_batch(a, round, stage, deadline)
+
+    async def _fetch_batch(self, a: records.Announcement, round: int, stage: int, deadline: float) -> wire.RolloutBatch | None:
+        stats = self.per_peer[a.peer_id]
+        if a.size > self.limits.max_bytes:
+            self._drop(stats, "too_large")
+            return None
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            data = await pull(self.node.p2p, a.peer_id, round, stage, max_bytes=self.limits.max_bytes,
+                              timeout=max(0.5, remaining))
+        except PullError as e:
+            self._drop(stats, e.reason)
+            return None
+        if hashlib.sha256(data).digest() != a.digest:
+            self._drop(stats, "digest_mismatch")
+            return None
+        before = Counter(self.inbox.drops)
+        batch = self.inbox.accept(data, current_round=round, expect_peer=a.peer_id, slot=(round, stage))
+        if batch is None:
+            for reason, n in (self.inbox.drops - before).items():
+                stats[f"dropped_{reason}"] += n
+            return None
+        latency = max(0.0, time.time() - a.created)
+        self.latencies.append(latency)
+        stats["batches"] += 1
+        stats["groups"] += len(batch.groups)
+        stats["bytes"] += len(data)
+        stats["latency_ms"] = int(latency * 1000)
+        return batch
+
+    def _drop(self, stats: Counter[str], reason: str) -> None:
+        self.inbox.drops[reason] += 1
+        stats[f"dropped_{reason}"] += 1
+
+    # ---- reporting --------------------------------------------------------------------------------------
+    def peers(self) -> list[PeerInfo]:
+        return [PeerInfo(p, m.name, m.round, m.time, self.inbox.groups_from[p])
+                for p, m in list(self.members.items()) if p != self.peer_id and m.role == "trainer"]
+
+    def counters(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        out: dict[str, Any] = {
+            "batches_sent": self.sent, "bytes_sent": self.bytes_sent, "bytes_served": self.server.bytes_served,
+            "peers_seen": len(self.seen_peers), "peers_live": len(self.live_trainers()),
+            "collect_ms": int(self.last_collect_seconds * 1000),
+            "delivery_ms_p50": int(lat[len(lat) // 2] * 1000) if lat else 0,
+            **self.inbox.counters(),
+        }
+        rejected = self.node.validator.rejected + self.record_drops
+        out.update({f"dropped_{k}": v for k, v in rejected.items()})
+        names = {p: m.name for p, m in self.members.items()}
+        out["per_peer"] = {names.get(p, p[-8:]): dict(c) for p, c in list(self.per_peer.items())}
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.node.call(self._store_member(left=True), timeout=5)
+        except Exception as e:  # noqa: BLE001
+            log.debug("leaving: %s", e)
+        for fn in self._on_close:
+            fn()
+        if self.own_node:
+            self.node.close()

@@ -1,0 +1,98 @@
+"""Rollout payloads travel peer to peer over a libp2p stream, pulled by the peers that want them.
+
+    request  = msgpack [round, stage]            (at most 64 bytes)
+    reply    = 8-byte big-endian length, then the signed wire bytes (length 0: "I don't have it")
+
+The puller reads the length first and refuses anything over the size cap before reading the body, so a
+hostile peer cannot make us buffer more than `max_bytes`. Every pull runs under a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import msgpack
+
+PROTOCOL = "p2pswarm.rollouts/1"
+_HEADER = 8
+
+
+class PullError(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PayloadServer:
+    """This peer's published payloads by (round, stage), the last `keep_rounds` rounds."""
+
+    def __init__(self, keep_rounds: int = 4):
+        self.keep_rounds = keep_rounds
+        self._payloads: dict[tuple[int, int], bytes] = {}
+        self._lock = threading.Lock()
+        self.served = 0
+        self.bytes_served = 0
+
+    def put(self, round: int, stage: int, data: bytes) -> None:
+        with self._lock:
+            self._payloads[(round, stage)] = data
+            for key in [k for k in self._payloads if k[0] < round - self.keep_rounds]:
+                del self._payloads[key]
+
+    def get(self, round: int, stage: int) -> bytes:
+        with self._lock:
+            return self._payloads.get((round, stage), b"")
+
+    async def handle(self, _info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            header = await asyncio.wait_for(reader.readexactly(_HEADER), 10)
+            n = int.from_bytes(header, "big")
+            if n > 64:
+                return
+            req = msgpack.unpackb(await asyncio.wait_for(reader.readexactly(n), 10))
+            if not (isinstance(req, list) and len(req) == 2 and all(isinstance(x, int) for x in req)):
+                return
+            data = self.get(req[0], req[1])
+            writer.write(len(data).to_bytes(_HEADER, "big"))
+            writer.write(data)
+            await writer.drain()
+            if data:
+                self.served += 1
+                self.bytes_served += len(data)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, msgpack.UnpackException):
+            pass  # a broken or hostile caller: nothing to answer
+        finally:
+            writer.close()
+
+
+async def pull(p2p: Any, peer_id: str, round: int, stage: int, *, max_bytes: int, timeout: float) -> bytes:
+    """The payload `peer_id` published for (round, stage); PullError(reason) when it cannot be had."""
+    from hivemind.p2p import PeerID
+
+    async def _pull() -> bytes:
+        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
+        try:
+            req = msgpack.packb([round, stage])
+            writer.write(len(req).to_bytes(_HEADER, "big") + req)
+            await writer.drain()
+            n = int.from_bytes(await reader.readexactly(_HEADER), "big")
+            if n == 0:
+                raise PullError("not_served")
+            if n > max_bytes:
+                raise PullError("too_large")
+            return await reader.readexactly(n)
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(_pull(), timeout)
+    except asyncio.TimeoutError:
+        raise PullError("pull_timeout") from None
+    except PullError:
+        raise
+    except asyncio.IncompleteReadError:
+        raise PullError("truncated") from None
+    except Exception as e:  # noqa: BLE001 - the peer is gone, refused the stream, reset it...
+        raise PullError("unreachable") from e
