@@ -5,8 +5,8 @@
                                                                              manifest.json (signed, written last)
 
 The run folder stays the source of truth while the node runs; this mirrors it into the shared folder from a
-background thread (at most one log upload per round and one checkpoint upload per checkpoint; a slow mount
-coalesces them, never slowing a round). A checkpoint is uploaded into a temporary folder, its signed manifest
+background thread, never slowing a round: the logs when they changed, at most once per round and once per
+`log_interval` (5 x drive_poll_interval), and each checkpoint the node saves (a slow mount coalesces them). A checkpoint is uploaded into a temporary folder, its signed manifest
 (size and sha256 of every file) written last, and the folder renamed into place; the last `keep` are kept.
 
 When a node starts and its run folder has no checkpoint, or an older one than the shared folder (a Colab VM
@@ -70,8 +70,11 @@ def shared_checkpoints(store: FolderStore, node: str) -> list[int]:
 class DriveMirror:
     """Listens to a node's events and mirrors its run folder into the shared folder (see the module doc)."""
 
-    def __init__(self, store: FolderStore, identity: Identity, node: str, run: RunDir, keep: int = 3):
+    def __init__(self, store: FolderStore, identity: Identity, node: str, run: RunDir, keep: int = 3,
+                 log_interval: float = 10.0):
         self.store, self.identity, self.node, self.run, self.keep = store, identity, safe_name(node), run, max(1, keep)
+        self.log_interval = log_interval  # logs are uploaded at most this often (and always when the node stops)
+        self._last_logs = float("-inf")
         self.logs = logs_dir(store, node)
         self.checkpoints = checkpoints_dir(store, node)
         self.uploaded_checkpoints: list[int] = []
@@ -80,7 +83,6 @@ class DriveMirror:
         self._want_logs = False
         self._want_ckpt: tuple[int, Path] | None = None
         self._closing = False
-        self._busy = False
         self._thread = threading.Thread(target=self._loop, name=f"drive-mirror-{self.node}", daemon=True)
         self._thread.start()
 
@@ -91,7 +93,7 @@ class DriveMirror:
                 self._want_ckpt = (int(event.data["round"]), Path(event.data["path"]))
                 self._want_logs = True
                 self._cond.notify()
-        elif event.kind in (ev.ROUND_FINISHED, ev.NODE_STOPPED, ev.RESUMED, ev.ROUNDS_SKIPPED):
+        elif event.kind in (ev.ROUND_FINISHED, ev.NODE_STOPPED):
             with self._cond:
                 self._want_logs = True
                 self._cond.notify()
@@ -100,35 +102,31 @@ class DriveMirror:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._want_logs or self._want_ckpt or self._closing):
-                    self._cond.wait()
+                while True:
+                    if self._want_ckpt or self._closing:
+                        break
+                    if self._want_logs:
+                        left = self._last_logs + self.log_interval - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    else:
+                        self._cond.wait()
                 if not (self._want_logs or self._want_ckpt):
                     return  # closing, nothing left
                 ckpt, self._want_ckpt = self._want_ckpt, None
                 logs, self._want_logs = self._want_logs, False
-                self._busy = True
-            try:
-                if ckpt is not None:
-                    self.upload_checkpoint(*ckpt)
-                if logs:
-                    self.upload_logs()
-            except Exception as e:  # noqa: BLE001 - a flaky mount must never stop training
-                log.warning("mirroring to %s failed: %s: %s", self.store.base, type(e).__name__, e)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+            if ckpt is not None:
+                self._guarded(self.upload_checkpoint, *ckpt)
+            if logs:
+                self._last_logs = time.monotonic()
+                self._guarded(self.upload_logs)
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything noted so far is uploaded; False on timeout."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._want_logs or self._want_ckpt or self._busy:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+    def _guarded(self, upload, *args) -> None:
+        try:
+            upload(*args)
+        except Exception as e:  # noqa: BLE001 - a flaky mount must never stop training
+            log.warning("mirroring to %s failed: %s: %s", self.store.base, type(e).__name__, e)
 
     def close(self) -> None:
         """Upload what is pending (the final checkpoint above all), then stop the thread."""
@@ -286,7 +284,7 @@ class DriveMirror:
 def attach_mirror(comm: FolderComm, run: RunDir, events: ev.EventBus, keep: int = 3) -> DriveMirror:
     """Restore from the shared folder if it is ahead of the run folder, then mirror the node into it.
     Call before the node starts; the mirror uploads what is pending when `comm` closes."""
-    mirror = DriveMirror(comm.store, comm.identity, comm.node, run, keep)
+    mirror = DriveMirror(comm.store, comm.identity, comm.node, run, keep, log_interval=5 * comm.poll)
     try:
         mirror.restore()
     except Exception as e:  # noqa: BLE001 - a missing or flaky mount: start from the run folder

@@ -137,7 +137,7 @@ class DHTCoordinator(Coordinator):
         except Exception as e:  # noqa: BLE001
             log.debug("clock read failed: %s", e)
             got = None
-        for c in records.parse_entries(got, self.comm.record_drops, records.clock):
+        for c in records.parse_entries(got, self.comm.record_drops, records.clock, self.comm._bad_seen):
             if c.peer_id in self.trusted:
                 self.clock = max(self.clock, c.round)
         if self.clock >= 0:

@@ -57,6 +57,7 @@ class HivemindComm(CommunicationManager):
         self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
         self.per_peer: dict[str, Counter[str]] = defaultdict(Counter)
         self.record_drops: Counter[str] = Counter()
+        self._bad_seen: set = set()
         self.members: dict[str, records.Member] = {}
         self.seen_peers: set[str] = set()
         self.position = {"round": -1, "stage": 0, "finished": -1}
@@ -87,7 +88,7 @@ class HivemindComm(CommunicationManager):
     async def fetch_members(self) -> dict[str, records.Member]:
         """Members of this swarm whose record has not expired and who have not left (self included)."""
         got = await self.node.dht.get(records.members_key(self.swarm), latest=True)
-        members = {m.peer_id: m for m in records.parse_entries(got, self.record_drops, records.member)}
+        members = {m.peer_id: m for m in records.parse_entries(got, self.record_drops, records.member, self._bad_seen)}
         self.seen_peers.update(p for p in members if p != self.peer_id)
         self.members = {p: m for p, m in members.items() if not m.left}
         return self.members
@@ -152,7 +153,7 @@ class HivemindComm(CommunicationManager):
             except Exception as e:  # noqa: BLE001 - a DHT hiccup; poll again
                 log.debug("DHT get failed: %s", e)
                 got = None
-            for a in records.parse_entries(got, self.record_drops, records.announcement):
+            for a in records.parse_entries(got, self.record_drops, records.announcement, self._bad_seen):
                 if a.peer_id not in tried:
                     tried.add(a.peer_id)
                     pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))

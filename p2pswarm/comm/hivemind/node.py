@@ -138,6 +138,8 @@ class HivemindNode:
             check_port_free(net.host, net.port)
         if peers:
             await self._check_identity_free(peers)
+        elif net.initial_peers:  # only our own address: a restarted bootstrap, unless that one still runs
+            await self._check_identity_free(net.initial_peers, unreachable_ok=True)
         ip = "ip6" if ":" in net.host else "ip4"
         os.environ.setdefault("GOLOG_LOG_LEVEL", "error")  # p2pd's own log lines are noise to a user
         try:
@@ -183,7 +185,7 @@ class HivemindNode:
             return f"port {self.net.port} on {self.net.host} is already in use: choose another with --port"
         return f"the p2p daemon did not start: {message.splitlines()[0][:300]}"
 
-    async def _check_identity_free(self, peers: list[str]) -> None:
+    async def _check_identity_free(self, peers: list[str], unreachable_ok: bool = False) -> None:
         """Dial our own peer id from a throwaway peer: if someone answers, this identity is running elsewhere."""
         from hivemind.p2p import P2P, PeerID
         from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError
@@ -192,6 +194,8 @@ class HivemindNode:
             anon = await P2P.create(initial_peers=peers, dht_mode="client", no_listen=True, idle_timeout=5,
                                     startup_timeout=self.net.startup_timeout)
         except P2PDaemonError as e:
+            if unreachable_ok:
+                return
             raise StartupError(self._daemon_error(str(e), peers)) from None
         try:
             await asyncio.wait_for(anon._client.connect(PeerID.from_base58(self.peer_id), []), timeout=5)

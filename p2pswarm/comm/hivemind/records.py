@@ -156,16 +156,25 @@ def _field(v: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     return x
 
 
-def parse_entries(result: Any, counter: Counter[str], parse) -> list:
+def parse_entries(result: Any, counter: Counter[str], parse, seen: set | None = None) -> list:
     """Records of a DHT `get` result ({subkey: (value, expiration)}), each parsed with `parse(owner, value,
-    expiration)`; unmarked subkeys and values that do not parse are counted and skipped."""
+    expiration)`; unmarked subkeys and values that do not parse are skipped, and counted once each when
+    `seen` remembers the bad ones already counted (the same record comes back on every poll)."""
     out = []
     if result is None or not isinstance(result.value, dict):
         return out
+
+    def bad(reason: str, subkey: Any, item: Any) -> None:
+        mark = (reason, repr(subkey)[:200], getattr(item, "expiration_time", None))
+        if seen is None or mark not in seen:
+            counter[reason] += 1
+            if seen is not None:
+                seen.add(mark)
+
     for subkey, item in result.value.items():
         owner = owner_of(subkey)
         if owner is None:
-            counter["record_unowned"] += 1
+            bad("record_unowned", subkey, item)
             continue
         try:
             value = item.value
@@ -175,7 +184,7 @@ def parse_entries(result: Any, counter: Counter[str], parse) -> list:
                 raise ValueError("not a map")
             out.append(parse(owner, value, item.expiration_time))
         except (ValueError, TypeError, msgpack.UnpackException):
-            counter["record_malformed"] += 1
+            bad("record_malformed", subkey, item)
     return out
 
 

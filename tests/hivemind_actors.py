@@ -1,0 +1,104 @@
+"""Misbehaving peers for tests/test_hivemind.py, run as separate processes:
+
+    python tests/hivemind_actors.py hostile KEY EXPERIMENT ROUNDS INITIAL_PEER
+    python tests/hivemind_actors.py skewed  KEY SECONDS      (prints its multiaddr, serves a skewed clock)
+
+The hostile peer joins as a trainer, announces bad payloads for every round (a different kind each round),
+and tries to overwrite the honest peers' member records. It prints one line per attack and stays up."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import msgpack
+from hivemind.utils import get_dht_time
+
+from p2pswarm import wire
+from p2pswarm.comm.hivemind import records
+from p2pswarm.comm.hivemind.manager import HivemindComm
+from p2pswarm.comm.hivemind.node import HivemindNode, NetConfig
+from p2pswarm.identity import Identity
+from p2pswarm.types import Group, Task
+
+KINDS = ["forged", "malformed", "oversized", "replayed", "wrong_swarm"]
+
+
+def honest_looking(identity: Identity, swarm: str, round: int) -> bytes:
+    g = Group(Task("x", "basic_arithmetic", "What is 1+1?", "2"), ["<answer>2</answer>"] * 4, identity.peer_id, [1.0] * 4)
+    return wire.encode(wire.RolloutBatch(swarm, round, 0, identity.peer_id, [g]), identity)
+
+
+def payload(kind: str, identity: Identity, swarm: str, round: int) -> bytes:
+    if kind == "forged":  # a valid batch whose body was changed after signing
+        env = msgpack.unpackb(honest_looking(identity, swarm, round))
+        env["body"] = env["body"].replace(b"What is 1+1?", b"What is 9+9?")
+        return msgpack.packb(env)
+    if kind == "malformed":
+        return b"\xc1not msgpack at all" * 10
+    if kind == "oversized":
+        return b"\x00" * (wire.Limits().max_bytes + 1024)
+    if kind == "replayed":  # our own valid batch of an earlier round, served again as this round's
+        return honest_looking(identity, swarm, max(0, round - 1))
+    if kind == "wrong_swarm":
+        return honest_looking(identity, "another-swarm", round)
+    raise ValueError(kind)
+
+
+class ForgingValidator(records.Ed25519OwnerValidator):
+    """Signs records under anyone's marker with our own key: what an attacker would try."""
+
+    def sign_value(self, record):
+        return record.value + b"[sig:" + self.identity.sign(self._payload(record)).hex().encode() + b"]"
+
+
+def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
+    identity = Identity.load_or_create(key)
+    node = HivemindNode(identity, key, NetConfig(initial_peers=[peer], host="127.0.0.1"))
+    node.validator = ForgingValidator(identity)  # only for records we store; honest peers validate with theirs
+    node.start()
+    comm = HivemindComm(node, swarm, name="mallory", timeout=1.0)
+    comm.server.keep_rounds = rounds + 10  # keep every round servable
+    for r in range(rounds):
+        kind = KINDS[r % len(KINDS)]
+        data = payload(kind, identity, swarm, r)
+        comm.server.put(r, 0, data)
+        announced = len(data) if kind != "oversized" else 1000  # lie about the size: the puller must still refuse
+        node.call(comm._announce(r, 0, __import__("hashlib").sha256(data).digest(), announced), timeout=30)
+        print(f"announced round {r}: {kind}", flush=True)
+
+    async def overwrite(victim: str) -> tuple[bool, bool]:
+        forged = await node.dht.store(records.members_key(swarm), {"name": "pwned", "role": "trainer", "round": 999,
+                                      "stage": 0, "finished": 999, "time": time.time(), "left": True},
+                                      get_dht_time() + 60, subkey=records.marker(victim))
+        plain = await node.dht.store(records.members_key(swarm), {"name": "fake", "role": "trainer"},
+                                     get_dht_time() + 60, subkey=victim)
+        return forged, plain
+
+    deadline = time.time() + 60
+    attacked: set[str] = set()
+    while time.time() < deadline:
+        members = node.call(comm.fetch_members(), timeout=10)
+        for victim in set(members) - attacked - {identity.peer_id}:
+            forged, plain = node.call(overwrite(victim), timeout=30)
+            attacked.add(victim)
+            print(f"overwrite {victim}: forged stored={forged}, unowned stored={plain}", flush=True)
+        time.sleep(0.5)
+    while True:
+        time.sleep(1)
+
+
+def skewed(key: str, seconds: float) -> None:
+    identity = Identity.load_or_create(key)
+    node = HivemindNode(identity, key, NetConfig(host="127.0.0.1"), clock=lambda: time.time() + seconds).start()
+    print(node.maddrs[0], flush=True)
+    while True:
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "hostile":
+        hostile(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    elif sys.argv[1] == "skewed":
+        skewed(sys.argv[2], float(sys.argv[3]))
