@@ -1,0 +1,331 @@
+"""Drive mode, what a user looks at and relies on: logs and checkpoints in the shared folder, resuming from
+them after the run folder is lost, `p2pswarm status` / `report`, get_experiment_status / _metrics, and the
+Colab notebook. One real swarm (a coordinator and two workers as processes on a temporary folder) serves
+most tests; every wait is bounded and every process started is killed."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, cli
+from p2pswarm.cli import app
+
+EXP = "drive-status"
+ROUNDS = 8
+NAMES = ("coord", "w1", "w2")
+
+
+def node_cmd(base: Path, drive: Path, name: str, role: str, rounds: int, *sets: str) -> list[str]:
+    return cli("run", "--headless", "--comm", "drive", "--drive-path", str(drive), "--role", role, "--experiment", EXP,
+               "--node-id", name, "--rounds", str(rounds), "--output-dir", str(base / "runs" / EXP / name),
+               "--identity", str(base / "keys" / f"{name}.key"),
+               "--set", "eval_every=0", "--set", "threads=1", "--set", "tasks_per_round=4",
+               "--set", "drive_poll_interval=0.1", "--set", "drive_peer_timeout=4", "--set", "round_deadline=30",
+               "--set", "checkpoint_every=3", "--set", "keep_checkpoints=2", *[a for s in sets for a in ("--set", s)])
+
+
+def clock(drive: Path) -> int:
+    try:
+        return json.loads((drive / "experiments" / EXP / "state" / "current_state.json").read_text())["round"]
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """A coordinator and two workers play ROUNDS rounds through a temp folder; while they run, `p2pswarm
+    status --json` (GDRIVE_PATH / EXPERIMENT_NAME from the environment) is taken once all three are live."""
+    from p2pswarm.analysis import get_experiment_status
+
+    base = tmp_path_factory.mktemp("swarm")
+    drive = base / "drive"
+    procs = {}
+    try:
+        for n in NAMES:
+            log = open(base / f"{n}.log", "wb")
+            procs[n] = subprocess.Popen(
+                node_cmd(base, drive, n, "coordinator" if n == "coord" else "worker", ROUNDS, "collect_timeout=5"),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        live, before, after = None, -1, -1
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs.values()):
+            try:
+                st = get_experiment_status(str(drive), EXP, peer_timeout=4)
+            except FileNotFoundError:
+                st = None
+            if st and st["num_active_peers"] == 3 and all(p["rounds_done"] >= 1 for p in st["peers"]):
+                before = clock(drive)
+                res = CliRunner().invoke(app, ["status", "--json", "--peer-timeout", "4"],
+                                         env={"GDRIVE_PATH": str(drive), "EXPERIMENT_NAME": EXP})
+                after = clock(drive)
+                assert res.exit_code == 0, res.output
+                live = json.loads(res.stdout)
+                break
+            time.sleep(0.2)
+        for n, p in procs.items():
+            assert p.wait(timeout=150) == 0, (base / f"{n}.log").read_text()[-3000:]
+    finally:
+        kill(procs.values())
+    peer_ids = {n: json.loads((drive / "experiments" / EXP / "peers" / f"{n}.json").read_text())["peer_id"] for n in NAMES}
+    return {"base": base, "drive": drive, "live": live, "clock_before": before, "clock_after": after, "peer_ids": peer_ids}
+
+
+def local(swarm, name: str) -> Path:
+    return swarm["base"] / "runs" / EXP / name
+
+
+def shared(swarm, *parts: str) -> Path:
+    return swarm["drive"].joinpath("experiments", EXP, *parts)
+
+
+# ---- status ---------------------------------------------------------------------------------------------
+def test_status_while_the_swarm_runs_shows_the_live_peers_and_the_round(swarm):
+    live = swarm["live"]
+    assert live is not None, "status never saw the three nodes live"
+    assert live["experiment_name"] == EXP
+    assert live["num_active_peers"] == live["active_peers"] == 3 and live["peer_ids"] == sorted(NAMES)
+    assert 1 <= swarm["clock_before"] <= live["current_round"] <= swarm["clock_after"]
+    assert live["current_stage"] == 0 and live["coordinator"] == "coord"
+    for p in live["peers"]:
+        assert p["state"] == "live" and 0 <= p["heartbeat_age_s"] <= 4
+        assert p["peer_id"] == swarm["peer_ids"][p["node"]]
+        assert p["role"] == ("coordinator" if p["node"] == "coord" else "worker")
+        assert p["rounds_done"] >= 1 and 0.0 <= p["reward_recent"] <= 1.0  # logs mirrored while running
+
+
+def test_status_after_the_run_prints_each_peer_with_its_round_and_rewards(swarm):
+    res = CliRunner().invoke(app, ["status", "--drive-path", str(swarm["drive"]), "--experiment", EXP])
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert f"round {clock(swarm['drive'])}, stage 0" in out and "0 live peer(s) of 3" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("node "))
+    for col in ("role", "state", "heartbeat", "round", "rounds", "reward(last 10)", "checkpoint"):
+        assert col in header
+    for n in NAMES:
+        row = next(line for line in lines if line.startswith(n + " ")).split()
+        rows = jsonl(local(swarm, n) / "metrics.jsonl")
+        rewards = [r["reward_local_mean"] for r in rows]
+        assert row[1] == ("coordinator" if n == "coord" else "worker") and row[2] == "left"
+        assert row[4] == str(rows[-1]["round"]) and row[6] == str(len(rows))  # last round published, rounds done
+        assert row[7] == f"{sum(rewards[-10:]) / len(rewards[-10:]):.3f}" and row[8] == f"{rewards[-1]:.3f}"
+        assert row[9] == str(rows[-1]["round"])  # the final checkpoint is in the shared folder
+
+
+# ---- logs and checkpoints in the shared folder ------------------------------------------------------------
+def test_logs_and_checkpoints_are_mirrored_into_the_shared_folder(swarm):
+    from p2pswarm.comm.folder import check_record
+    from p2pswarm.comm.folder_mirror import _sha256
+
+    for n in NAMES:
+        for f in ("metrics.jsonl", "events.jsonl"):  # complete: the last events (node stopped) included
+            assert shared(swarm, "logs", n, f).read_bytes() == (local(swarm, n) / f).read_bytes()
+        mine = sorted(p.name for p in (local(swarm, n) / "checkpoints").iterdir())
+        theirs = sorted(p.name for p in shared(swarm, "checkpoints", n).iterdir())
+        last = jsonl(local(swarm, n) / "metrics.jsonl")[-1]["round"]
+        assert mine == theirs and 1 <= len(theirs) <= 2 and theirs[-1] == f"round_{last:06d}"  # keep_checkpoints=2
+        for name in theirs:
+            folder = shared(swarm, "checkpoints", n, name)
+            manifest = check_record(json.loads((folder / "manifest.json").read_text()))
+            assert manifest is not None and manifest["peer_id"] == swarm["peer_ids"][n]
+            assert {"state.json", "trainer.pt", "model/model.safetensors"} <= set(manifest["files"])
+            for rel, meta in manifest["files"].items():
+                assert _sha256(folder / rel) == meta["sha256"]
+                assert (folder / rel).read_bytes() == (local(swarm, n) / "checkpoints" / name / rel).read_bytes()
+    assert not [p for p in shared(swarm).rglob("*") if p.name.startswith(".")]  # no temporaries left
+
+
+# ---- the Python functions ---------------------------------------------------------------------------------
+def test_get_experiment_metrics_has_one_row_per_node_per_round(swarm):
+    from p2pswarm import get_experiment_metrics, get_experiment_status
+
+    df = get_experiment_metrics(str(swarm["drive"]), EXP)
+    assert not df.duplicated(["node", "round"]).any() and sorted(df["node"].unique()) == sorted(NAMES)
+    total = 0
+    for n in NAMES:
+        rows = jsonl(local(swarm, n) / "metrics.jsonl")
+        total += len(rows)
+        mine = df[df["node"] == n]
+        # every round the node played (a node that starts late jumps to the swarm's round), in order
+        assert list(mine["round"]) == [r["round"] for r in rows] and len(rows) >= ROUNDS // 2
+        assert list(mine["my_reward"]) == [r["reward_local_mean"] for r in rows]
+        assert (mine["node_id"] == n).all() and (mine["peer"] == swarm["peer_ids"][n]).all()
+        assert (mine["swarm_groups_received"] > 0).any()  # they did learn from each other
+    assert len(df) == total
+    assert {"reward_mean", "loss", "timestamp", "comm.batches_sent"} <= set(df.columns)
+    st = get_experiment_status(str(swarm["drive"]), EXP)
+    assert st["current_round"] == clock(swarm["drive"]) and st["total_metric_entries"] == len(df)
+    assert st["latest_checkpoint"] == df["round"].max() and st["num_active_peers"] == 0
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_report_writes_a_png_from_the_shared_folder_and_from_run_folders(swarm, tmp_path):
+    out = tmp_path / "plots" / "drive.png"
+    res = subprocess.run(cli("report", "--drive-path", str(swarm["drive"]), "--experiment", EXP, "--out", str(out)),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert str(out) in res.stdout and "3 node(s)" in res.stdout and f"-{ROUNDS - 1})" in res.stdout
+    assert out.stat().st_size > 10_000 and min(png_size(out)) >= 300
+    res = CliRunner().invoke(app, ["report", "--runs-dir", str(swarm["base"] / "runs"), "--experiment", EXP,
+                                   "--out", str(tmp_path / "runs.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "runs.png").stat().st_size > 10_000 and min(png_size(tmp_path / "runs.png")) >= 300
+
+
+# ---- resume from the shared folder --------------------------------------------------------------------------
+def test_a_node_that_lost_its_run_folder_resumes_from_the_shared_checkpoint(swarm, tmp_path):
+    """The Colab case: the VM died with its disk. Same identity (kept elsewhere), empty run folder: the node
+    takes its checkpoint and logs back from the shared folder and continues; no round is replayed or lost."""
+    drive = tmp_path / "drive"
+    shutil.copytree(swarm["drive"], drive)
+    shutil.copytree(swarm["base"] / "keys", tmp_path / "keys")
+    run = tmp_path / "runs" / EXP / "w1"
+    assert not run.exists()
+    before = [r["round"] for r in jsonl(drive / "experiments" / EXP / "logs" / "w1" / "metrics.jsonl")]
+    last, clock_then = before[-1], clock(drive)  # w1's final checkpoint is its last round played
+    res = subprocess.run(node_cmd(tmp_path, drive, "w1", "worker", ROUNDS + 2, "collect_peers=0", "collect_timeout=2"),
+                         capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"restored the checkpoint of round {last}" in res.stdout
+    events = jsonl(run / "events.jsonl")
+    restart = max(i for i, e in enumerate(events) if e["kind"] == "node_started")
+    after = events[restart - 1:]
+    assert after[0]["kind"] == "resumed" and after[0]["round"] == last
+    played = [e["round"] for e in after if e["kind"] == "round_started"]
+    assert played == list(range(max(last + 1, clock_then), ROUNDS + 2))  # no rewind, no round played twice
+    rows = [r["round"] for r in jsonl(run / "metrics.jsonl")]
+    assert rows == before + played  # the history came back from the shared folder, then the new rounds
+    logs = drive / "experiments" / EXP / "logs" / "w1"
+    assert [r["round"] for r in jsonl(logs / "metrics.jsonl")] == rows
+    shared_ckpts = sorted(p.name for p in (drive / "experiments" / EXP / "checkpoints" / "w1").iterdir())
+    assert shared_ckpts == sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(shared_ckpts) == 2 and shared_ckpts[-1] == f"round_{ROUNDS + 1:06d}"
+
+
+@pytest.mark.parametrize("where", ["memory", "folder"])
+def test_a_shared_checkpoint_is_restored_only_if_this_node_signed_it_and_it_is_intact(where, tmp_path):
+    """trainer.pt is a pickle: a checkpoint someone else planted or changed must never be loaded."""
+    from p2pswarm.comm.folder import FolderStore
+    from p2pswarm.comm.folder_mirror import DriveMirror
+    from p2pswarm.identity import Identity
+    from p2pswarm.run import RunDir
+
+    class Trainer:
+        def save(self, path):
+            (path / "model").mkdir()
+            (path / "model" / "weights.bin").write_bytes(os.urandom(4096))
+            (path / "trainer.pt").write_bytes(b"optimizer")
+
+    store = FolderStore(f"memory://restore-{os.getpid()}" if where == "memory" else str(tmp_path / "drive"), EXP)
+    me = Identity.generate()
+    src = RunDir(tmp_path / "first")
+    mirror = DriveMirror(store, me, "n1", src, keep=2)
+    try:
+        for r in range(3):
+            assert mirror.upload_checkpoint(r, src.save_checkpoint(r, Trainer(), keep=3))
+    finally:
+        mirror.close()
+    ckpts = f"{store.path('checkpoints', 'n1')}"
+    assert sorted(store.subfolders(ckpts)) == ["round_000001", "round_000002"]
+
+    def restore(identity, name):
+        m = DriveMirror(store, identity, "n1", RunDir(tmp_path / name), keep=2)
+        try:
+            return m.restore(), m.run.checkpoint_rounds()
+        finally:
+            m.close()
+
+    assert restore(Identity.generate(), "stranger") == (None, [])  # signed by another peer
+    store.fs.pipe_file(f"{ckpts}/round_000002/trainer.pt", b"import os; os.system('echo pwned')")
+    assert restore(me, "tampered") == (1, [1])  # the changed round is refused, the older intact one taken
+    assert (tmp_path / "tampered" / "checkpoints" / "round_000001" / "model" / "weights.bin").read_bytes() == \
+        (src.checkpoint_path(1) / "model" / "weights.bin").read_bytes()
+    ahead = RunDir(tmp_path / "ahead")
+    ahead.save_checkpoint(5, Trainer(), keep=3)
+    m = DriveMirror(store, me, "n1", ahead, keep=2)
+    try:
+        assert m.restore() is None and ahead.checkpoint_rounds() == [5]  # a newer local checkpoint wins
+    finally:
+        m.close()
+
+
+# ---- errors, package, notebook ------------------------------------------------------------------------------
+def test_status_of_a_missing_experiment_names_the_ones_that_exist(tmp_path):
+    from p2pswarm import get_experiment_status
+    from p2pswarm.analysis import ExperimentNotFound
+
+    for name in ("alpha", "beta"):
+        (tmp_path / "drive" / "experiments" / name / "peers").mkdir(parents=True)
+    env = {**os.environ, "GDRIVE_PATH": str(tmp_path / "drive"), "EXPERIMENT_NAME": "nope"}
+    res = subprocess.run(cli("status"), capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "no experiment 'nope'" in res.stderr and "alpha, beta" in res.stderr
+    res = subprocess.run(cli("status", "--drive-path", str(tmp_path / "unmounted"), "--experiment", "alpha"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(ExperimentNotFound) as e:
+        get_experiment_status(str(tmp_path / "drive"), "nope")
+    assert e.value.available == ["alpha", "beta"]
+    empty = get_experiment_status(str(tmp_path / "drive"), "alpha")  # exists, nothing has run yet
+    assert empty["current_round"] is None and empty["peers"] == [] and empty["num_active_peers"] == 0
+    res = CliRunner().invoke(app, ["status", "--drive-path", str(tmp_path / "drive"), "--experiment", "alpha"])
+    assert res.exit_code == 0 and "not started" in res.stdout and "no peers" in res.stdout
+
+
+def test_importing_the_analysis_functions_does_not_load_pandas_or_torch():
+    code = ("import sys; from p2pswarm import get_experiment_status, get_experiment_metrics; "
+            "print(sorted(m for m in ('pandas', 'torch', 'matplotlib', 'transformers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_the_colab_notebook_is_valid_and_runs_a_drive_worker():
+    path = ROOT / "notebooks" / "drive_worker.ipynb"
+    nb = json.loads(path.read_text())
+    assert nb["nbformat"] == 4 and nb["cells"]
+    try:
+        import nbformat
+    except ImportError:
+        nbformat = None
+    if nbformat is not None:
+        nbformat.validate(nbformat.reads(path.read_text(), as_version=4))
+    code = []
+    for cell in nb["cells"]:
+        assert cell["cell_type"] in ("markdown", "code") and isinstance(cell["source"], (list, str))
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+            # shell (!) and magic (%) lines aside, every code cell is valid Python
+            compile("\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("!", "%"))),
+                    "cell", "exec")
+            code.append(src)
+    text = "\n".join(code)
+    for needed in ("drive.mount", "GDRIVE_PATH", "EXPERIMENT_NAME", "NODE_ROLE", "NODE_ID", "IDENTITY_PATH",
+                   "pip install", "--comm", "drive", "--headless", "get_experiment_status", "get_experiment_metrics",
+                   "p2pswarm report"):
+        assert needed in text, needed
