@@ -174,12 +174,12 @@ def test_errors_are_messages_on_the_join_screen_not_tracebacks(tmp_path):
             join = app.screen
             status = join.query_one("#join-status")
 
-            # a mode that has not landed yet is offered, explained, and does not start
+            # DHT mode without a bootstrap address: explained, and nothing starts
             join.query_one("#mode").value = "dht"
             await pilot.pause()
-            assert "not available yet" in text_of(join.query_one("#mode-hint"))
+            assert "needs bootstrap multiaddrs" in text_of(join.query_one("#mode-hint"))
             await pilot.press("enter")
-            assert app.engine is None and "not available yet" in text_of(status)
+            assert app.engine is None and "needs bootstrap multiaddrs" in text_of(status)
             join.query_one("#mode").value = "auto"
 
             # bad settings name the setting
