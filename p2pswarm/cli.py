@@ -151,7 +151,7 @@ def run(
     agents: Annotated[Optional[int], typer.Option(help="agents in this process (in-process swarm)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="reasoning-gym preset or file")] = None,
     game: Annotated[Optional[str], typer.Option(help="reasoning-gym or revise (two stages)")] = None,
-    comm: Annotated[Optional[str], typer.Option(help="hivemind (default), inprocess, torch (one agent per torchrun rank) or drive (a shared folder)")] = None,
+    comm: Annotated[Optional[str], typer.Option(help="hivemind (default), inprocess, torch (one agent per torchrun rank), drive (a shared folder), auto (DHT, else drive) or hybrid (both, bridged)")] = None,
     initial_peers: Annotated[Optional[list[str]], typer.Option("--initial-peers", help="multiaddr of a peer to join (repeatable; INITIAL_PEERS); none: start a new swarm")] = None,
     host: Annotated[Optional[str], typer.Option(help="comm=hivemind: address to listen on")] = None,
     port: Annotated[Optional[int], typer.Option(help="comm=hivemind: TCP port (0: any free)")] = None,

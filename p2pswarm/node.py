@@ -65,11 +65,29 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
                    stages: int = 1, key_path: Path | None = None,
                    initial_peers: list[str] | None = None) -> tuple[CommunicationManager, Coordinator]:
     """The CommunicationManager and Coordinator that `settings.comm` names (one branch per backend)."""
-    if settings.comm == "hivemind":
+    if settings.comm in ("hivemind", "auto", "hybrid"):
         from p2pswarm.comm import hivemind
+        from p2pswarm.comm.hivemind.node import StartupError
 
-        return hivemind.connect(settings, identity, key_path or identity_path(settings, 0), name=name or identity.name,
-                                state_dir=output, initial_peers=initial_peers)
+        try:
+            dht = hivemind.connect(settings, identity, key_path or identity_path(settings, 0), name=name or identity.name,
+                                   state_dir=output, initial_peers=initial_peers)
+        except StartupError as e:
+            if settings.comm == "hivemind":
+                raise
+            log.warning("the DHT is out of reach (%s): running in Drive mode through %s", e, settings.drive_path)
+            return make_transport(settings.model_copy(update={"comm": "drive"}), identity, hub, name=name,
+                                  stages=stages)
+        if settings.comm == "auto":
+            log.info("the DHT is reachable: running over hivemind (Drive mode stays the fallback)")
+        if settings.comm != "hybrid":
+            return dht
+        from p2pswarm.comm.bridge import FurthestClock, HybridComm
+
+        folder, folder_clock = make_transport(settings.model_copy(update={"comm": "drive"}), identity, hub, name=name,
+                                              stages=stages)
+        log.info("bridging the DHT and the shared folder %s", settings.drive_path)
+        return HybridComm(dht[0], folder), FurthestClock(dht[1], folder_clock)
     if settings.comm == "inprocess":
         comm = InProcessComm(hub or InProcessHub(), identity, settings.experiment, settings.collect_timeout, settings.collect_peers)
         return comm, LocalCoordinator()
@@ -122,10 +140,13 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     events.subscribe(JsonlEventLog(run.events_path))
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
                                        stages=data.num_stages, key_path=key_path, initial_peers=initial_peers)
-    if settings.comm == "drive":  # logs and checkpoints in the shared folder; resume from it (docs/drive-mode.md)
+    if settings.comm in ("drive", "auto", "hybrid"):  # logs and checkpoints in the shared folder (docs/drive-mode.md)
+        from p2pswarm.comm.folder import FolderComm
         from p2pswarm.comm.folder_mirror import attach_mirror
 
-        attach_mirror(comm, run, events, keep=settings.keep_checkpoints)
+        folder = comm if isinstance(comm, FolderComm) else getattr(comm, "folder", None)
+        if isinstance(folder, FolderComm):
+            attach_mirror(folder, run, events, keep=settings.keep_checkpoints)
     game_cls = torchdist.LockstepGameManager if torch_rank else GameManager
     return game_cls(
         data=data,

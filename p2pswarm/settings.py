@@ -64,11 +64,12 @@ class Settings(BaseSettings):
     eval_size: int = Field(100, validation_alias=_env("eval_size"), ge=1, le=200)
 
     # --- the swarm -------------------------------------------------------------------------------
-    comm: Literal["hivemind", "inprocess", "torch", "drive"] = Field(
+    comm: Literal["hivemind", "inprocess", "torch", "drive", "auto", "hybrid"] = Field(
         "hivemind", validation_alias=_env("comm"),
         description="'hivemind': peers over a DHT (the default); 'inprocess': agents of this process only; "
                     "'torch': one agent per torchrun rank (docs/torch-distributed.md); "
-                    "'drive': through a shared folder (docs/drive-mode.md)")
+                    "'drive': through a shared folder (docs/drive-mode.md); 'auto': the DHT if it can be "
+                    "reached, else the folder; 'hybrid': both, bridging them")
     agents: int = Field(1, validation_alias=_env("agents"), ge=1, le=64,
                         description="agents in this process (in-process swarm)")
     collect_timeout: float = Field(10.0, validation_alias=_env("collect_timeout"), gt=0,
@@ -190,8 +191,8 @@ class Settings(BaseSettings):
     def _derived(self) -> Settings:
         if self.comm == "torch" and self.agents > 1:
             raise ValueError("comm=torch runs one agent per process: keep agents=1 and start N ranks with torchrun")
-        if self.comm == "drive" and not self.drive_path:
-            raise ValueError("comm=drive needs the shared folder: set drive_path (--drive-path or GDRIVE_PATH)")
+        if self.comm in ("drive", "auto", "hybrid") and not self.drive_path:
+            raise ValueError(f"comm={self.comm} needs the shared folder: set drive_path (--drive-path or GDRIVE_PATH)")
         if self.comm == "drive" and self.role == "coordinator" and self.agents > 1:
             raise ValueError("role=coordinator keeps the swarm's one round clock: run it with agents=1")
         if self.dist_timeout == 0.0:

@@ -192,6 +192,7 @@ class Registration:
     stage: int
     time: float
     left: bool
+    bridged: int = 0  # peers on the other side of a bridge (comm=hybrid) whose batches this node relays
 
 
 class FolderComm(CommunicationManager):
@@ -222,9 +223,12 @@ class FolderComm(CommunicationManager):
         self._regs: dict[str, Registration] = {}
         self._reg_keys: dict[str, tuple[int, Any]] = {}
         self._pins: dict[str, str] = {}  # node -> peer id first seen (a later different key is refused)
+        self.bridged = 0  # set by a bridge: how many peers of the other side it relays
         self._write_lock = threading.Lock()
         self._closed = threading.Event()
         self._closers: list = []
+        self.on_accept = None  # callable(round, stage, peer, data): a bridge relays what this side accepted
+        self.relayed = 0
         self.heartbeat()
         self._hb_interval = max(0.05, min(5.0, peer_timeout / 4))
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.node}", daemon=True)
@@ -233,7 +237,7 @@ class FolderComm(CommunicationManager):
     # ---- heartbeat --------------------------------------------------------------------------------------
     def heartbeat(self, left: bool = False) -> None:
         fields = {"name": self.name, "node": self.node, "role": self.role, "round": self.round,
-                  "stage": self.stage, "time": time.time(), "left": left}
+                  "stage": self.stage, "time": time.time(), "left": left, "bridged": self.bridged}
         with self._write_lock:
             try:
                 self.store.write_atomic(self.store.peer_path(self.node), signed_record(self.identity, fields))
@@ -266,7 +270,7 @@ class FolderComm(CommunicationManager):
             try:
                 self._regs[node] = Registration(node, rec["peer_id"], str(rec.get("name", node)), str(rec.get("role", "")),
                                                 int(rec.get("round", -1)), int(rec.get("stage", 0)), float(rec["time"]),
-                                                bool(rec.get("left", False)))
+                                                bool(rec.get("left", False)), min(max(int(rec.get("bridged", 0)), 0), 1024))
             except (TypeError, ValueError):
                 self.inbox.drops["bad_registration"] += 1
         return self._regs
@@ -288,6 +292,14 @@ class FolderComm(CommunicationManager):
         self.sent += 1
         self.bytes_sent += len(data)
 
+    def relay(self, round: int, stage: int, origin: str, data: bytes) -> None:
+        """Write another peer's signed batch as `<this node>~<its peer id>.msgpack` (a bridge from the DHT
+        side); readers check the signature against that peer id, so a bridge cannot alter what it passes on."""
+        path = f"{self.store.stage_dir(round, stage)}/{self.node}~{safe_name(origin)}.msgpack"
+        with self._write_lock:
+            self.store.write_atomic(path, data)
+        self.relayed += 1
+
     def _scan(self, round: int, stage: int, regs: dict[str, Registration], valid: set[str], groups: list) -> bool:
         """Read new files of the stage folder; True if anything new was found."""
         folder = self.store.stage_dir(round, stage)
@@ -295,9 +307,10 @@ class FolderComm(CommunicationManager):
         for fname, size, mtime in self.store.listing(folder):
             if not fname.endswith(".msgpack"):
                 continue
-            node = fname[: -len(".msgpack")]
+            stem = fname[: -len(".msgpack")]
+            node, _, origin = stem.partition("~")  # "<bridge>~<peer id>": a bridge relays that peer's batch
             path = f"{folder}/{fname}"
-            if node == self.node or node in valid or self._cache.get(path) == (size, mtime):
+            if node == self.node or stem in valid or self._cache.get(path) == (size, mtime):
                 continue
             reg = regs.get(node)
             if reg is None:  # its registration may not have synced yet: look again next poll, count once
@@ -315,10 +328,15 @@ class FolderComm(CommunicationManager):
                 self._cache.pop(path, None)  # vanished between listing and reading
                 continue
             self.files_read += 1
-            batch = self.inbox.accept(data, current_round=round, expect_peer=reg.peer_id, slot=(round, stage))
+            batch = self.inbox.accept(data, current_round=round, expect_peer=origin or reg.peer_id, slot=(round, stage))
             if batch is not None:
-                valid.add(node)
+                valid.add(stem)
                 groups.extend(batch.groups)
+                if not origin and self.on_accept is not None:  # relayed batches are not passed on again
+                    try:
+                        self.on_accept(round, stage, batch.peer, data)
+                    except Exception as e:  # noqa: BLE001 - the other side's trouble is not this round's
+                        log.warning("relaying %s's batch: %s", batch.peer[-8:], e)
         return found
 
     def collect(self, round: int, stage: int):
@@ -336,7 +354,8 @@ class FolderComm(CommunicationManager):
             regs = self.registrations()
             if self._scan(round, stage, regs, valid, groups):
                 delay = self.poll
-            need = self.want_peers or len(self.live(regs))
+            live = self.live(regs)
+            need = self.want_peers or len(live) + sum(r.bridged for r in live.values())
             now = time.monotonic()
             if len(valid) >= need or now >= deadline:
                 break
@@ -352,6 +371,7 @@ class FolderComm(CommunicationManager):
 
     def counters(self) -> dict[str, int]:
         return {"batches_sent": self.sent, "bytes_sent": self.bytes_sent, "files_read": self.files_read,
+                "batches_relayed": self.relayed,
                 **self.inbox.counters()}
 
     def close(self) -> None:

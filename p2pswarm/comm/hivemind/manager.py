@@ -52,6 +52,7 @@ class HivemindComm(CommunicationManager):
         self.record_ttl = max(60.0, 4 * timeout)
         self.sent = 0
         self.bytes_sent = 0
+        self.relayed = 0
         self.last_collect_seconds = 0.0
         self.collect_seconds_total = 0.0
         self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
@@ -61,8 +62,10 @@ class HivemindComm(CommunicationManager):
         self.members: dict[str, records.Member] = {}
         self.seen_peers: set[str] = set()
         self.position = {"round": -1, "stage": 0, "finished": -1}
+        self.bridged = 0  # set by a bridge: how many peers of the other side it relays
         self._closed = False
         self._on_close: list = []
+        self.on_accept = None  # callable(round, stage, peer, data): a bridge relays what this side accepted
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
         node.call(self._store_member(), timeout=30)
         node.spawn(self._refresh_member_loop())
@@ -71,7 +74,8 @@ class HivemindComm(CommunicationManager):
     async def _store_member(self, left: bool = False) -> bool:
         from hivemind.utils import get_dht_time
 
-        value = {"name": self.name, "role": self.role, **self.position, "time": time.time(), "left": left}
+        value = {"name": self.name, "role": self.role, **self.position, "time": time.time(), "left": left,
+                 "bridged": self.bridged}
         return await self.node.dht.store(records.members_key(self.swarm), value, get_dht_time() + MEMBER_TTL,
                                          subkey=self.node.validator.marker)
 
@@ -113,15 +117,25 @@ class HivemindComm(CommunicationManager):
         self.sent += 1
         self.bytes_sent += len(data)
 
-    async def _announce(self, round: int, stage: int, digest: bytes, size: int) -> None:
+    def relay(self, round: int, stage: int, origin: str, data: bytes) -> None:
+        """Serve and announce another peer's signed payload (a bridge from the Drive side); receivers check
+        its signature against `origin`, so a bridge can pass payloads on but cannot alter them."""
+        self.server.put(round, stage, data, origin)
+        self.node.call(self._announce(round, stage, hashlib.sha256(data).digest(), len(data), origin), timeout=30)
+        self.relayed += 1
+
+    async def _announce(self, round: int, stage: int, digest: bytes, size: int, origin: str | None = None) -> None:
         from hivemind.utils import get_dht_time
 
+        marker = self.node.validator.marker
         value = {"digest": digest, "size": size, "created": time.time()}
         ok = await self.node.dht.store(records.rollouts_key(self.swarm, round, stage), value,
-                                       get_dht_time() + self.record_ttl, subkey=self.node.validator.marker)
+                                       get_dht_time() + self.record_ttl,
+                                       subkey=marker if origin is None else records.relay_subkey(marker, origin))
         if not ok:
             log.warning("announcing round %d stage %d: no DHT peer stored the record", round, stage)
-        await self._store_member()
+        if origin is None:
+            await self._store_member()
 
     # ---- collect ----------------------------------------------------------------------------------------
     def collect(self, round: int, stage: int) -> list[Group]:
@@ -153,12 +167,14 @@ class HivemindComm(CommunicationManager):
             except Exception as e:  # noqa: BLE001 - a DHT hiccup; poll again
                 log.debug("DHT get failed: %s", e)
                 got = None
-            for a in records.parse_entries(got, self.record_drops, records.announcement, self._bad_seen):
-                if a.peer_id not in tried:
-                    tried.add(a.peer_id)
+            for a in records.parse_entries(got, self.record_drops, records.announcement, self._bad_seen, relays=True):
+                if a.signer not in tried and a.peer_id != self.peer_id:  # one copy per signer, direct or relayed
+                    tried.add(a.signer)
                     pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))
             # A peer whose payload failed this round (gone, hostile) no longer holds the collect up.
-            need = self.want_peers or len(self.live_trainers() - failed)
+            live = self.live_trainers()
+            bridged = sum(self.members[p].bridged for p in live if p in self.members)
+            need = self.want_peers or max(0, len(live) + bridged - len(failed))
             remaining = deadline - loop.time()
             if remaining <= 0 or len(valid) >= need and (need > 0 or not pending):
                 break
@@ -181,17 +197,17 @@ class HivemindComm(CommunicationManager):
 
     async def _fetch(self, a: records.Announcement, round: int, stage: int,
                      deadline: float) -> tuple[str, wire.RolloutBatch | None]:
-        return a.peer_id, await self._fetch_batch(a, round, stage, deadline)
+        return a.signer, await self._fetch_batch(a, round, stage, deadline)
 
     async def _fetch_batch(self, a: records.Announcement, round: int, stage: int, deadline: float) -> wire.RolloutBatch | None:
-        stats = self.per_peer[a.peer_id]
+        stats = self.per_peer[a.signer]
         if a.size > self.limits.max_bytes:
             self._drop(stats, "too_large")
             return None
         remaining = deadline - asyncio.get_running_loop().time()
         try:
             data = await pull(self.node.p2p, a.peer_id, round, stage, max_bytes=self.limits.max_bytes,
-                              timeout=max(0.5, remaining))
+                              timeout=max(0.5, remaining), origin=a.origin)
         except PullError as e:
             self._drop(stats, e.reason)
             return None
@@ -199,7 +215,7 @@ class HivemindComm(CommunicationManager):
             self._drop(stats, "digest_mismatch")
             return None
         before = Counter(self.inbox.drops)
-        batch = self.inbox.accept(data, current_round=round, expect_peer=a.peer_id, slot=(round, stage))
+        batch = self.inbox.accept(data, current_round=round, expect_peer=a.signer, slot=(round, stage))
         if batch is None:
             for reason, n in (self.inbox.drops - before).items():
                 stats[f"dropped_{reason}"] += n
@@ -210,6 +226,13 @@ class HivemindComm(CommunicationManager):
         stats["groups"] += len(batch.groups)
         stats["bytes"] += len(data)
         stats["latency_ms"] = int(latency * 1000)
+        if a.origin is not None:
+            stats["relayed"] += 1
+        elif self.on_accept is not None:  # relayed batches are not passed on again (no echo between bridges)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.on_accept, round, stage, batch.peer, data)
+            except Exception as e:  # noqa: BLE001 - the other side's trouble is not this round's
+                log.warning("relaying %s's batch: %s", batch.peer[-8:], e)
         return batch
 
     def _drop(self, stats: Counter[str], reason: str) -> None:
@@ -225,6 +248,7 @@ class HivemindComm(CommunicationManager):
         lat = sorted(self.latencies)
         out: dict[str, Any] = {
             "batches_sent": self.sent, "bytes_sent": self.bytes_sent, "bytes_served": self.server.bytes_served,
+            "batches_relayed": self.relayed,
             "peers_seen": len(self.seen_peers), "peers_live": len(self.live_trainers()),
             "collect_ms": int(self.last_collect_seconds * 1000),
             "delivery_ms_p50": int(lat[len(lat) // 2] * 1000) if lat else 0,

@@ -1,6 +1,6 @@
 """Rollout payloads travel peer to peer over a libp2p stream, pulled by the peers that want them.
 
-    request  = msgpack [round, stage]            (at most 64 bytes)
+    request  = msgpack [round, stage] or [round, stage, origin]   (at most 128 bytes; origin: a relayed peer)
     reply    = 8-byte big-endian length, then the signed wire bytes (length 0: "I don't have it")
 
 The puller reads the length first and refuses anything over the size cap before reading the body, so a
@@ -30,31 +30,32 @@ class PayloadServer:
 
     def __init__(self, keep_rounds: int = 4):
         self.keep_rounds = keep_rounds
-        self._payloads: dict[tuple[int, int], bytes] = {}
+        self._payloads: dict[tuple[int, int, str], bytes] = {}
         self._lock = threading.Lock()
         self.served = 0
         self.bytes_served = 0
 
-    def put(self, round: int, stage: int, data: bytes) -> None:
+    def put(self, round: int, stage: int, data: bytes, origin: str = "") -> None:
         with self._lock:
-            self._payloads[(round, stage)] = data
+            self._payloads[(round, stage, origin)] = data
             for key in [k for k in self._payloads if k[0] < round - self.keep_rounds]:
                 del self._payloads[key]
 
-    def get(self, round: int, stage: int) -> bytes:
+    def get(self, round: int, stage: int, origin: str = "") -> bytes:
         with self._lock:
-            return self._payloads.get((round, stage), b"")
+            return self._payloads.get((round, stage, origin), b"")
 
     async def handle(self, _info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             header = await asyncio.wait_for(reader.readexactly(_HEADER), 10)
             n = int.from_bytes(header, "big")
-            if n > 64:
+            if n > 128:
                 return
             req = msgpack.unpackb(await asyncio.wait_for(reader.readexactly(n), 10))
-            if not (isinstance(req, list) and len(req) == 2 and all(isinstance(x, int) for x in req)):
+            if not (isinstance(req, list) and len(req) in (2, 3) and isinstance(req[0], int) and isinstance(req[1], int)
+                    and (len(req) == 2 or isinstance(req[2], str))):
                 return
-            data = self.get(req[0], req[1])
+            data = self.get(*req)
             writer.write(len(data).to_bytes(_HEADER, "big"))
             writer.write(data)
             await writer.drain()
@@ -67,14 +68,16 @@ class PayloadServer:
             writer.close()
 
 
-async def pull(p2p: Any, peer_id: str, round: int, stage: int, *, max_bytes: int, timeout: float) -> bytes:
-    """The payload `peer_id` published for (round, stage); PullError(reason) when it cannot be had."""
+async def pull(p2p: Any, peer_id: str, round: int, stage: int, *, max_bytes: int, timeout: float,
+               origin: str | None = None) -> bytes:
+    """The payload `peer_id` published (or relays for `origin`) for (round, stage); PullError(reason) when it
+    cannot be had."""
     from hivemind.p2p import PeerID
 
     async def _pull() -> bytes:
         _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
         try:
-            req = msgpack.packb([round, stage])
+            req = msgpack.packb([round, stage] if origin is None else [round, stage, origin])
             writer.write(len(req).to_bytes(_HEADER, "big") + req)
             await writer.drain()
             n = int.from_bytes(await reader.readexactly(_HEADER), "big")

@@ -43,13 +43,21 @@ def marker(peer_id: str) -> bytes:
     return b"[ed-owner:" + peer_id.encode() + b"]"
 
 
-def owner_of(subkey: Any) -> str | None:
-    """The peer id a subkey's marker names (already verified by the validator), else None."""
+_OWNED_SUBKEY = re.compile(rb"\[ed-owner:(" + _PEER_ID + rb")\](?:~(" + _PEER_ID + rb"))?")
+
+
+def owner_of(subkey: Any) -> tuple[str, str | None] | None:
+    """(owner, origin) of a subkey `[ed-owner:OWNER]` or `[ed-owner:OWNER]~ORIGIN` (a bridge relaying ORIGIN's
+    signed payload), its marker already verified by the validator; None for any other subkey."""
     if isinstance(subkey, bytes):
-        m = _OWNER.fullmatch(subkey)
+        m = _OWNED_SUBKEY.fullmatch(subkey)
         if m:
-            return m.group(1).decode()
+            return m.group(1).decode(), m.group(2).decode() if m.group(2) else None
     return None
+
+
+def relay_subkey(owner_marker: bytes, origin: str) -> bytes:
+    return owner_marker + b"~" + origin.encode()
 
 
 class Ed25519OwnerValidator(RecordValidatorBase):
@@ -132,14 +140,20 @@ class Member:
     time: float
     left: bool
     expires: float
+    bridged: int = 0  # peers on the other side of a bridge (comm=hybrid) whose batches this one relays
 
 
 @dataclasses.dataclass
 class Announcement:
-    peer_id: str
+    peer_id: str  # who serves the payload
     digest: bytes
     size: int
     created: float
+    origin: str | None = None  # whose signed payload it is, when a bridge relays it (else peer_id's own)
+
+    @property
+    def signer(self) -> str:
+        return self.origin or self.peer_id
 
 
 @dataclasses.dataclass
@@ -156,7 +170,7 @@ def _field(v: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     return x
 
 
-def parse_entries(result: Any, counter: Counter[str], parse, seen: set | None = None) -> list:
+def parse_entries(result: Any, counter: Counter[str], parse, seen: set | None = None, relays: bool = False) -> list:
     """Records of a DHT `get` result ({subkey: (value, expiration)}), each parsed with `parse(owner, value,
     expiration)`; unmarked subkeys and values that do not parse are skipped, and counted once each when
     `seen` remembers the bad ones already counted (the same record comes back on every poll)."""
@@ -172,8 +186,8 @@ def parse_entries(result: Any, counter: Counter[str], parse, seen: set | None = 
                 seen.add(mark)
 
     for subkey, item in result.value.items():
-        owner = owner_of(subkey)
-        if owner is None:
+        owned = owner_of(subkey)
+        if owned is None or owned[1] is not None and not relays:
             bad("record_unowned", subkey, item)
             continue
         try:
@@ -182,7 +196,10 @@ def parse_entries(result: Any, counter: Counter[str], parse, seen: set | None = 
                 value = msgpack.unpackb(value, raw=False)
             if not isinstance(value, dict):
                 raise ValueError("not a map")
-            out.append(parse(owner, value, item.expiration_time))
+            record = parse(owned[0], value, item.expiration_time)
+            if owned[1] is not None:
+                record.origin = owned[1]
+            out.append(record)
         except (ValueError, TypeError, msgpack.UnpackException):
             bad("record_malformed", subkey, item)
     return out
@@ -191,7 +208,7 @@ def parse_entries(result: Any, counter: Counter[str], parse, seen: set | None = 
 def member(owner: str, v: dict, expires: float) -> Member:
     return Member(owner, str(_field(v, "name", str))[:64], str(_field(v, "role", str))[:16], _field(v, "round", int),
                   _field(v, "stage", int), _field(v, "finished", int), float(_field(v, "time", (int, float))),
-                  bool(v.get("left", False)), expires)
+                  bool(v.get("left", False)), expires, min(max(int(v.get("bridged", 0)), 0), 1024))
 
 
 def announcement(owner: str, v: dict, _expires: float) -> Announcement:
