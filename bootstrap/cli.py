@@ -28,12 +28,13 @@ def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("boots
                     announce_maddrs=list(announce_maddrs or []))
     try:
         peer = BootstrapPeer(identity, net, experiment=experiment, coordinator=coordinator, state_dir=state_dir,
-                             quorum=quorum, deadline=round_deadline).start()
+                             quorum=quorum, deadline=round_deadline).start_node()
     except StartupError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    for m in peer.maddrs:
+    for m in peer.maddrs:  # the first lines: what operators hand out
         print(m, flush=True)
+    peer.start_services()
     log.info("bootstrap peer %s (identity %s) is up; peers join with --initial-peers %s",
              peer.peer_id, identity, peer.maddrs[0] if peer.maddrs else "")
     stop = threading.Event()

@@ -39,11 +39,20 @@ class BootstrapPeer:
                    quorum=settings.collect_peers, deadline=settings.round_deadline)
 
     def start(self) -> BootstrapPeer:
-        from p2pswarm.comm.hivemind.coordinator import RoundKeeper
-        from p2pswarm.comm.hivemind.manager import HivemindComm
+        return self.start_node().start_services()
+
+    def start_node(self) -> BootstrapPeer:
+        """The p2p node alone: its addresses are known from here on."""
         from p2pswarm.comm.hivemind.node import HivemindNode
 
         self.node = HivemindNode(self.identity, self.identity_path, self.net).start()
+        return self
+
+    def start_services(self) -> BootstrapPeer:
+        """Membership, and the round clock with coordinator=True."""
+        from p2pswarm.comm.hivemind.coordinator import RoundKeeper
+        from p2pswarm.comm.hivemind.manager import HivemindComm
+
         try:
             self.comm = HivemindComm(self.node, self.experiment, name="bootstrap", role="bootstrap")
             if self.coordinator:

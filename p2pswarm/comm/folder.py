@@ -192,6 +192,7 @@ class Registration:
     stage: int
     time: float
     left: bool
+    finished: int = -1  # the last round the node trained (the clock waits for this, not for publishing)
     bridged: int = 0  # peers on the other side of a bridge (comm=hybrid) whose batches this node relays
 
 
@@ -224,6 +225,7 @@ class FolderComm(CommunicationManager):
         self._reg_keys: dict[str, tuple[int, Any]] = {}
         self._pins: dict[str, str] = {}  # node -> peer id first seen (a later different key is refused)
         self.bridged = 0  # set by a bridge: how many peers of the other side it relays
+        self.finished = -1
         self._write_lock = threading.Lock()
         self._closed = threading.Event()
         self._closers: list = []
@@ -237,7 +239,8 @@ class FolderComm(CommunicationManager):
     # ---- heartbeat --------------------------------------------------------------------------------------
     def heartbeat(self, left: bool = False) -> None:
         fields = {"name": self.name, "node": self.node, "role": self.role, "round": self.round,
-                  "stage": self.stage, "time": time.time(), "left": left, "bridged": self.bridged}
+                  "stage": self.stage, "time": time.time(), "left": left, "finished": self.finished,
+                  "bridged": self.bridged}
         with self._write_lock:
             try:
                 self.store.write_atomic(self.store.peer_path(self.node), signed_record(self.identity, fields))
@@ -270,7 +273,8 @@ class FolderComm(CommunicationManager):
             try:
                 self._regs[node] = Registration(node, rec["peer_id"], str(rec.get("name", node)), str(rec.get("role", "")),
                                                 int(rec.get("round", -1)), int(rec.get("stage", 0)), float(rec["time"]),
-                                                bool(rec.get("left", False)), min(max(int(rec.get("bridged", 0)), 0), 1024))
+                                                bool(rec.get("left", False)), int(rec.get("finished", -1)),
+                                                min(max(int(rec.get("bridged", 0)), 0), 1024))
             except (TypeError, ValueError):
                 self.inbox.drops["bad_registration"] += 1
         return self._regs
@@ -354,7 +358,8 @@ class FolderComm(CommunicationManager):
             regs = self.registrations()
             if self._scan(round, stage, regs, valid, groups):
                 delay = self.poll
-            live = self.live(regs)
+            # A live node already past this round (it joined late and skipped it) will not publish it.
+            live = {n: r for n, r in self.live(regs).items() if r.round <= round}
             need = self.want_peers or len(live) + sum(r.bridged for r in live.values())
             now = time.monotonic()
             if len(valid) >= need or now >= deadline:
@@ -390,7 +395,7 @@ class FolderCoordinator(Coordinator):
     Every node follows it: the next round is max(finished + 1, clock), so a node that joins late or fell
     behind jumps ahead (GameManager logs the skipped rounds); a fast node is never held back by it.
     A node with role 'coordinator' also keeps it (one per experiment): a background thread advances the
-    clock when a quorum of live nodes has published the round's last stage, or when `deadline` seconds
+    clock when a quorum of live nodes has finished (trained) the round, or when `deadline` seconds
     passed and at least one node has finished the round; it persists the clock and never rewinds it
     (restarts read it back), and it is the janitor that retires old rounds.
     """
@@ -434,6 +439,8 @@ class FolderCoordinator(Coordinator):
         return max(resume_from, self.current())
 
     def next_round(self, finished: int) -> int:
+        self.comm.finished = finished
+        self.comm.heartbeat()  # the clock advances on finished rounds
         return max(finished + 1, self.current())
 
     # ---- the coordinator ----------------------------------------------------------------------------------
@@ -446,13 +453,10 @@ class FolderCoordinator(Coordinator):
         self.store.write_atomic(self.store.state_path(), json.dumps(state, indent=1).encode())
 
     def finished_nodes(self, round: int, regs: dict[str, Registration]) -> set[str]:
-        """Nodes that published round `round`'s last stage (a registered node's file; content is checked by
-        the readers) or whose heartbeat is already past it."""
-        names = {f[: -len(".msgpack")] for f, _, _ in self.store.listing(self.store.stage_dir(round, self.stages - 1))
-                 if f.endswith(".msgpack")}
-        done = {n for n in names if n in regs}
-        done |= {n for n, r in regs.items() if r.round > round}
-        return done
+        """Nodes that trained round `round` (their heartbeat says so). Waiting for publishing alone would
+        move the clock while nodes still collect, and a node joining then would skip a round the others
+        are still waiting for."""
+        return {n for n, r in regs.items() if r.finished >= round}
 
     def step(self) -> bool:
         """Advance the clock once if the current round is done; True if it moved."""

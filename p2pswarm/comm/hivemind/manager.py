@@ -113,7 +113,11 @@ class HivemindComm(CommunicationManager):
         data = wire.encode(wire.RolloutBatch(self.swarm, round, stage, self.peer_id, groups), self.identity)
         self.server.put(round, stage, data)
         self.position.update(round=round, stage=stage)
-        self.node.call(self._announce(round, stage, hashlib.sha256(data).digest(), len(data)), timeout=30)
+        try:
+            self.node.call(self._announce(round, stage, hashlib.sha256(data).digest(), len(data)), timeout=30)
+        except Exception as e:  # noqa: BLE001 - the round goes on; peers that saw nothing train without us
+            log.warning("could not announce round %d stage %d: %s: %s", round, stage, type(e).__name__, e)
+            return
         self.sent += 1
         self.bytes_sent += len(data)
 
@@ -142,8 +146,9 @@ class HivemindComm(CommunicationManager):
         t0 = time.monotonic()
         try:
             groups = self.node.call(self._collect(round, stage), timeout=self.timeout + 30)
-        except TimeoutError:
-            log.warning("collect of round %d stage %d did not finish; going on without the swarm", round, stage)
+        except Exception as e:  # noqa: BLE001 - our own p2p side failed (peers' input cannot raise here)
+            log.warning("collect of round %d stage %d failed (%s: %s); going on without the swarm",
+                        round, stage, type(e).__name__, e)
             groups = []
         self.last_collect_seconds = time.monotonic() - t0
         self.collect_seconds_total += self.last_collect_seconds
@@ -151,6 +156,8 @@ class HivemindComm(CommunicationManager):
 
     async def _collect(self, round: int, stage: int) -> list[Group]:
         loop = asyncio.get_running_loop()
+        if len(self._bad_seen) > 100_000:  # bad records are counted once each; bound the memory that costs
+            self._bad_seen.clear()
         deadline = loop.time() + self.timeout
         self.inbox.forget_before(round - 2)
         self.latencies = []
@@ -172,7 +179,8 @@ class HivemindComm(CommunicationManager):
                     tried.add(a.signer)
                     pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))
             # A peer whose payload failed this round (gone, hostile) no longer holds the collect up.
-            live = self.live_trainers()
+            # A live peer already past this round (it joined late and skipped it) will not publish it.
+            live = {p for p in self.live_trainers() if self.members[p].round <= round}
             bridged = sum(self.members[p].bridged for p in live if p in self.members)
             need = self.want_peers or max(0, len(live) + bridged - len(failed))
             remaining = deadline - loop.time()
