@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import p2pswarm  # noqa: F401 - first: it sets OMP_WAIT_POLICY before torch loads
 import torch
 
 from p2pswarm import models
