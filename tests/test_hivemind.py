@@ -188,7 +188,8 @@ def test_hostile_peer_is_dropped_and_counted(procs, tmp_path):
     procs.start("mallory", [sys.executable, ACTORS, "hostile", "mallory.key", EXP, "8", boot])
     procs.wait_for("mallory", r"announced round 7", 60)
     for n in ("ann", "bob"):
-        procs.start(n, peer_cmd(tmp_path, n, boot, 5, "--set", "collect_timeout=6"))
+        # collect_peers=1: wait for one valid batch (the attacker's never count), so both play every round together
+        procs.start(n, peer_cmd(tmp_path, n, boot, 5, "--set", "collect_timeout=30", "--set", "collect_peers=1"))
     for n in ("ann", "bob"):
         wait_exit(procs.procs[n], 150, procs.log(n))
     procs.wait_for("mallory", r"overwrite \w+: forged stored=False", 10)

@@ -89,7 +89,10 @@ class RoundKeeper:
             return False
         now = time.time()
         self.first_done = self.first_done or now
-        need = max(1, self.quorum or len(live))
+        # Wait for the trainers that are playing along: a member that published nothing for rounds (stuck,
+        # or a peer that only pretends to train) is not waited for; a newcomer catches up by jumping ahead.
+        active = [p for p, m in live.items() if max(m.round, m.finished) >= self.round - 1]
+        need = max(1, self.quorum or len(active))
         if len(done) < need and now - self.first_done < self.deadline:
             return False
         self.round += 1
