@@ -161,16 +161,12 @@ class GameManager:
             for g in local:
                 g.peer = self.peer_id
             self.rewards.score(local)
-            self.comm.publish(r, stage, local)
-            swarm = self.comm.collect(r, stage)
-            self.data.with_prompts([g.task for g in swarm])
-            self.rewards.score(swarm)  # re-scored against the task's answer; the sender's rewards are ignored
-            state.add(stage, local, swarm)
-            self.events.emit(
-                ev.ROLLOUTS_RECEIVED, round=r, stage=stage, groups=len(swarm), peers=sorted({g.peer for g in swarm}),
-                peer_rewards=ev.peer_rewards(swarm),
-            )
-            self.events.emit(ev.ROLLOUTS, round=r, stage=stage, **ev.rollout_sample(local, swarm))
+            state.add(stage, local, [])
+            # publish_frequency=round: stages play on local rollouts; all of them are exchanged after the last.
+            if self.s.publish_frequency == "round" and stage < self.data.num_stages - 1:
+                continue
+            for s in range(stage + 1) if self.s.publish_frequency == "round" else [stage]:
+                self._exchange(state, s)
         self.after_rewards(state)
         if self.stopping:
             return None
@@ -186,6 +182,20 @@ class GameManager:
         self.events.emit(ev.ROUND_FINISHED, **metrics)
         self.after_round(state, metrics)
         return metrics
+
+    def _exchange(self, state: GameState, stage: int) -> None:
+        """Publish this stage's local groups, collect the swarm's, score them."""
+        r, local = state.round, state.local.get(stage, [])
+        self.comm.publish(r, stage, local)
+        swarm = self.comm.collect(r, stage)
+        self.data.with_prompts([g.task for g in swarm])
+        self.rewards.score(swarm)  # re-scored against the task's answer; the sender's rewards are ignored
+        state.add(stage, [], swarm)
+        self.events.emit(
+            ev.ROLLOUTS_RECEIVED, round=r, stage=stage, groups=len(swarm), peers=sorted({g.peer for g in swarm}),
+            peer_rewards=ev.peer_rewards(swarm),
+        )
+        self.events.emit(ev.ROLLOUTS, round=r, stage=stage, **ev.rollout_sample(local, swarm))
 
     def _metrics(self, state: GameState, stats: TrainStats, gen_s: float, gen_tok: float, train_s: float, t0: float) -> dict[str, Any]:
         local, swarm = state.local_groups(), state.swarm_groups()

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
                     "'torch': one agent per torchrun rank (docs/torch-distributed.md); "
                     "'drive': through a shared folder (docs/drive-mode.md); 'auto': the DHT if it can be "
                     "reached, else the folder; 'hybrid': both, bridging them")
+    publish_frequency: Literal["generation", "stage", "round"] = Field(
+        "stage", validation_alias=_env("publish_frequency", "ROLLOUT_PUBLISH_FREQUENCY"),
+        description="when rollouts are exchanged: every stage ('generation' is the same here: a stage is one "
+                    "batched generation), or once after the round's last stage ('round': fewest Drive API "
+                    "calls; later stages then see only local answers)")
     agents: int = Field(1, validation_alias=_env("agents"), ge=1, le=64,
                         description="agents in this process (in-process swarm)")
     collect_timeout: float = Field(10.0, validation_alias=_env("collect_timeout"), gt=0,

@@ -42,6 +42,18 @@ def test_two_stage_game_revises_with_the_swarms_answers(tmp_path):
         assert len(metrics(a)) == 2
 
 
+def test_publish_once_a_round_exchanges_every_stage_after_the_last(tmp_path):
+    s = make_settings(tmp_path, agents=2, rounds=1, game="revise", collect_timeout=60, publish_frequency="round")
+    agents = build_swarm(s)
+    run_agents(agents)
+    for a, other in zip(agents, reversed(agents)):
+        received = [e for e in events(a) if e["kind"] == "rollouts_received"]
+        assert [(e["round"], e["stage"]) for e in received] == [(0, 0), (0, 1)]
+        assert all(e["groups"] == s.tasks_per_round and e["peers"] == [other.peer_id] for e in received)
+        rows = metrics(a)
+        assert rows[0]["swarm_groups_received"] == 2 * s.tasks_per_round
+
+
 def test_hostile_bytes_are_dropped_and_counted_and_the_round_goes_on(tmp_path):
     s = make_settings(tmp_path, agents=2, rounds=2, collect_timeout=60)
     agents = build_swarm(s)
