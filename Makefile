@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ROUNDS ?= 20
 
-.PHONY: install run run-headless test bench policy clean
+.PHONY: install run run-headless test bench bench-quick policy clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,18 @@ run-headless: install
 test: install
 	$(PY) -m pytest -q
 
+# Every benchmark, results into bench/results/ (see bench/README.md). `make bench-quick`: minutes, not an hour.
 bench: install
 	$(PY) bench/round_time.py
+	$(PY) bench/trainer_speed.py
+	$(PY) bench/swarm_exchange.py
+	$(PY) bench/sapo.py
+
+bench-quick: install
+	$(PY) bench/round_time.py
+	$(PY) bench/trainer_speed.py --quick
+	$(PY) bench/swarm_exchange.py --quick
+	$(PY) bench/sapo.py --quick
 
 policy: install
 	$(PY) scripts/build_default_policy.py

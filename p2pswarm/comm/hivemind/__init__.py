@@ -49,7 +49,7 @@ def connect(settings: Settings, identity: Identity, key_path: str | Path, *, nam
         keeper = None
         if settings.role == "coordinator" or not net.initial_peers:
             keeper = RoundKeeper(comm, state_dir / "round_clock.json" if state_dir else None,
-                                 quorum=settings.collect_peers, deadline=settings.round_deadline)
+                                 quorum=settings.collect_peers, deadline=settings.round_deadline, log_rounds=False)
     except BaseException:
         node.close()
         raise

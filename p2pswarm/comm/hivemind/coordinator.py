@@ -51,12 +51,13 @@ class RoundKeeper:
     """The keeper's loop, on the node's event loop: advance, persist, publish."""
 
     def __init__(self, comm: HivemindComm, state_path: Path | None, *, quorum: int = 0, deadline: float = 300.0,
-                 poll: float = 0.25):
+                 poll: float = 0.25, log_rounds: bool = True):
         self.comm = comm
         self.state_path = state_path
         self.quorum = quorum
         self.deadline = deadline
         self.poll = poll
+        self.log_rounds = log_rounds  # a training node that keeps the clock prints round lines already
         saved = read_round(state_path)
         self.round = saved if saved is not None else 0
         self.started = time.time()
@@ -98,8 +99,9 @@ class RoundKeeper:
         self.round += 1
         self.started, self.first_done = now, None
         self._persist()
-        log.info("round clock advanced to round %d (%d of %d live trainer(s) finished round %d)",
-                 self.round, len(done), len(live), self.round - 1)
+        log.log(logging.INFO if self.log_rounds else logging.DEBUG,
+                "round clock advanced to round %d (%d of %d live trainer(s) finished round %d)",
+                self.round, len(done), len(live), self.round - 1)
         return True
 
     async def _loop(self) -> None:

@@ -68,7 +68,8 @@ class HivemindComm(CommunicationManager):
         self.on_accept = None  # callable(round, stage, peer, data): a bridge relays what this side accepted
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
         node.call(self._store_member(), timeout=30)
-        node.spawn(self._refresh_member_loop())
+        self._members_at = 0.0  # monotonic time of the last member-list fetch
+        self._refresher = asyncio.run_coroutine_threadsafe(self._refresh_member_loop(), node.loop)
 
     # ---- membership -------------------------------------------------------------------------------------
     async def _store_member(self, left: bool = False) -> bool:
@@ -92,6 +93,9 @@ class HivemindComm(CommunicationManager):
     async def fetch_members(self) -> dict[str, records.Member]:
         """Members of this swarm whose record has not expired and who have not left (self included)."""
         got = await self.node.dht.get(records.members_key(self.swarm), latest=True)
+        self._members_at = asyncio.get_running_loop().time()
+        if got is None and self.members:  # an overloaded DHT answered nothing: keep the last view
+            return self.members
         members = {m.peer_id: m for m in records.parse_entries(got, self.record_drops, records.member, self._bad_seen)}
         self.seen_peers.update(p for p in members if p != self.peer_id)
         self.members = {p: m for p, m in members.items() if not m.left}
@@ -125,7 +129,11 @@ class HivemindComm(CommunicationManager):
         """Serve and announce another peer's signed payload (a bridge from the Drive side); receivers check
         its signature against `origin`, so a bridge can pass payloads on but cannot alter them."""
         self.server.put(round, stage, data, origin)
-        self.node.call(self._announce(round, stage, hashlib.sha256(data).digest(), len(data), origin), timeout=30)
+        try:
+            self.node.call(self._announce(round, stage, hashlib.sha256(data).digest(), len(data), origin), timeout=30)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not relay %s's round %d stage %d: %s: %s", origin[-8:], round, stage, type(e).__name__, e)
+            return
         self.relayed += 1
 
     async def _announce(self, round: int, stage: int, digest: bytes, size: int, origin: str | None = None) -> None:
@@ -133,13 +141,14 @@ class HivemindComm(CommunicationManager):
 
         marker = self.node.validator.marker
         value = {"digest": digest, "size": size, "created": time.time()}
-        ok = await self.node.dht.store(records.rollouts_key(self.swarm, round, stage), value,
-                                       get_dht_time() + self.record_ttl,
-                                       subkey=marker if origin is None else records.relay_subkey(marker, origin))
+        stores = [self.node.dht.store(records.rollouts_key(self.swarm, round, stage), value,
+                                      get_dht_time() + self.record_ttl,
+                                      subkey=marker if origin is None else records.relay_subkey(marker, origin))]
+        if origin is None:
+            stores.append(self._store_member())  # at once: both in a row made publish 2x slower
+        ok, *_ = await asyncio.gather(*stores)
         if not ok:
             log.warning("announcing round %d stage %d: no DHT peer stored the record", round, stage)
-        if origin is None:
-            await self._store_member()
 
     # ---- collect ----------------------------------------------------------------------------------------
     def collect(self, round: int, stage: int) -> list[Group]:
@@ -168,15 +177,22 @@ class HivemindComm(CommunicationManager):
         pending: set[asyncio.Task] = set()
         delay = self.poll
         key = records.rollouts_key(self.swarm, round, stage)
+        retried: set[str] = set()
+        announcements: dict[str, records.Announcement] = {}
         while True:
+            remaining = max(0.05, deadline - loop.time())
+            gets = [self.node.dht.get(key, latest=True)]
+            if loop.time() - self._members_at > 1.0:  # the member list changes slowly; it costs a signature a member
+                gets.append(self.fetch_members())
             try:
-                got, _ = await asyncio.gather(self.node.dht.get(key, latest=True), self.fetch_members())
-            except Exception as e:  # noqa: BLE001 - a DHT hiccup; poll again
+                got, *_ = await asyncio.wait_for(asyncio.gather(*gets), remaining)
+            except Exception as e:  # noqa: BLE001 - a DHT hiccup or the deadline; poll again or stop below
                 log.debug("DHT get failed: %s", e)
                 got = None
             for a in records.parse_entries(got, self.record_drops, records.announcement, self._bad_seen, relays=True):
                 if a.signer not in tried and a.peer_id != self.peer_id:  # one copy per signer, direct or relayed
                     tried.add(a.signer)
+                    announcements[a.signer] = a
                     pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))
             # A peer whose payload failed this round (gone, hostile) no longer holds the collect up.
             # A live peer already past this round (it joined late and skipped it) will not publish it.
@@ -190,8 +206,11 @@ class HivemindComm(CommunicationManager):
                 done, pending = await asyncio.wait(pending, timeout=min(delay, remaining),
                                                    return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    peer, batch = task.result()
-                    if batch is None:
+                    peer, batch, retry = task.result()
+                    if batch is None and retry and peer not in retried and deadline - loop.time() > 0.5:
+                        retried.add(peer)  # a reset stream or a peer busy for a moment: once more
+                        pending.add(asyncio.create_task(self._fetch(announcements[peer], round, stage, deadline)))
+                    elif batch is None:
                         failed.add(peer)
                     else:
                         valid.add(peer)
@@ -204,8 +223,12 @@ class HivemindComm(CommunicationManager):
         return groups
 
     async def _fetch(self, a: records.Announcement, round: int, stage: int,
-                     deadline: float) -> tuple[str, wire.RolloutBatch | None]:
-        return a.signer, await self._fetch_batch(a, round, stage, deadline)
+                     deadline: float) -> tuple[str, wire.RolloutBatch | None, bool]:
+        """(signer, batch or None, whether another try could succeed)."""
+        try:
+            return a.signer, await self._fetch_batch(a, round, stage, deadline), False
+        except PullError:
+            return a.signer, None, True
 
     async def _fetch_batch(self, a: records.Announcement, round: int, stage: int, deadline: float) -> wire.RolloutBatch | None:
         stats = self.per_peer[a.signer]
@@ -218,6 +241,8 @@ class HivemindComm(CommunicationManager):
                               timeout=max(0.5, remaining), origin=a.origin)
         except PullError as e:
             self._drop(stats, e.reason)
+            if e.reason in ("truncated", "unreachable", "pull_timeout"):
+                raise
             return None
         if hashlib.sha256(data).digest() != a.digest:
             self._drop(stats, "digest_mismatch")
@@ -272,10 +297,12 @@ class HivemindComm(CommunicationManager):
         if self._closed:
             return
         self._closed = True
-        try:
-            self.node.call(self._store_member(left=True), timeout=5)
-        except Exception as e:  # noqa: BLE001
-            log.debug("leaving: %s", e)
+        self._refresher.cancel()
+        if self.node.alive():  # p2pd gone (Ctrl-C reaches it too): nobody to tell
+            try:
+                self.node.call(asyncio.wait_for(self._store_member(left=True), 2), timeout=3)
+            except Exception as e:  # noqa: BLE001
+                log.debug("leaving: %s", e)
         for fn in self._on_close:
             fn()
         if self.own_node:

@@ -251,11 +251,22 @@ class HivemindNode:
             return
 
     # ---- stop -------------------------------------------------------------------------------------------
+    def alive(self) -> bool:
+        """Our p2pd is still running (Ctrl-C in a terminal reaches it too, and it exits at once)."""
+        child = getattr(self.p2p, "_child", None)
+        return not self._closed and child is not None and child.returncode is None
+
     async def _shutdown(self) -> None:
-        if self.dht is not None:
-            await self.dht.shutdown()
+        if self.dht is not None and self.alive():
+            try:  # bounded: over a dead daemon connection this would wait for minutes
+                await asyncio.wait_for(self.dht.shutdown(), 2)
+            except Exception as e:  # noqa: BLE001
+                log.debug("DHT shutdown: %s", e)
         if self.p2p is not None:
-            await self.p2p.shutdown()
+            try:
+                await asyncio.wait_for(self.p2p.shutdown(), 5)
+            except Exception as e:  # noqa: BLE001
+                log.debug("p2p shutdown: %s", e)
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in tasks:  # the DHT's refresh loops; cancelled so the loop stops without warnings
             t.cancel()
@@ -265,7 +276,6 @@ class HivemindNode:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         if self._thread.is_alive():
             try:
                 self.call(self._shutdown(), timeout=10)
@@ -273,3 +283,4 @@ class HivemindNode:
                 log.debug("p2p shutdown: %s", e)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+        self._closed = True

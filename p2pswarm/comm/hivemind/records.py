@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 import base58
@@ -65,10 +65,15 @@ class Ed25519OwnerValidator(RecordValidatorBase):
 
     The marker must not start with `[owner:`: hivemind's RSASignatureValidator would try to parse it."""
 
+    CACHE_SIZE = 8192
+
     def __init__(self, identity: Identity):
         self.identity = identity
         self.marker = marker(identity.peer_id)
         self.rejected: Counter[str] = Counter()  # records refused, by reason (another peer's forgeries, ...)
+        # hivemind re-validates every record in every reply on every poll: without this cache signature
+        # checks took 63% of a 16-peer process's CPU, and a 64-peer swarm delivered 16% instead of 85%.
+        self._verdicts: OrderedDict[tuple, bool] = OrderedDict()
 
     @property
     def local_public_key(self) -> bytes:
@@ -79,6 +84,18 @@ class Ed25519OwnerValidator(RecordValidatorBase):
         return MSGPackSerializer.dumps(dataclasses.astuple(record))
 
     def validate(self, record: DHTRecord) -> bool:
+        key = (record.key, record.subkey, record.value, record.expiration_time)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._validate(record)
+            self._verdicts[key] = verdict
+            if len(self._verdicts) > self.CACHE_SIZE:
+                self._verdicts.popitem(last=False)
+        else:
+            self._verdicts.move_to_end(key)
+        return verdict
+
+    def _validate(self, record: DHTRecord) -> bool:
         owners = set(_OWNER.findall(record.key)) | set(_OWNER.findall(record.subkey or b""))
         if not owners:
             return True
