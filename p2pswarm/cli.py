@@ -219,22 +219,10 @@ def run(
         _fail(f"{type(e).__name__}: {e}", 1)
 
 
-@app.command()
-def bootstrap(
-    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="TCP port (keep it fixed: peers' initial-peers name it)")] = 38331,
-    identity: Annotated[Path, typer.Option(help="identity key file (created 0600 on first run; keeps the peer id)")] = Path("bootstrap.key"),
-    initial_peers: Annotated[Optional[list[str]], typer.Option("--initial-peers", help="other bootstrap peers (repeatable)")] = None,
-    announce_maddrs: Annotated[Optional[list[str]], typer.Option("--announce-maddrs", help="multiaddrs to announce (repeatable)")] = None,
-    coordinator: Annotated[bool, typer.Option("--coordinator", help="also keep the experiment's round clock")] = False,
-    experiment: Annotated[str, typer.Option(envvar="EXPERIMENT_NAME", help="experiment whose clock to keep")] = "default",
-    state_dir: Annotated[Optional[Path], typer.Option(help="where the round clock persists (default: beside the identity)")] = None,
-    status_every: Annotated[float, typer.Option(help="seconds between status lines")] = 60.0,
-) -> None:
-    """Run a headless bootstrap peer (the same as `p2pswarm-bootstrap`)."""
-    from bootstrap.cli import serve
+# `p2pswarm bootstrap` is `p2pswarm-bootstrap`: one definition of its options (bootstrap/cli.py).
+from bootstrap.cli import main_command as _bootstrap  # noqa: E402 - light: typer only, the rest loads lazily
 
-    serve(host, port, identity, initial_peers, announce_maddrs, coordinator, experiment, state_dir, status_every)
+app.command("bootstrap", help="Run a headless bootstrap peer (the same as `p2pswarm-bootstrap`).")(_bootstrap)
 
 
 @app.command("eval")
