@@ -55,8 +55,8 @@ def identity_path(settings: Settings, index: int) -> Path:
         p = settings.identity_path
         return p.with_name(f"{p.stem}{suffix}{p.suffix}")
     base = settings.output_dir or settings.runs_dir / settings.experiment
-    if settings.output_dir is None and settings.node_id:
-        base = base / settings.node_id
+    if settings.output_dir is None and settings.node_id and not suffix:
+        base = base / settings.node_id  # a single named node (ranks and agents have their suffix already)
     return base / f"identity{suffix}.key"
 
 
