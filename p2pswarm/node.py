@@ -170,6 +170,8 @@ def build_swarm(settings: Settings) -> list[GameManager]:
         root = settings.output_dir or settings.runs_dir / settings.experiment
         boot = BootstrapPeer.from_settings(settings, root / "bootstrap.key", state_dir=root / "bootstrap",
                                            coordinator=True, host="127.0.0.1").start()
+        if "host" not in settings.model_fields_set:  # a swarm of this machine: nothing listens beyond it
+            settings = settings.model_copy(update={"host": "127.0.0.1"})
         try:
             agents = [build_agent(settings, index=i, initial_peers=boot.maddrs) for i in range(settings.agents)]
         except BaseException:
