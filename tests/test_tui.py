@@ -174,12 +174,16 @@ def test_errors_are_messages_on_the_join_screen_not_tracebacks(tmp_path):
             join = app.screen
             status = join.query_one("#join-status")
 
-            # DHT mode without a bootstrap address: explained, and nothing starts
+            # Drive mode without a folder: explained, and nothing starts
+            join.query_one("#mode").value = "drive"
+            await pilot.pause()
+            assert "needs the shared folder" in text_of(join.query_one("#mode-hint"))
+            await pilot.press("enter")
+            assert app.engine is None and "needs the shared folder" in text_of(status)
+            # DHT mode with an empty swarm field would start a new swarm: the hint says so
             join.query_one("#mode").value = "dht"
             await pilot.pause()
-            assert "needs bootstrap multiaddrs" in text_of(join.query_one("#mode-hint"))
-            await pilot.press("enter")
-            assert app.engine is None and "needs bootstrap multiaddrs" in text_of(status)
+            assert "starts a new swarm others can join" in text_of(join.query_one("#mode-hint"))
             join.query_one("#mode").value = "auto"
 
             # bad settings name the setting
@@ -237,3 +241,36 @@ def test_an_engine_failure_mid_run_is_a_message_in_the_ui(tmp_path, monkeypatch)
 
     asyncio.run(scenario())
     assert app.return_value.error == "RuntimeError: the optimizer exploded"
+
+
+@pytest.mark.slow
+def test_the_join_screen_joins_a_real_swarm_over_the_dht(tmp_path):
+    """A bootstrap peer and a headless peer run as processes; the UI joins them with the bootstrap's address."""
+    from test_hivemind import Procs, peer_cmd, start_bootstrap
+
+    procs = Procs(tmp_path)
+    try:
+        boot = start_bootstrap(procs, "boot", "--coordinator")
+        procs.start("bob", peer_cmd(tmp_path, "bob", boot, 30, "--set", "collect_timeout=30"))
+        app = SwarmApp(factory(tmp_path, experiment="hm-test", host="127.0.0.1", tasks_per_round=4))
+
+        async def scenario():
+            async with running(app, (100, 30)) as pilot:
+                join = app.screen
+                join.query_one("#swarm").value = boot
+                await pilot.pause()
+                assert "joins through the bootstrap peers" in text_of(join.query_one("#mode-hint"))
+                await pilot.press("enter")
+                await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.ready, "the dashboard")
+                assert app.engine.agent.comm.__class__.__name__ == "HivemindComm"
+                # Bob shows up in the peers panel, and his rollouts reach this node's training.
+                await until(pilot, lambda: any(p.name == "bob" for p in app.engine.agent.comm.peers()), "bob as a peer")
+                await until(pilot, lambda: any(r["swarm_groups_received"] > 0 for r in metrics(app)), "bob's rollouts")
+                table = app.screen.query_one(PeersTable)
+                await until(pilot, lambda: "bob" in table.names.values(), "bob in the peers table")
+                await pilot.press("q")
+                await until(pilot, lambda: app.return_value is not None, "the app to exit")
+
+        asyncio.run(scenario())
+    finally:
+        procs.kill_all()

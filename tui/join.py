@@ -67,10 +67,9 @@ def resolve_mode(mode: str, swarm: str) -> str:
     if not mode_available(mode):
         raise JoinError(f"{MODES[mode]['label']} is not available yet: {MODES[mode]['later']}. "
                         "Choose auto or local with an empty swarm field to start a local swarm.")
-    if mode in ("dht", "drive") and not swarm:
-        raise JoinError("DHT mode needs bootstrap multiaddrs in the swarm field" if mode == "dht"
-                        else "Drive mode needs the shared folder in the swarm field")
-    return mode
+    if mode == "drive" and not swarm:
+        raise JoinError("Drive mode needs the shared folder in the swarm field")
+    return mode  # DHT with an empty swarm field starts a new swarm that others can join
 
 
 def default_node_name(settings: Settings, create: bool) -> str | None:
@@ -164,7 +163,9 @@ class JoinScreen(Screen):
             concrete = resolve_mode(str(mode), swarm)
             agents = self._field("agents") or "1"
             hint = {"local": f"a new swarm of {agents} agent(s) in this process",
-                    "dht": "joins through the bootstrap peers", "drive": "joins through the shared folder"}[concrete]
+                    "dht": "joins through the bootstrap peers" if swarm else
+                           "starts a new swarm others can join (the log shows its address)",
+                    "drive": "joins through the shared folder"}[concrete]
             if mode == "auto":
                 hint = f"→ {concrete}: {hint}"
             self.query_one("#mode-hint", Static).update(f"[dim]{hint}[/]")
