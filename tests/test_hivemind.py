@@ -115,8 +115,9 @@ def wait_exit(p: subprocess.Popen, timeout: float, log: str) -> None:
 def test_bootstrap_and_three_peers_one_in_client_mode(procs, tmp_path):
     boot = start_bootstrap(procs, "boot", "--coordinator")
     names = ["ann", "bob", "cat"]
-    for n in names:
-        procs.start(n, peer_cmd(tmp_path, n, boot, 3, *(["--client-mode"] if n == "cat" else [])))
+    for n in names:  # each waits for both others' batches (so a slow starter does not miss round 0)
+        procs.start(n, peer_cmd(tmp_path, n, boot, 3, "--set", "collect_peers=2", "--set", "collect_timeout=40",
+                                *(["--client-mode"] if n == "cat" else [])))
     for n in names:
         wait_exit(procs.procs[n], 150, procs.log(n))
     peer_ids = {n: re.search(r"\(peer (\w+)\)", procs.log(n)).group(1) for n in names}
@@ -142,6 +143,11 @@ def test_bootstrap_and_three_peers_one_in_client_mode(procs, tmp_path):
     while any(alive(d) for d in daemons) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(d) for d in daemons)
+    # Restarted with its identity, the bootstrap is the same peer and its clock resumes where it was.
+    again = start_bootstrap(procs, "boot2", "--coordinator", "--identity", "boot.key")
+    assert again.rsplit("/", 1)[1] == boot.rsplit("/", 1)[1]
+    last = re.findall(r"round clock advanced to round (\d+)", procs.log("boot"))[-1]
+    procs.wait_for("boot2", rf"round clock resumed at round {last} ", 20)
 
 
 @pytest.mark.slow

@@ -61,6 +61,7 @@ class HivemindComm(CommunicationManager):
         self._bad_seen: set = set()
         self.members: dict[str, records.Member] = {}
         self.seen_peers: set[str] = set()
+        self.names: dict[str, str] = {}  # peer id -> name, of every member ever seen
         self.position = {"round": -1, "stage": 0, "finished": -1}
         self.bridged = 0  # set by a bridge: how many peers of the other side it relays
         self._closed = False
@@ -98,6 +99,7 @@ class HivemindComm(CommunicationManager):
             return self.members
         members = {m.peer_id: m for m in records.parse_entries(got, self.record_drops, records.member, self._bad_seen)}
         self.seen_peers.update(p for p in members if p != self.peer_id)
+        self.names.update({p: m.name for p, m in members.items()})  # kept after they leave, for the counters
         self.members = {p: m for p, m in members.items() if not m.left}
         return self.members
 
@@ -289,8 +291,7 @@ class HivemindComm(CommunicationManager):
         }
         rejected = self.node.validator.rejected + self.record_drops
         out.update({f"dropped_{k}": v for k, v in rejected.items()})
-        names = {p: m.name for p, m in self.members.items()}
-        out["per_peer"] = {names.get(p, p[-8:]): dict(c) for p, c in list(self.per_peer.items())}
+        out["per_peer"] = {self.names.get(p, p[-8:]): dict(c) for p, c in list(self.per_peer.items())}
         return out
 
     def close(self) -> None:
