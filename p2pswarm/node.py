@@ -62,7 +62,7 @@ def identity_path(settings: Settings, index: int) -> Path:
 
 def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | None, *, name: str = "",
                    device: torch.device | None = None, output: Path | None = None,
-                   stages: int = 1, key_path: Path | None = None,
+                   key_path: Path | None = None,
                    initial_peers: list[str] | None = None) -> tuple[CommunicationManager, Coordinator]:
     """The CommunicationManager and Coordinator that `settings.comm` names (one branch per backend)."""
     if settings.comm in ("hivemind", "auto", "hybrid"):
@@ -76,16 +76,14 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
             if settings.comm == "hivemind":
                 raise
             log.warning("the DHT is out of reach (%s): running in Drive mode through %s", e, settings.drive_path)
-            return make_transport(settings.model_copy(update={"comm": "drive"}), identity, hub, name=name,
-                                  stages=stages)
+            return make_transport(settings.model_copy(update={"comm": "drive"}), identity, hub, name=name)
         if settings.comm == "auto":
             log.info("the DHT is reachable: running over hivemind (Drive mode stays the fallback)")
         if settings.comm != "hybrid":
             return dht
         from p2pswarm.comm.bridge import FurthestClock, HybridComm
 
-        folder, folder_clock = make_transport(settings.model_copy(update={"comm": "drive"}), identity, hub, name=name,
-                                              stages=stages)
+        folder, folder_clock = make_transport(settings.model_copy(update={"comm": "drive"}), identity, hub, name=name)
         log.info("bridging the DHT and the shared folder %s", settings.drive_path)
         return HybridComm(dht[0], folder), FurthestClock(dht[1], folder_clock)
     if settings.comm == "inprocess":
@@ -105,7 +103,7 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
         comm = FolderComm(settings.drive_path, identity, settings.experiment, name=name or identity.name,
                           timeout=settings.collect_timeout, want_peers=settings.collect_peers,
                           poll=settings.drive_poll_interval, peer_timeout=settings.drive_peer_timeout, role=settings.role)
-        return comm, FolderCoordinator(comm, role=settings.role, stages=stages,
+        return comm, FolderCoordinator(comm, role=settings.role,
                                        quorum=settings.collect_peers, deadline=settings.round_deadline,
                                        keep_rounds=settings.keep_rounds, archive=settings.archive_rollouts)
     raise ValueError(f"unknown comm backend {settings.comm!r}")
@@ -139,7 +137,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     events = EventBus(identity.peer_id)
     events.subscribe(JsonlEventLog(run.events_path))
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
-                                       stages=data.num_stages, key_path=key_path, initial_peers=initial_peers)
+                                       key_path=key_path, initial_peers=initial_peers)
     if settings.comm in ("drive", "auto", "hybrid"):  # logs and checkpoints in the shared folder (docs/drive-mode.md)
         from p2pswarm.comm.folder import FolderComm
         from p2pswarm.comm.folder_mirror import attach_mirror

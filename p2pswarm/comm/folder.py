@@ -400,11 +400,10 @@ class FolderCoordinator(Coordinator):
     (restarts read it back), and it is the janitor that retires old rounds.
     """
 
-    def __init__(self, comm: FolderComm, *, role: str = "worker", stages: int = 1, quorum: int = 0,
+    def __init__(self, comm: FolderComm, *, role: str = "worker", quorum: int = 0,
                  deadline: float = 300.0, keep_rounds: int = 0, archive: bool = False):
         self.comm, self.store = comm, comm.store
         self.role = role
-        self.stages = stages
         self.quorum = quorum
         self.deadline = deadline
         self.keep_rounds = keep_rounds
