@@ -54,7 +54,9 @@ def test_hybrid_node_bridges_dht_and_drive_peers(procs, tmp_path):
     while not (tmp_path / "drive" / "experiments" / EXP / "peers" / "drive.json").exists():
         assert time.monotonic() < deadline and procs.procs["drive"].poll() is None, procs.log("drive")[-3000:]
         time.sleep(0.2)
-    procs.start("dht", node(tmp_path, "dht", 3, "--comm", "hivemind", "--initial-peers", boot))
+    # The DHT-only peer waits for two batches a round too: the bridge's own and the one it relays.
+    procs.start("dht", node(tmp_path, "dht", 3, "--comm", "hivemind", "--initial-peers", boot,
+                            "--set", "collect_peers=2", "--set", "collect_timeout=30"))
     procs.start("bridge", node(tmp_path, "bridge", 3, "--comm", "hybrid", "--initial-peers", boot))
     for n in ("dht", "bridge", "drive"):
         wait_exit(procs.procs[n], 180, procs.log(n))
