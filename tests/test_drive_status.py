@@ -72,7 +72,8 @@ def swarm(tmp_path_factory):
                 st = get_experiment_status(str(drive), EXP, peer_timeout=4)
             except FileNotFoundError:
                 st = None
-            if st and st["num_active_peers"] == 3 and all(p["rounds_done"] >= 1 for p in st["peers"]):
+            if (st and st["num_active_peers"] == 3 and all(p["rounds_done"] >= 1 for p in st["peers"])
+                    and clock(drive) >= 1):  # the clock moves once the coordinator sees the round finished
                 before = clock(drive)
                 res = CliRunner().invoke(app, ["status", "--json", "--peer-timeout", "4"],
                                          env={"GDRIVE_PATH": str(drive), "EXPERIMENT_NAME": EXP})
