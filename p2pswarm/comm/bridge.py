@@ -36,12 +36,10 @@ class HybridComm(CommunicationManager):
         def run(name: str, comm: CommunicationManager) -> None:
             result[name] = comm.collect(round, stage)
 
-        threads = [threading.Thread(target=run, args=("folder", self.folder), daemon=True)]
-        for t in threads:
-            t.start()
+        folder = threading.Thread(target=run, args=("folder", self.folder), daemon=True)
+        folder.start()
         run("dht", self.dht)
-        for t in threads:
-            t.join()
+        folder.join()
         seen = {g.peer for g in result.get("dht", [])}
         return result.get("dht", []) + [g for g in result.get("folder", []) if g.peer not in seen]
 

@@ -70,7 +70,7 @@ class HivemindComm(CommunicationManager):
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
         node.call(self._store_member(), timeout=30)
         self._members_at = 0.0  # monotonic time of the last member-list fetch
-        self._refresher = asyncio.run_coroutine_threadsafe(self._refresh_member_loop(), node.loop)
+        self._refresher = node.spawn(self._refresh_member_loop())
 
     # ---- membership -------------------------------------------------------------------------------------
     async def _store_member(self, left: bool = False) -> bool:

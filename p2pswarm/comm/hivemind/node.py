@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,9 +107,9 @@ class HivemindNode:
             fut.cancel()
             raise
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Start a background task on the node's loop."""
-        asyncio.run_coroutine_threadsafe(coro, self.loop)
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> Future:
+        """Start a background task on the node's loop; the future cancels it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     # ---- start ------------------------------------------------------------------------------------------
     def start(self) -> HivemindNode:
