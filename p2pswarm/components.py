@@ -10,7 +10,13 @@ The round (see GameManager.play_round):
         swarm = comm.collect(r, s)             # what others published, within a deadline
         rewards.score(swarm)                   # re-scored locally, never trusted
     trainer.train(state)                       # SAPO: I local + J swarm groups
-    coordinator.next_round(r)
+    coordinator.report_finished(r)             # "I trained round r": what round clocks wait for
+    r = coordinator.next_round(r)              # r + 1, or further when the swarm is ahead
+
+The life of one rollout past comm.publish: the transport signs it (p2pswarm.wire), moves the bytes
+(comm/inprocess.py, comm/hivemind/, comm/drive/, comm/torchdist/), and the receiver's wire.Inbox checks
+size, signature, peer id, swarm, round window, schema and replay before the group reaches the game loop,
+which re-scores it locally. What the transports share is in comm/core.py.
 """
 
 from __future__ import annotations
@@ -70,7 +76,16 @@ class TrainStats:
 
 
 class Trainer(ABC):
-    """Generation and the policy update; the user owns what happens in train()."""
+    """Generation and the policy update; the user owns what happens in train().
+
+    The game loop calls, each round: generate() once per stage (task.prompt set, local tasks only), then
+    train() once with the whole round's state (local and swarm groups, rewards filled in), then
+    evaluate() every `eval_every` rounds. save()/load() write and read a checkpoint folder; load() is
+    called once, before the first round, when the run folder has a checkpoint.
+    """
+
+    # Figures of the last generate() call ({"seconds", "tokens", "tokens_per_s"}) for the round's metrics.
+    last_generate: dict[str, float] = {}
 
     @abstractmethod
     def generate(self, tasks: list[Task], progress=None) -> list[Group]:
@@ -78,6 +93,11 @@ class Trainer(ABC):
 
     @abstractmethod
     def train(self, state: GameState, progress=None) -> TrainStats: ...
+
+    def evaluate(self, tasks: list[Task], score) -> dict[str, float]:
+        """Held-out figures (`eval_*` keys) for tasks never trained on; `score(task, completion)` -> reward.
+        The default measures nothing."""
+        return {}
 
     @abstractmethod
     def save(self, path: Path) -> None: ...
@@ -96,7 +116,25 @@ class PeerInfo:
 
 
 class CommunicationManager(ABC):
-    """Moves a stage's groups to and from the swarm."""
+    """Moves a stage's groups to and from the swarm. Transports build on comm/core.py's SignedTransport.
+
+    publish(r, s, groups) is called once per exchanged stage, before collect(r, s). It signs the groups
+    as one batch (p2pswarm.wire) and makes the bytes available to the swarm; it never raises for a
+    network failure of its own (it logs one line and the round goes on without this batch).
+
+    collect(r, s) returns other peers' groups for exactly (r, s), and promises:
+      - deadline: it returns within its timeout (collect_timeout) whatever the swarm does;
+      - quorum: it returns earlier once `collect_need` (comm/core.py) valid batches arrived: every live
+        peer expected to publish (r, s), or `collect_peers` of them;
+      - validity: every group passed wire.Inbox (size, signature, peer id = the sender the medium
+        authenticated, swarm, round window, schema); one batch per sender per (r, s) — replays dropped;
+      - drops: anything invalid is dropped and counted by reason in counters() and under its sender in
+        counters()["per_peer"]; nothing a peer sends raises into the round.
+    Rewards in the returned groups are empty: the game loop re-scores them locally.
+
+    peers() lists the other live peers (PeerInfo) for the UI; counters() feeds the round's metrics;
+    close() says goodbye to the swarm (if the medium has presence) and releases the medium.
+    """
 
     peer_id: str
 
@@ -110,24 +148,42 @@ class CommunicationManager(ABC):
     def peers(self) -> list[PeerInfo]:
         return []
 
-    def counters(self) -> dict[str, int]:
-        """Transport counters for metrics (sent, received, dropped by reason, ...)."""
+    def counters(self) -> dict[str, Any]:
+        """Transport counters for metrics (sent, received, dropped by reason, per peer, ...)."""
         return {}
+
+    def note_exit(self, why: str) -> None:
+        """The node is going down for `why` (a crash): a transport whose peers wait in lockstep tells them."""
 
     def close(self) -> None:
         pass
 
 
 class Coordinator(ABC):
-    """The swarm's round clock."""
+    """The swarm's round clock.
+
+    start_round(first) is called once, before the first round, with the first round this node has not
+    finished; report_finished(r) after the node trained round r (before its checkpoint); next_round(r)
+    right after that. A clock never goes back: next_round returns at least r + 1, and more when the swarm
+    is ahead (the game loop then reports the skipped rounds). Clocks that decide when a round is over do
+    it with comm/core.py's `should_advance`: a quorum of the round's active trainers finished it, or the
+    round deadline passed since the first one did.
+    """
 
     @abstractmethod
     def start_round(self, resume_from: int) -> int:
         """The round to play first, given the first round this node has not finished."""
 
+    def report_finished(self, round: int) -> None:
+        """Tell the swarm this node trained `round` (what a keeper's quorum counts). Default: nobody listens."""
+
     @abstractmethod
     def next_round(self, finished: int) -> int:
         """The round to play after `finished`; may jump ahead (the node skipped rounds), never back."""
+
+    def bind_stop(self, wants_stop, stop) -> None:
+        """For clocks that share stop requests between lockstep peers: `wants_stop()` says whether this node
+        wants to stop; `stop()` stops it when any peer did."""
 
     def close(self) -> None:
         pass

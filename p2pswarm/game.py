@@ -9,6 +9,7 @@ from statistics import fmean
 from typing import Any
 
 from p2pswarm import events as ev
+from p2pswarm.errors import UserError
 from p2pswarm.components import CommunicationManager, Coordinator, DataManager, RewardManager, Trainer, TrainStats
 from p2pswarm.events import EventBus
 from p2pswarm.run import RunDir
@@ -122,6 +123,7 @@ class GameManager:
                 if self.play_round(r) is None:
                     break
                 last_done = r
+                self.coordinator.report_finished(r)
                 if (r + 1) % self.s.checkpoint_every == 0:
                     self.checkpoint(r)
                 nxt = self.coordinator.next_round(r)
@@ -155,17 +157,14 @@ class GameManager:
                 t.stage = stage
             self.data.with_prompts(tasks)
             local = self.trainer.generate(tasks, progress=self._progress) if tasks else []
-            gen = getattr(self.trainer, "last_generate", {}) if tasks else {}
+            gen = self.trainer.last_generate if tasks else {}
             gen_seconds += gen.get("seconds", 0.0)
             gen_tokens += gen.get("tokens", 0)
             for g in local:
                 g.peer = self.peer_id
             self.rewards.score(local)
             state.add(stage, local, [])
-            # publish_frequency=round: stages play on local rollouts; all of them are exchanged after the last.
-            if self.s.publish_frequency == "round" and stage < self.data.num_stages - 1:
-                continue
-            for s in range(stage + 1) if self.s.publish_frequency == "round" else [stage]:
+            for s in self.stages_to_exchange(stage):
                 self._exchange(state, s)
         self.after_rewards(state)
         if self.stopping:
@@ -173,15 +172,24 @@ class GameManager:
         t_train = time.perf_counter()
         stats = self.trainer.train(state, progress=self._progress)
         metrics = self._metrics(state, stats, gen_seconds, gen_tokens, time.perf_counter() - t_train, t0)
-        if self.s.eval_every and (r + 1) % self.s.eval_every == 0 and hasattr(self.trainer, "evaluate"):
+        if self.s.eval_every and (r + 1) % self.s.eval_every == 0:
             tasks = self.data.with_prompts(self.data.eval_tasks())
-            if tasks:
-                metrics.update(self.trainer.evaluate(tasks, self.rewards.reward))
+            figures = self.trainer.evaluate(tasks, self.rewards.reward) if tasks else {}
+            if figures:
+                metrics.update(figures)
                 self.events.emit(ev.EVALUATED, round=r, **{k: v for k, v in metrics.items() if k.startswith("eval_")})
         self.run_dir.append_metrics(metrics)
         self.events.emit(ev.ROUND_FINISHED, **metrics)
         self.after_round(state, metrics)
         return metrics
+
+    def stages_to_exchange(self, stage: int) -> list[int]:
+        """Stages whose groups are exchanged once `stage` is generated: that stage, or with
+        publish_frequency=round nothing until the last stage and then all of them (the later stages then
+        play on local rollouts only: fewest Drive API calls)."""
+        if self.s.publish_frequency != "round":
+            return [stage]
+        return list(range(stage + 1)) if stage == self.data.num_stages - 1 else []
 
     def _exchange(self, state: GameState, stage: int) -> None:
         """Publish this stage's local groups, collect the swarm's, score them."""
@@ -222,3 +230,33 @@ class GameManager:
             "round_seconds": time.perf_counter() - t0,
             "comm": self.comm.counters(),
         }
+
+
+class LockstepGameManager(GameManager):
+    """A GameManager for peers that run in lockstep (--comm torch: every exchange is a collective).
+
+    A stop request (signal, UI) is held until the next round boundary, where the coordinator shares it
+    (Coordinator.bind_stop) so that every peer stops after the same round: a peer that left mid-round
+    would leave the others waiting in a collective. Pausing one peer would stall all of them, so pause
+    is refused. A crash is reported to the others through comm.note_exit, so they name it instead of
+    timing out."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._stop_wanted = threading.Event()
+        self.coordinator.bind_stop(self._stop_wanted.is_set, super().request_stop)
+
+    def request_stop(self) -> None:
+        self._stop_wanted.set()
+
+    def pause(self) -> None:
+        log.warning("%s: pause is not available with --comm torch (ranks run in lockstep)", self.name)
+
+    def run(self, rounds: int | None = None) -> None:
+        try:
+            super().run(rounds)
+        except BaseException as e:
+            if not isinstance(e, UserError):  # a UserError is the transport's own one-line verdict
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                self.comm.note_exit(f"failed: {type(e).__name__}: {first}")
+            raise

@@ -183,7 +183,7 @@ def build_swarm(settings: Settings) -> list[GameManager]:
                 boot.close()
 
         for a in agents:
-            a.comm._on_close.append(one_closed)
+            a.comm.add_close_callback(one_closed)
         return agents
     hub = InProcessHub()
     return [build_agent(settings, index=i, hub=hub) for i in range(settings.agents)]

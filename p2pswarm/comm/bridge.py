@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import threading
 
+from p2pswarm.comm.core import SignedTransport
 from p2pswarm.components import CommunicationManager, Coordinator, PeerInfo
 from p2pswarm.types import Group
 
 
 class HybridComm(CommunicationManager):
-    def __init__(self, dht: CommunicationManager, folder: CommunicationManager):
+    """Two bridgeable transports (SignedTransport: relay, on_accept, bridged, live_peers) as one."""
+
+    def __init__(self, dht: SignedTransport, folder: SignedTransport):
         self.dht, self.folder = dht, folder
         self.peer_id = dht.peer_id
         dht.on_accept = lambda r, s, peer, data: folder.relay(r, s, peer, data)
@@ -24,8 +27,8 @@ class HybridComm(CommunicationManager):
 
     def publish(self, round: int, stage: int, groups: list[Group]) -> None:
         # Each side's peers wait for the relayed batches too: say how many come through this bridge.
-        self.dht.bridged = len(self.folder.live())
-        self.folder.bridged = len(self.dht.live_trainers())
+        self.dht.bridged = len(self.folder.live_peers())
+        self.folder.bridged = len(self.dht.live_peers())
         self.dht.publish(round, stage, groups)
         self.folder.publish(round, stage, groups)
 
@@ -51,6 +54,10 @@ class HybridComm(CommunicationManager):
     def counters(self) -> dict:
         return {**{f"drive_{k}": v for k, v in self.folder.counters().items()}, **self.dht.counters()}
 
+    def note_exit(self, why: str) -> None:
+        self.folder.note_exit(why)
+        self.dht.note_exit(why)
+
     def close(self) -> None:
         self.folder.close()
         self.dht.close()
@@ -64,6 +71,10 @@ class FurthestClock(Coordinator):
 
     def start_round(self, resume_from: int) -> int:
         return max(c.start_round(resume_from) for c in self.clocks)
+
+    def report_finished(self, round: int) -> None:
+        for c in self.clocks:
+            c.report_finished(round)
 
     def next_round(self, finished: int) -> int:
         return max(c.next_round(finished) for c in self.clocks)

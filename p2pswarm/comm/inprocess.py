@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 import time
 
-from p2pswarm import wire
-from p2pswarm.components import CommunicationManager, Coordinator, PeerInfo
-from p2pswarm.identity import Identity, friendly_name
+from p2pswarm.comm.core import SignedTransport, quorum_reached
+from p2pswarm.components import Coordinator, PeerInfo
+from p2pswarm.identity import Identity
 from p2pswarm.types import Group
 
 
@@ -62,62 +62,44 @@ class InProcessHub:
             return new
 
 
-class InProcessComm(CommunicationManager):
+class InProcessComm(SignedTransport):
     def __init__(self, hub: InProcessHub, identity: Identity, swarm: str, timeout: float = 10.0, want_peers: int = 0):
+        super().__init__(identity, swarm, timeout=timeout, want_peers=want_peers)
         self.hub = hub
-        self.identity = identity
-        self.peer_id = identity.peer_id
-        self.swarm = swarm
-        self.timeout = timeout
-        self.want_peers = want_peers
-        self.inbox = wire.Inbox(swarm)
-        self.sent = 0
-        self.bytes_sent = 0
-        self.last_collect_seconds = 0.0
         hub.join(self.peer_id, identity.name)
 
     def publish(self, round: int, stage: int, groups: list[Group]) -> None:
-        data = wire.encode(wire.RolloutBatch(self.swarm, round, stage, self.peer_id, groups), self.identity)
+        data = self.encode(round, stage, groups)
         self.hub.put(round, stage, self.peer_id, data)
-        self.sent += 1
-        self.bytes_sent += len(data)
+        self.count_sent(data)
 
     def collect(self, round: int, stage: int) -> list[Group]:
         """Valid batches from other members until all of them (or `want_peers`) delivered, or the deadline.
         Invalid bytes are counted and never count toward the quorum."""
-        t0 = time.monotonic()
+        t0 = self.begin_collect(round)
         deadline = t0 + self.timeout
-        self.inbox.forget_before(round - 2)
         seen: set[str] = {self.peer_id}
         valid: set[str] = set()
         groups: list[Group] = []
-        while True:
-            need = self.want_peers or len(self.hub.others(self.peer_id))
-            if len(valid) >= need or time.monotonic() >= deadline:
+        while not quorum_reached(len(valid), want_peers=self.want_peers, live=len(self.hub.others(self.peer_id))):
+            if time.monotonic() >= deadline:
                 break
             for sender, data in self.hub.wait(round, stage, seen, deadline).items():
                 seen.add(sender)
-                batch = self.inbox.accept(data, current_round=round, expect_peer=sender, slot=(round, stage))
-                if batch is None:
-                    continue
-                valid.add(sender)
-                groups.extend(batch.groups)
-        self.last_collect_seconds = time.monotonic() - t0
+                batch = self.accept(data, round=round, stage=stage, sender=sender)
+                if batch is not None:
+                    valid.add(sender)
+                    groups.extend(batch.groups)
+        self.end_collect(t0)
         return groups
 
     def peers(self) -> list[PeerInfo]:
-        out = []
-        for m in self.hub.members():
-            if m.peer_id != self.peer_id:
-                out.append(PeerInfo(m.peer_id, m.name or friendly_name(m.peer_id), m.round, m.last_seen,
-                                    self.inbox.groups_from[m.peer_id]))
-        return out
-
-    def counters(self) -> dict[str, int]:
-        return {"batches_sent": self.sent, "bytes_sent": self.bytes_sent, **self.inbox.counters()}
+        return [self.peer_info(m.peer_id, m.name, m.round, m.last_seen) for m in self.hub.members()
+                if m.peer_id != self.peer_id]
 
     def close(self) -> None:
         self.hub.leave(self.peer_id)
+        self.run_close_callbacks()
 
 
 class LocalCoordinator(Coordinator):

@@ -58,5 +58,5 @@ def connect(settings: Settings, identity: Identity, key_path: str | Path, *, nam
     trusted = {settings.coordinator_peer} if settings.coordinator_peer else {peer_id_of(m) for m in net.initial_peers}
     coordinator = DHTCoordinator(comm, trusted=trusted, keeper=keeper, round_seconds=settings.round_seconds,
                                  genesis=settings.genesis)
-    comm._on_close.append(coordinator.close)
+    comm.add_close_callback(coordinator.close)
     return comm, coordinator

@@ -1,9 +1,9 @@
 """The round clock over the DHT.
 
 One peer keeps it (`role=coordinator`: a bootstrap peer started with --coordinator, or the node that starts
-a new swarm): it publishes an owner-signed record {round, started} and advances it when a quorum of live
-trainers has finished the round (each says so in its member record), or `deadline` seconds after the
-first one did. It persists the round on disk, so a restarted keeper resumes where it was, never rewinding.
+a new swarm): it publishes an owner-signed record {round, started} and advances it by the round rule every
+clock shares (comm/core.py `should_advance`: a quorum of the live trainers that play along has finished
+the round, each saying so in its member record, or `deadline` seconds after the first one did). It persists the round on disk, so a restarted keeper resumes where it was, never rewinding.
 
 Every other peer follows records signed by a peer it trusts (its initial peers, or `coordinator_peer`):
 it plays max(its next round, the clock), so it joins late by jumping forward ("skipped rounds") and
@@ -17,14 +17,15 @@ import asyncio
 import json
 import logging
 import math
-import os
 import threading
 import time
 from pathlib import Path
 
+from p2pswarm.comm.core import MonotonicClock, Progress, RoundRule
 from p2pswarm.comm.hivemind import records
 from p2pswarm.comm.hivemind.manager import HivemindComm
 from p2pswarm.components import Coordinator
+from p2pswarm.run import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ def read_round(path: Path | None) -> int | None:
 
 def write_round(path: Path, round: int, started: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"round": round, "started": started}))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"round": round, "started": started}))
 
 
 class RoundKeeper:
@@ -54,14 +53,12 @@ class RoundKeeper:
                  poll: float = 0.25, log_rounds: bool = True):
         self.comm = comm
         self.state_path = state_path
-        self.quorum = quorum
-        self.deadline = deadline
+        self.rule = RoundRule(quorum=quorum, deadline=deadline)
         self.poll = poll
         self.log_rounds = log_rounds  # a training node that keeps the clock prints round lines already
         saved = read_round(state_path)
         self.round = saved if saved is not None else 0
         self.started = time.time()
-        self.first_done: float | None = None
         if saved is not None:
             log.info("round clock resumed at round %d (from %s)", self.round, state_path)
         else:
@@ -83,25 +80,17 @@ class RoundKeeper:
                                        get_dht_time() + CLOCK_TTL, subkey=self.comm.node.validator.marker)
 
     def step(self, members: dict[str, records.Member]) -> bool:
-        """Advance once if the round is done by a quorum (or the deadline passed since one finished)."""
-        live = {p: m for p, m in members.items() if m.role == "trainer"}
-        done = [p for p, m in live.items() if m.finished >= self.round]
-        if not done:
+        """Advance once if the round rule says the current round is over."""
+        trainers = {p: Progress(m.round, m.finished) for p, m in members.items() if m.role == "trainer"}
+        if not self.rule.step(self.round, trainers):
             return False
-        now = time.time()
-        self.first_done = self.first_done or now
-        # Wait for the trainers that are playing along: a member that published nothing for rounds (stuck,
-        # or a peer that only pretends to train) is not waited for; a newcomer catches up by jumping ahead.
-        active = [p for p, m in live.items() if max(m.round, m.finished) >= self.round - 1]
-        need = max(1, self.quorum or len(active))
-        if len(done) < need and now - self.first_done < self.deadline:
-            return False
+        done = sum(1 for p in trainers.values() if p.finished >= self.round)
         self.round += 1
-        self.started, self.first_done = now, None
+        self.started = time.time()
         self._persist()
         log.log(logging.INFO if self.log_rounds else logging.DEBUG,
                 "round clock advanced to round %d (%d of %d live trainer(s) finished round %d)",
-                self.round, len(done), len(live), self.round - 1)
+                self.round, done, len(trainers), self.round - 1)
         return True
 
     async def _loop(self) -> None:
@@ -128,25 +117,26 @@ class DHTCoordinator(Coordinator):
         self.keeper = keeper
         self.round_seconds = round_seconds
         self.genesis = genesis
-        self.clock = -1
+        self.seen = MonotonicClock()
         self._stop = threading.Event()
         self._warned = False
+
+    @property
+    def clock(self) -> int:
+        return self.seen.round
 
     def current(self) -> int | None:
         """The swarm's round: the keeper's record (never lower than one seen before), the time clock, or None."""
         if self.keeper is not None:
-            self.clock = max(self.clock, self.keeper.round)
-            return self.clock
+            return self.seen.see([self.keeper.round])
         try:
             got = self.comm.node.call(self.comm.node.dht.get(records.clock_key(self.comm.swarm), latest=True), timeout=10)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the DHT did not answer: the last reading stands
             log.debug("clock read failed: %s", e)
             got = None
-        for c in records.parse_entries(got, self.comm.record_drops, records.clock, self.comm._bad_seen):
-            if c.peer_id in self.trusted:
-                self.clock = max(self.clock, c.round)
-        if self.clock >= 0:
-            return self.clock
+        self.seen.see(c.round for c in self.comm.parse_records(got, records.clock) if c.peer_id in self.trusted)
+        if self.seen.known:
+            return self.seen.round
         if self.round_seconds > 0:
             return max(0, math.floor((time.time() - self.genesis) / self.round_seconds))
         if not self._warned:
@@ -158,11 +148,13 @@ class DHTCoordinator(Coordinator):
         cur = self.current()
         return resume_from if cur is None else max(resume_from, cur)
 
+    def report_finished(self, round: int) -> None:
+        self.comm.set_position(finished=round)  # the keeper's quorum reads it from our member record
+
     def next_round(self, finished: int) -> int:
-        self.comm.set_position(finished=finished)
         cur = self.current()
         target = finished + 1 if cur is None else max(finished + 1, cur)
-        if self.keeper is None and self.clock < 0 and self.round_seconds > 0:
+        if self.keeper is None and not self.seen.known and self.round_seconds > 0:
             # The time clock: wait for the round to start (others play it then), never past a stop request.
             start = self.genesis + target * self.round_seconds
             while not self._stop.is_set() and time.time() < start:

@@ -16,14 +16,15 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
 from p2pswarm import wire
 from p2pswarm.comm.hivemind import records
 from p2pswarm.comm.hivemind.node import HivemindNode
 from p2pswarm.comm.hivemind.payloads import PROTOCOL, PayloadServer, PullError, pull
-from p2pswarm.components import CommunicationManager, PeerInfo
+from p2pswarm.comm.core import SignedTransport, collect_need
+from p2pswarm.components import PeerInfo
 from p2pswarm.types import Group
 
 log = logging.getLogger(__name__)
@@ -32,41 +33,24 @@ MEMBER_TTL = 15.0  # a SIGKILLed peer drops out of the member list this long aft
 MEMBER_REFRESH = 5.0
 
 
-class HivemindComm(CommunicationManager):
+class HivemindComm(SignedTransport):
     def __init__(self, node: HivemindNode, swarm: str, *, name: str = "", role: str = "trainer",
                  timeout: float = 10.0, want_peers: int = 0, poll: float = 0.1,
                  limits: wire.Limits = wire.Limits(), own_node: bool = True):
+        super().__init__(node.identity, swarm, name=name, timeout=timeout, want_peers=want_peers, limits=limits)
         self.node = node
-        self.identity = node.identity
-        self.peer_id = node.peer_id
-        self.swarm = swarm
-        self.name = name or node.identity.name
         self.role = role
-        self.timeout = timeout
-        self.want_peers = want_peers
         self.poll = poll
-        self.limits = limits
         self.own_node = own_node
-        self.inbox = wire.Inbox(swarm, limits)
         self.server = PayloadServer()
         self.record_ttl = max(60.0, 4 * timeout)
-        self.sent = 0
-        self.bytes_sent = 0
-        self.relayed = 0
-        self.last_collect_seconds = 0.0
-        self.collect_seconds_total = 0.0
         self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
-        self.per_peer: dict[str, Counter[str]] = defaultdict(Counter)
         self.record_drops: Counter[str] = Counter()
         self._bad_seen: set = set()
         self.members: dict[str, records.Member] = {}
         self.seen_peers: set[str] = set()
-        self.names: dict[str, str] = {}  # peer id -> name, of every member ever seen
         self.position = {"round": -1, "stage": 0, "finished": -1}
-        self.bridged = 0  # set by a bridge: how many peers of the other side it relays
         self._closed = False
-        self._on_close: list = []
-        self.on_accept = None  # callable(round, stage, peer, data): a bridge relays what this side accepted
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
         node.call(self._store_member(), timeout=30)
         self._members_at = 0.0  # monotonic time of the last member-list fetch
@@ -97,14 +81,24 @@ class HivemindComm(CommunicationManager):
         self._members_at = asyncio.get_running_loop().time()
         if got is None and self.members:  # an overloaded DHT answered nothing: keep the last view
             return self.members
-        members = {m.peer_id: m for m in records.parse_entries(got, self.record_drops, records.member, self._bad_seen)}
+        members = {m.peer_id: m for m in self.parse_records(got, records.member)}
         self.seen_peers.update(p for p in members if p != self.peer_id)
         self.names.update({p: m.name for p, m in members.items()})  # kept after they leave, for the counters
         self.members = {p: m for p, m in members.items() if not m.left}
         return self.members
 
+    def parse_records(self, result: Any, parse, relays: bool = False) -> list:
+        """The valid records of a DHT reply, parsed; bad ones are counted once each (the same record comes
+        back on every poll)."""
+        if len(self._bad_seen) > 100_000:  # bound the memory that remembering costs
+            self._bad_seen.clear()
+        return records.parse_entries(result, self.record_drops, parse, self._bad_seen, relays=relays)
+
     def live_trainers(self) -> set[str]:
         return {p for p, m in self.members.items() if m.role == "trainer" and p != self.peer_id}
+
+    def live_peers(self) -> set[str]:
+        return self.live_trainers()
 
     def set_position(self, **fields: int) -> None:
         """Update this peer's member record now (round, stage, finished)."""
@@ -116,7 +110,7 @@ class HivemindComm(CommunicationManager):
 
     # ---- publish ----------------------------------------------------------------------------------------
     def publish(self, round: int, stage: int, groups: list[Group]) -> None:
-        data = wire.encode(wire.RolloutBatch(self.swarm, round, stage, self.peer_id, groups), self.identity)
+        data = self.encode(round, stage, groups)
         self.server.put(round, stage, data)
         self.position.update(round=round, stage=stage)
         try:
@@ -124,8 +118,7 @@ class HivemindComm(CommunicationManager):
         except Exception as e:  # noqa: BLE001 - the round goes on; peers that saw nothing train without us
             log.warning("could not announce round %d stage %d: %s: %s", round, stage, type(e).__name__, e)
             return
-        self.sent += 1
-        self.bytes_sent += len(data)
+        self.count_sent(data)
 
     def relay(self, round: int, stage: int, origin: str, data: bytes) -> None:
         """Serve and announce another peer's signed payload (a bridge from the Drive side); receivers check
@@ -154,23 +147,19 @@ class HivemindComm(CommunicationManager):
 
     # ---- collect ----------------------------------------------------------------------------------------
     def collect(self, round: int, stage: int) -> list[Group]:
-        t0 = time.monotonic()
+        t0 = self.begin_collect(round)
         try:
             groups = self.node.call(self._collect(round, stage), timeout=self.timeout + 30)
         except Exception as e:  # noqa: BLE001 - our own p2p side failed (peers' input cannot raise here)
             log.warning("collect of round %d stage %d failed (%s: %s); going on without the swarm",
                         round, stage, type(e).__name__, e)
             groups = []
-        self.last_collect_seconds = time.monotonic() - t0
-        self.collect_seconds_total += self.last_collect_seconds
+        self.end_collect(t0)
         return groups
 
     async def _collect(self, round: int, stage: int) -> list[Group]:
         loop = asyncio.get_running_loop()
-        if len(self._bad_seen) > 100_000:  # bad records are counted once each; bound the memory that costs
-            self._bad_seen.clear()
         deadline = loop.time() + self.timeout
-        self.inbox.forget_before(round - 2)
         self.latencies = []
         tried: set[str] = {self.peer_id}
         valid: set[str] = set()
@@ -191,18 +180,18 @@ class HivemindComm(CommunicationManager):
             except Exception as e:  # noqa: BLE001 - a DHT hiccup or the deadline; poll again or stop below
                 log.debug("DHT get failed: %s", e)
                 got = None
-            for a in records.parse_entries(got, self.record_drops, records.announcement, self._bad_seen, relays=True):
+            for a in self.parse_records(got, records.announcement, relays=True):
                 if a.signer not in tried and a.peer_id != self.peer_id:  # one copy per signer, direct or relayed
                     tried.add(a.signer)
                     announcements[a.signer] = a
                     pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))
-            # A peer whose payload failed this round (gone, hostile) no longer holds the collect up.
-            # A live peer already past this round (it joined late and skipped it) will not publish it.
             live = {p for p in self.live_trainers() if self.members[p].round <= round}
-            bridged = sum(self.members[p].bridged for p in live if p in self.members)
-            need = self.want_peers or max(0, len(live) + bridged - len(failed))
+            need = collect_need(want_peers=self.want_peers, live=len(live), failed=len(failed),
+                                bridged=sum(self.members[p].bridged for p in live if p in self.members))
             remaining = deadline - loop.time()
-            if remaining <= 0 or len(valid) >= need and (need > 0 or not pending):
+            # With nobody expected (need 0), pulls already in flight still finish: an announcer that is not
+            # (yet) in our member view is a peer too.
+            if remaining <= 0 or (len(valid) >= need and (need > 0 or not pending)):
                 break
             if pending:
                 done, pending = await asyncio.wait(pending, timeout=min(delay, remaining),
@@ -233,65 +222,46 @@ class HivemindComm(CommunicationManager):
             return a.signer, None, True
 
     async def _fetch_batch(self, a: records.Announcement, round: int, stage: int, deadline: float) -> wire.RolloutBatch | None:
-        stats = self.per_peer[a.signer]
         if a.size > self.limits.max_bytes:
-            self._drop(stats, "too_large")
+            self.drop(a.signer, "too_large")
             return None
         remaining = deadline - asyncio.get_running_loop().time()
         try:
             data = await pull(self.node.p2p, a.peer_id, round, stage, max_bytes=self.limits.max_bytes,
                               timeout=max(0.5, remaining), origin=a.origin)
         except PullError as e:
-            self._drop(stats, e.reason)
+            self.drop(a.signer, e.reason)
             if e.reason in ("truncated", "unreachable", "pull_timeout"):
                 raise
             return None
         if hashlib.sha256(data).digest() != a.digest:
-            self._drop(stats, "digest_mismatch")
+            self.drop(a.signer, "digest_mismatch")
             return None
-        before = Counter(self.inbox.drops)
-        batch = self.inbox.accept(data, current_round=round, expect_peer=a.signer, slot=(round, stage))
+        batch = self.accept(data, round=round, stage=stage, sender=a.signer, relayed=a.origin is not None)
         if batch is None:
-            for reason, n in (self.inbox.drops - before).items():
-                stats[f"dropped_{reason}"] += n
             return None
         latency = max(0.0, time.time() - a.created)
         self.latencies.append(latency)
-        stats["batches"] += 1
-        stats["groups"] += len(batch.groups)
-        stats["bytes"] += len(data)
-        stats["latency_ms"] = int(latency * 1000)
-        if a.origin is not None:
-            stats["relayed"] += 1
-        elif self.on_accept is not None:  # relayed batches are not passed on again (no echo between bridges)
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.on_accept, round, stage, batch.peer, data)
-            except Exception as e:  # noqa: BLE001 - the other side's trouble is not this round's
-                log.warning("relaying %s's batch: %s", batch.peer[-8:], e)
+        self.per_peer[a.signer]["latency_ms"] = int(latency * 1000)
+        if a.origin is None:
+            await asyncio.get_running_loop().run_in_executor(None, self.pass_on, round, stage, batch, data)
         return batch
-
-    def _drop(self, stats: Counter[str], reason: str) -> None:
-        self.inbox.drops[reason] += 1
-        stats[f"dropped_{reason}"] += 1
 
     # ---- reporting --------------------------------------------------------------------------------------
     def peers(self) -> list[PeerInfo]:
-        return [PeerInfo(p, m.name, m.round, m.time, self.inbox.groups_from[p])
+        return [self.peer_info(p, m.name, m.round, m.time)
                 for p, m in list(self.members.items()) if p != self.peer_id and m.role == "trainer"]
 
     def counters(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
         out: dict[str, Any] = {
-            "batches_sent": self.sent, "bytes_sent": self.bytes_sent, "bytes_served": self.server.bytes_served,
-            "batches_relayed": self.relayed,
+            **super().counters(), "bytes_served": self.server.bytes_served, "batches_relayed": self.relayed,
             "peers_seen": len(self.seen_peers), "peers_live": len(self.live_trainers()),
             "collect_ms": int(self.last_collect_seconds * 1000),
             "delivery_ms_p50": int(lat[len(lat) // 2] * 1000) if lat else 0,
-            **self.inbox.counters(),
         }
         rejected = self.node.validator.rejected + self.record_drops
         out.update({f"dropped_{k}": v for k, v in rejected.items()})
-        out["per_peer"] = {self.names.get(p, p[-8:]): dict(c) for p, c in list(self.per_peer.items())}
         return out
 
     def close(self) -> None:
@@ -304,7 +274,6 @@ class HivemindComm(CommunicationManager):
                 self.node.call(asyncio.wait_for(self._store_member(left=True), 2), timeout=3)
             except Exception as e:  # noqa: BLE001
                 log.debug("leaving: %s", e)
-        for fn in self._on_close:
-            fn()
+        self.run_close_callbacks()
         if self.own_node:
             self.node.close()

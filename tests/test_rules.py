@@ -1,0 +1,83 @@
+"""The two rules every transport and every round clock share (p2pswarm/comm/core.py), pinned by tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from p2pswarm.comm.core import MonotonicClock, Progress, RoundRule, collect_need, quorum_reached, should_advance
+
+
+# ---- when a collect has enough ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "want_peers, live, bridged, failed, need",
+    [
+        (0, 3, 0, 0, 3),  # every live peer expected to publish
+        (2, 3, 0, 0, 2),  # collect_peers wins
+        (2, 0, 0, 0, 2),  # ... even when nobody is live yet (the quorum the user asked for)
+        (0, 0, 0, 0, 0),  # alone: nothing to wait for
+        (0, 2, 3, 0, 5),  # a bridge among them relays 3 more
+        (0, 3, 0, 1, 2),  # a peer whose payload failed no longer holds the collect up
+        (0, 1, 0, 4, 0),  # more failures than peers: never negative
+        (4, 3, 2, 2, 4),  # collect_peers is not reduced by failures
+    ],
+)
+def test_collect_need(want_peers, live, bridged, failed, need):
+    assert collect_need(want_peers=want_peers, live=live, bridged=bridged, failed=failed) == need
+    assert quorum_reached(need, want_peers=want_peers, live=live, bridged=bridged, failed=failed)
+    if need > 0:
+        assert not quorum_reached(need - 1, want_peers=want_peers, live=live, bridged=bridged, failed=failed)
+
+
+# ---- when a round is over -----------------------------------------------------------------------------------
+P = Progress
+NOW = 1000.0
+
+
+@pytest.mark.parametrize(
+    "clock, trainers, quorum, deadline, first_done_at, over, why",
+    [
+        (5, {}, 0, 60, None, False, "no trainers: nobody finished"),
+        (5, {"a": P(5, 4), "b": P(5, 4)}, 0, 60, None, False, "nobody finished round 5"),
+        (5, {"a": P(5, 5), "b": P(5, 4)}, 0, 60, NOW - 1, False, "1 of 2 active finished, deadline not passed"),
+        (5, {"a": P(5, 5), "b": P(5, 5)}, 0, 60, NOW - 1, True, "every active trainer finished"),
+        (5, {"a": P(5, 5), "b": P(5, 4)}, 0, 60, NOW - 60, True, "the deadline passed since the first finished"),
+        (5, {"a": P(5, 5), "b": P(5, 4)}, 0, 60, NOW - 59.9, False, "just before the deadline"),
+        (5, {"a": P(5, 5), "b": P(5, 4), "c": P(5, 4)}, 1, 60, NOW, True, "a quorum of 1"),
+        (5, {"a": P(5, 5), "b": P(5, 4), "c": P(5, 4)}, 2, 60, NOW, False, "a quorum of 2, one finished"),
+        (5, {"a": P(5, 5), "stuck": P(2, 1)}, 0, 60, NOW, True, "a trainer that stopped playing is not waited for"),
+        (5, {"a": P(5, 5), "late": P(4, 3)}, 0, 60, NOW, False, "one that played the previous round is waited for"),
+        (5, {"a": P(5, 5), "new": P(-1, -1)}, 0, 60, NOW, True, "a newcomer that has not played yet is not waited for"),
+        (5, {"a": P(7, 6)}, 0, 60, NOW, True, "a trainer already past the round counts as finished"),
+        (5, {"a": P(5, 4)}, 0, 60, NOW - 600, False, "the deadline alone never ends a round nobody finished"),
+        (0, {"a": P(0, 0)}, 0, 60, NOW, True, "round 0, one trainer"),
+    ],
+)
+def test_should_advance(clock, trainers, quorum, deadline, first_done_at, over, why):
+    assert should_advance(clock, trainers, quorum=quorum, deadline=deadline, first_done_at=first_done_at,
+                          now=NOW) is over, why
+
+
+def test_the_round_rule_starts_the_deadline_when_the_first_trainer_finishes_and_resets_it_per_round():
+    rule = RoundRule(quorum=0, deadline=10)
+    waiting = {"a": P(3, 2), "b": P(3, 2)}
+    assert not rule.step(3, waiting, now=0)
+    assert rule.first_done_at is None  # nobody finished: the deadline has not started
+    one = {"a": P(3, 3), "b": P(3, 2)}
+    assert not rule.step(3, one, now=100)
+    assert rule.first_done_at == 100
+    assert not rule.step(3, one, now=109.9)
+    assert rule.step(3, one, now=110)  # 10 s after the first finished, not after the round began
+    assert rule.first_done_at is None
+    # Round 4: a fresh deadline, and a quorum of both ends it at once.
+    assert not rule.step(4, {"a": P(4, 4), "b": P(4, 3)}, now=111)
+    assert rule.first_done_at == 111
+    assert rule.step(4, {"a": P(4, 4), "b": P(4, 4)}, now=112)
+
+
+def test_a_clock_reading_never_goes_back():
+    c = MonotonicClock()
+    assert not c.known and c.round == -1
+    assert c.see([3, 1]) == 3
+    assert c.see([]) == 3
+    assert c.see([2]) == 3  # a stale replica or a forged low record
+    assert c.see([5]) == 5 and c.known
