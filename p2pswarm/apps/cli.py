@@ -198,8 +198,8 @@ def run(
         _open_tui(_settings_factory(config, sets, **flags), autostart=True, rounds=s.rounds)
         return
     _setup_logging(s.log_level)
-    from p2pswarm.headless import ConsolePrinter
     from p2pswarm.comm.torchdist import env_rank
+    from p2pswarm.headless import ConsolePrinter
     from p2pswarm.node import build_swarm, run_agents
 
     agents_ = build_swarm(s)
