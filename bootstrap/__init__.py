@@ -1,1 +1,3 @@
-"""The headless bootstrap peer: the first contact of a swarm (and, with --coordinator, its round clock)."""
+"""The headless bootstrap peer application: the first contact of a swarm (and, with --coordinator, its round
+clock). Only its command line lives here; the peer itself is the library's
+`p2pswarm.comm.hivemind.bootstrap.BootstrapPeer`. It imports p2pswarm, never p2pswarm.apps."""

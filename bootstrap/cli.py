@@ -18,23 +18,24 @@ def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("boots
           initial_peers: list[str] | None = None, announce_maddrs: list[str] | None = None,
           coordinator: bool = False, experiment: str = "default", state_dir: Optional[Path] = None,
           status_every: float = 60.0, quorum: int = 0, round_deadline: float = 300.0) -> None:
-    from bootstrap.peer import BootstrapPeer
-    from p2pswarm.comm.hivemind.node import NetConfig, StartupError
+    from p2pswarm.comm.hivemind.bootstrap import BootstrapPeer
+    from p2pswarm.comm.hivemind.node import NetConfig
+    from p2pswarm.errors import UserError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout, force=True)
     log = logging.getLogger("p2pswarm.bootstrap")
     net = NetConfig(initial_peers=list(initial_peers or []), host=host, port=port,
                     announce_maddrs=list(announce_maddrs or []))
-    try:
+    try:  # this app's one catch: a bad identity file, a port in use, an unreachable peer: one line, exit 1
         peer = BootstrapPeer(identity, net, experiment=experiment, coordinator=coordinator, state_dir=state_dir,
                              quorum=quorum, deadline=round_deadline).start_node()
-    except StartupError as e:
+        for m in peer.maddrs:  # the first lines: what operators hand out
+            print(m, flush=True)
+        peer.start_services()
+    except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    for m in peer.maddrs:  # the first lines: what operators hand out
-        print(m, flush=True)
-    peer.start_services()
     log.info("bootstrap peer %s (identity %s) is up; peers join with --initial-peers %s",
              peer.peer_id, identity, peer.maddrs[0] if peer.maddrs else "")
     stop = threading.Event()

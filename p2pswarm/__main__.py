@@ -1,3 +1,3 @@
-from p2pswarm.cli import main
+from p2pswarm.apps.cli import main
 
 main()

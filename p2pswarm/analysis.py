@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pswarm.comm.folder import FolderStore, check_record
+from p2pswarm.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +29,7 @@ REWARD = "reward_local_mean"  # the reward of a node's own rollouts: how well it
 RECENT = 10  # rounds in the "recent reward" mean
 
 
-class ExperimentNotFound(FileNotFoundError):
+class ExperimentNotFound(UserError, FileNotFoundError):
     """No such experiment (or no such folder); the message names the experiments that do exist."""
 
     def __init__(self, where: str, name: str, available: list[str], *, folder_missing: bool = False):

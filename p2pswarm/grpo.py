@@ -1,10 +1,14 @@
-"""GRPO math, free of models: group advantages, the clipped surrogate, the KL estimate, loss aggregation."""
+"""GRPO math, free of models and settings (it takes tensors and numbers): group advantages, the clipped
+surrogate, the KL estimate, loss aggregation."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from p2pswarm.settings import LOSS_TYPES
+if TYPE_CHECKING:  # torch loads on first use: settings imports LOSS_TYPES, and `p2pswarm --help` must stay light
+    import torch
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # the variants aggregate() implements; settings accepts these
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -27,6 +31,8 @@ def token_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO-clip loss (B, T), per-token KL (k3 estimator, zeros without a reference), and a
     per-token "was clipped" mask. `advantages` is per sequence (B,)."""
+    import torch
+
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     unclipped = ratio * adv
@@ -70,6 +76,8 @@ def aggregate(
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position, without materialising a second (B, T, V) tensor for log_softmax."""
+    import torch
+
     logits = logits.float()
     picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)

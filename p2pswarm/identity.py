@@ -12,12 +12,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
 
+from p2pswarm.errors import UserError
+
 # libp2p crypto.pb: message PrivateKey/PublicKey { KeyType Type = 1; bytes Data = 2; }, Ed25519 = 1.
 _PRIV_PREFIX = bytes([0x08, 0x01, 0x12, 0x40])  # Data = 32-byte seed + 32-byte public key
 _PUB_PREFIX = bytes([0x08, 0x01, 0x12, 0x20])
 
 
-class IdentityError(ValueError):
+class IdentityError(UserError, ValueError):
     pass
 
 

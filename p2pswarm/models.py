@@ -7,6 +7,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from p2pswarm.errors import UserError
+
 if TYPE_CHECKING:  # torch loads lazily so that `p2pswarm --help` answers at once
     import torch
 
@@ -15,7 +17,7 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     pass
 
 

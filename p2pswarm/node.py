@@ -163,7 +163,7 @@ def build_swarm(settings: Settings) -> list[GameManager]:
     """`settings.agents` agents: sharing one in-process hub, or each its own hivemind peer. Several hivemind
     agents with no initial peers get a local bootstrap peer (keeping the round clock) to join."""
     if settings.comm == "hivemind" and settings.agents > 1 and not settings.initial_peers:
-        from bootstrap.peer import BootstrapPeer
+        from p2pswarm.comm.hivemind.bootstrap import BootstrapPeer
 
         root = settings.output_dir or settings.runs_dir / settings.experiment
         boot = BootstrapPeer.from_settings(settings, root / "bootstrap.key", state_dir=root / "bootstrap",

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # implemented in p2pswarm/grpo.py
+from p2pswarm.errors import UserError
+from p2pswarm.grpo import LOSS_TYPES
 
 _config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
 
@@ -24,7 +24,7 @@ def _env(name: str, *also: str) -> Any:
     return AliasChoices(name, f"P2PSWARM_{name.upper()}", *also)
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A setting has an invalid value; the message names it."""
 
 

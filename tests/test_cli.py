@@ -1,6 +1,7 @@
 """The command line as a user meets it: help, clear errors, and a short headless run."""
 
 import subprocess
+import sys
 
 from conftest import cli
 
@@ -72,3 +73,54 @@ def test_hub_name_without_network_and_unavailable_device_are_clear_errors(tmp_pa
     if not torch.cuda.is_available():
         res = run("run", "--headless", "--device", "cuda", "--set", f"runs_dir={tmp_path}")
         assert res.returncode == 1 and "CUDA is not available" in res.stderr
+
+
+def one_error_line(res: subprocess.CompletedProcess) -> str:
+    """The contract for anything a user can cause: a non-zero exit, one `error:` line, no traceback."""
+    out = res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode not in (0, None) and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    return errors[0]
+
+
+def test_corrupt_identity_file_is_a_one_line_error(tmp_path):
+    key = tmp_path / "garbage.key"
+    key.write_bytes(b"not a key at all")
+    res = run("run", "--headless", "--comm", "inprocess", "--identity", str(key), "--rounds", "1",
+              "--set", f"runs_dir={tmp_path}")
+    line = one_error_line(res)
+    assert str(key) in line and "identity" in line
+    assert key.read_bytes() == b"not a key at all"  # never overwritten: it may be someone's only key
+
+
+def test_bootstrap_with_a_corrupt_identity_is_a_one_line_error(tmp_path):
+    key = tmp_path / "boot.key"
+    key.write_bytes(b"\x00" * 68)
+    for cmd in ([sys.executable, "-m", "bootstrap"], cli("bootstrap")):
+        res = subprocess.run([*cmd, "--host", "127.0.0.1", "--port", "0", "--identity", str(key)],
+                             capture_output=True, text=True, timeout=120)
+        assert str(key) in one_error_line(res), cmd
+
+
+def test_eval_and_report_errors_are_one_line(tmp_path):
+    assert "cannot load model" in one_error_line(run("eval", "--model", str(tmp_path / "nope")))
+    assert "no experiment 'ghost'" in one_error_line(run("report", "--runs-dir", str(tmp_path), "--experiment", "ghost"))
+
+
+def test_every_user_error_shares_one_base_and_the_ui_shows_it_without_its_class_name():
+    from p2pswarm.analysis import ExperimentNotFound
+    from p2pswarm.comm.hivemind.node import StartupError
+    from p2pswarm.comm.torchdist import RankFailure
+    from p2pswarm.data.reasoning_gym import PresetError
+    from p2pswarm.errors import UserError
+    from p2pswarm.identity import IdentityError
+    from p2pswarm.models import ModelError
+    from p2pswarm.settings import SettingsError
+    from tui.engine import describe_error
+    from tui.join import JoinError
+
+    for cls in (SettingsError, IdentityError, ModelError, StartupError, PresetError, RankFailure, JoinError):
+        assert issubclass(cls, UserError), cls
+    assert issubclass(ExperimentNotFound, UserError) and issubclass(ExperimentNotFound, FileNotFoundError)
+    assert describe_error(StartupError("cannot reach any initial peer")) == "cannot reach any initial peer"
+    assert describe_error(KeyError("x")) == "KeyError: 'x'"

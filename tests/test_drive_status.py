@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT, cli
-from p2pswarm.cli import app
+from p2pswarm.apps.cli import app
 
 EXP = "drive-status"
 ROUNDS = 8

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from textual.message import Message
 
 from p2pswarm import events as ev
+from p2pswarm.errors import UserError
 from p2pswarm.events import Event
 from p2pswarm.settings import Settings
 
@@ -106,13 +107,9 @@ def _no_traceback(record: logging.LogRecord) -> logging.LogRecord:
 
 
 def describe_error(e: BaseException) -> str:
-    """A message for the user: the library's own errors read well as they are."""
-    from p2pswarm.data.reasoning_gym import PresetError
-    from p2pswarm.identity import IdentityError
-    from p2pswarm.models import ModelError
-    from p2pswarm.settings import SettingsError
-
-    if isinstance(e, (ModelError, PresetError, IdentityError, SettingsError)):
+    """The one line the UI shows for an engine error: a `UserError`'s message as it is (it names the cause),
+    anything else keeps its class name (a bug; a bare message such as a KeyError's `'x'` says nothing alone)."""
+    if isinstance(e, UserError):
         return str(e)
     return f"{type(e).__name__}: {e}"
 

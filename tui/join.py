@@ -14,6 +14,7 @@ from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
+from p2pswarm.errors import UserError
 from p2pswarm.identity import Identity
 from p2pswarm.settings import Settings, SettingsError
 
@@ -22,7 +23,7 @@ from tui.engine import Engine
 SettingsFactory = Callable[..., Settings]
 
 
-class JoinError(ValueError):
+class JoinError(UserError, ValueError):
     """The form asks for something this build cannot do; the message says what to do instead."""
 
 

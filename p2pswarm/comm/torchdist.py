@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from p2pswarm import wire
 from p2pswarm.components import CommunicationManager, Coordinator, PeerInfo
+from p2pswarm.errors import UserError
 from p2pswarm.game import GameManager
 from p2pswarm.identity import Identity, friendly_name
 from p2pswarm.types import Group
@@ -48,7 +49,7 @@ REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LOCKSTEP_SETTINGS = ("experiment", "game", "rounds")
 
 
-class RankFailure(RuntimeError):
+class RankFailure(UserError, RuntimeError):
     """Another rank died, hung or left, or the ranks disagree; the message is one line meant for the user."""
 
 

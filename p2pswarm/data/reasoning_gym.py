@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pswarm.components import DataManager
+from p2pswarm.errors import UserError
 from p2pswarm.types import Task
 
 SYSTEM_PROMPT = "Solve the task. Give only the final answer, inside <answer> </answer>."
@@ -25,7 +26,7 @@ STREAM_SIZE = 10_000_000
 PRESETS = ("easy", "rl-swarm")
 
 
-class PresetError(ValueError):
+class PresetError(UserError, ValueError):
     pass
 
 

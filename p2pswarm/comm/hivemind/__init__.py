@@ -5,6 +5,7 @@
     payloads.py     rollout payloads pulled peer to peer over a stream, size-capped
     manager.py      HivemindComm: publish / collect / counters
     coordinator.py  the round clock: a keeper peer, followers, or a time clock
+    bootstrap.py    BootstrapPeer: a DHT node with no model that peers join through (the `bootstrap` app runs one)
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from p2pswarm.errors import UserError
 from p2pswarm.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ TIME_PROTOCOL = "p2pswarm.time/1"
 DEFAULT_PORT = 38331
 
 
-class StartupError(RuntimeError):
+class StartupError(UserError, RuntimeError):
     """The node cannot start; the message is one line naming the cause and what to do."""
 
 

@@ -8,13 +8,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from p2pswarm.comm.hivemind import net_config
+from p2pswarm.comm.hivemind.coordinator import RoundKeeper
+from p2pswarm.comm.hivemind.manager import HivemindComm
+from p2pswarm.comm.hivemind.node import HivemindNode, NetConfig
 from p2pswarm.identity import Identity
 
 log = logging.getLogger("p2pswarm.bootstrap")
 
 
 class BootstrapPeer:
-    def __init__(self, identity_path: Path, net, *, experiment: str, coordinator: bool = False,
+    def __init__(self, identity_path: Path, net: NetConfig, *, experiment: str, coordinator: bool = False,
                  state_dir: Path | None = None, quorum: int = 0, deadline: float = 300.0):
         self.identity_path = Path(identity_path)
         self.net = net
@@ -30,8 +34,6 @@ class BootstrapPeer:
     @classmethod
     def from_settings(cls, settings, identity_path: Path, *, state_dir: Path | None = None, coordinator: bool = True,
                       host: str | None = None) -> BootstrapPeer:
-        from p2pswarm.comm.hivemind import net_config
-
         net = net_config(settings)
         if host is not None:
             net = replace(net, host=host, client_mode=False)
@@ -43,16 +45,11 @@ class BootstrapPeer:
 
     def start_node(self) -> BootstrapPeer:
         """The p2p node alone: its addresses are known from here on."""
-        from p2pswarm.comm.hivemind.node import HivemindNode
-
         self.node = HivemindNode(self.identity, self.identity_path, self.net).start()
         return self
 
     def start_services(self) -> BootstrapPeer:
         """Membership, and the round clock with coordinator=True."""
-        from p2pswarm.comm.hivemind.coordinator import RoundKeeper
-        from p2pswarm.comm.hivemind.manager import HivemindComm
-
         try:
             self.comm = HivemindComm(self.node, self.experiment, name="bootstrap", role="bootstrap")
             if self.coordinator:

@@ -1,4 +1,8 @@
-"""The `p2pswarm` command."""
+"""The `p2pswarm` command (console script `p2pswarm`, `python -m p2pswarm`).
+
+Every command's `UserError` is caught once, in `_Commands.invoke`: one `error:` line on stderr, no
+traceback, exit 1 (2 for a bad setting, a usage error as click's own). Anything else keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,27 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from p2pswarm.data.reasoning_gym import PresetError
-from p2pswarm.models import ModelError
+# `p2pswarm bootstrap` is `p2pswarm-bootstrap`: one definition of its options (bootstrap/cli.py).
+from bootstrap.cli import main_command as _bootstrap  # light: typer only, the rest loads lazily
+from p2pswarm.errors import UserError
 from p2pswarm.settings import Settings, SettingsError, load_settings
 
+
+class _Commands(TyperGroup):
+    """The commands, with the one place a `UserError` becomes an `error:` line and an exit status."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2 if isinstance(e, SettingsError) else 1) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="p2pswarm: a peer-to-peer reinforcement-learning swarm for language models (GRPO + SAPO).\n\n"
     "Without a command it opens the terminal UI (as `p2pswarm tui`).",
     no_args_is_help=False,
@@ -48,16 +67,8 @@ def _values(sets: list[str], flags: dict, defaults: dict | None = None) -> dict:
     return values
 
 
-def _load(config: Optional[Path], values: dict) -> Settings:
-    try:
-        return load_settings(config, **values)
-    except SettingsError as e:
-        _fail(str(e))
-        raise  # unreachable
-
-
 def _settings(config: Optional[Path], sets: list[str], **flags) -> Settings:
-    return _load(config, _values(sets, flags))
+    return load_settings(config, **_values(sets, flags))
 
 
 def _setup_logging(level: str) -> None:
@@ -77,7 +88,7 @@ def _settings_factory(config: Optional[Path], sets: list[str], defaults: dict | 
     """For the UI: `factory(**overrides)` -> Settings, the join screen's choices on top of the command line.
     Checked once here, so a bad value stops the program before the UI opens, naming the setting."""
     base = _values(sets, flags, defaults)
-    _load(config, base)
+    load_settings(config, **base)
 
     def factory(**overrides) -> Settings:
         return load_settings(config, **{**base, **overrides})
@@ -187,16 +198,11 @@ def run(
         _open_tui(_settings_factory(config, sets, **flags), autostart=True, rounds=s.rounds)
         return
     _setup_logging(s.log_level)
+    from p2pswarm.comm.torchdist import env_rank
     from p2pswarm.headless import ConsolePrinter
     from p2pswarm.node import build_swarm, run_agents
 
-    from p2pswarm.comm.hivemind.node import StartupError
-    from p2pswarm.comm.torchdist import RankFailure, env_rank
-
-    try:
-        agents_ = build_swarm(s)
-    except (ModelError, PresetError, RankFailure, StartupError) as e:
-        _fail(str(e), 1)
+    agents_ = build_swarm(s)
     # One progress bar per terminal: none with several agents, none on torchrun ranks other than 0.
     single_bar = len(agents_) == 1 and (s.comm != "torch" or env_rank() == 0)
     for a in agents_:
@@ -215,12 +221,11 @@ def run(
         run_agents(agents_, s.rounds)
     except KeyboardInterrupt:
         _fail("aborted", 130)
+    except UserError:  # a rank that stopped answering, say: the one catch in _Commands says it
+        raise
     except Exception as e:  # already logged with its traceback by run_agents
         _fail(f"{type(e).__name__}: {e}", 1)
 
-
-# `p2pswarm bootstrap` is `p2pswarm-bootstrap`: one definition of its options (bootstrap/cli.py).
-from bootstrap.cli import main_command as _bootstrap  # noqa: E402 - light: typer only, the rest loads lazily
 
 app.command("bootstrap", help="Run a headless bootstrap peer (the same as `p2pswarm-bootstrap`).")(_bootstrap)
 
@@ -244,12 +249,9 @@ def evaluate(
     from p2pswarm.trainer import GRPOTrainer
 
     configure_torch(s)
-    try:
-        device = models.pick_device(s.device)
-        m, tok = models.load(s.model, device, models.pick_dtype(s.dtype, device))
-        data = ReasoningGymData(s.preset, seed=s.seed, eval_size=s.eval_size)
-    except (ModelError, PresetError) as e:
-        _fail(str(e), 1)
+    device = models.pick_device(s.device)
+    m, tok = models.load(s.model, device, models.pick_dtype(s.dtype, device))
+    data = ReasoningGymData(s.preset, seed=s.seed, eval_size=s.eval_size)
     tasks = data.with_prompts(data.eval_tasks())
     result = GRPOTrainer(m, tok, s, device).evaluate(tasks, ReasoningGymRewards().reward)
     if as_json:
@@ -274,17 +276,14 @@ def status(
     peer_timeout: Annotated[float, typer.Option(help="a heartbeat older than this (s) is not live")] = 60.0,
 ) -> None:
     """Drive mode: an experiment's round, its peers (heartbeat, round) and their rewards."""
-    from p2pswarm.analysis import ExperimentNotFound, format_status, get_experiment_status, list_experiments
+    from p2pswarm.analysis import format_status, get_experiment_status, list_experiments
 
     if not drive_path:
         _fail("status reads a shared folder: --drive-path PATH (or GDRIVE_PATH)")
     if not experiment:
         names = list_experiments(drive_path)
         _fail(f"which experiment? --experiment NAME (or EXPERIMENT_NAME); in {drive_path}: {', '.join(names) or 'none'}")
-    try:
-        st = get_experiment_status(drive_path, experiment, peer_timeout=peer_timeout)
-    except ExperimentNotFound as e:
-        _fail(str(e), 1)
+    st = get_experiment_status(drive_path, experiment, peer_timeout=peer_timeout)
     typer.echo(json.dumps(st, indent=2, default=str) if as_json else format_status(st))
 
 
@@ -298,18 +297,15 @@ def report(
     window: Annotated[int, typer.Option(help="rounds in the rolling mean", min=1)] = 5,
 ) -> None:
     """A PNG of reward per round per node, from the shared folder's logs or local run folders."""
-    from p2pswarm.analysis import ExperimentNotFound, get_experiment_metrics, get_run_metrics, plot_rewards
+    from p2pswarm.analysis import get_experiment_metrics, get_run_metrics, plot_rewards
 
     experiment = experiment or "default"
-    try:
-        if runs_dir is not None or not drive_path:
-            source = runs_dir or Path("runs")
-            df = get_run_metrics(source, experiment)
-        else:
-            source = drive_path
-            df = get_experiment_metrics(drive_path, experiment)
-    except ExperimentNotFound as e:
-        _fail(str(e), 1)
+    if runs_dir is not None or not drive_path:
+        source = runs_dir or Path("runs")
+        df = get_run_metrics(source, experiment)
+    else:
+        source = drive_path
+        df = get_experiment_metrics(drive_path, experiment)
     if df.empty or metric not in df or df[metric].isna().all():
         _fail(f"no {metric} values yet for experiment {experiment!r} in {source}", 1)
     path = plot_rewards(df, out or Path(f"{experiment}-rewards.png"), title=f"{experiment}: {metric} per round", metric=metric,
