@@ -10,13 +10,14 @@ import torch
 
 from p2pswarm import events as ev
 from p2pswarm import models
-from p2pswarm.comm import torchdist
 from p2pswarm.comm.inprocess import InProcessComm, InProcessHub, LocalCoordinator
+from p2pswarm.comm.torchdist.env import (RankEnv, RankFailure, env_rank, node_name, quiet_other_ranks, rank_device,
+                                       threads_per_rank)
 from p2pswarm.components import CommunicationManager, Coordinator
 from p2pswarm.data.reasoning_gym import ReasoningGymData
 from p2pswarm.data.revise import ReviseData
 from p2pswarm.events import EventBus, JsonlEventLog
-from p2pswarm.game import GameManager
+from p2pswarm.game import GameManager, LockstepGameManager
 from p2pswarm.identity import Identity
 from p2pswarm.rewards import ReasoningGymRewards
 from p2pswarm.run import RunDir
@@ -37,7 +38,7 @@ def configure_torch(settings: Settings) -> None:
         if threads is None and settings.agents > 1:
             threads = 1  # N agents share the cores; one intra-op thread each avoids oversubscription
         if threads is None and settings.comm == "torch":
-            threads = torchdist.threads_per_rank()  # several ranks on this machine share its cores
+            threads = threads_per_rank()  # several ranks on this machine share its cores
         if threads:
             torch.set_num_threads(threads)
         _configured_threads = True
@@ -90,13 +91,16 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
         comm = InProcessComm(hub or InProcessHub(), identity, settings.experiment, settings.collect_timeout, settings.collect_peers)
         return comm, LocalCoordinator()
     if settings.comm == "torch":
-        comm = torchdist.TorchDistComm(
+        from p2pswarm.comm.torchdist.coordinator import TorchDistCoordinator
+        from p2pswarm.comm.torchdist.manager import LOCKSTEP_SETTINGS, TorchDistComm
+
+        comm = TorchDistComm(
             identity, settings.experiment, name=name or identity.name, device=device or torch.device("cpu"),
             timeout=settings.dist_timeout, output=str(output or ""),
-            lockstep={k: getattr(settings, k) for k in torchdist.LOCKSTEP_SETTINGS},
+            lockstep={k: getattr(settings, k) for k in LOCKSTEP_SETTINGS},
         )
-        torchdist.quiet_other_ranks(comm.rank, settings.log_level)
-        return comm, torchdist.TorchDistCoordinator(comm)
+        quiet_other_ranks(comm.rank, settings.log_level)
+        return comm, TorchDistCoordinator(comm)
     if settings.comm == "drive":
         from p2pswarm.comm.folder import FolderComm, FolderCoordinator
 
@@ -114,21 +118,21 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     configure_torch(settings)
     torch_rank = settings.comm == "torch"
     if torch_rank:
-        index = torchdist.env_rank()  # one agent per process: its index is the global rank
+        index = env_rank()  # one agent per process: its index is the global rank
     key_path = identity_path(settings, index)
     identity = Identity.load_or_create(key_path)
     name = settings.node_id or identity.name
     if settings.agents > 1 and settings.node_id:
         name = f"{settings.node_id}-{index}"
     if torch_rank:
-        name = torchdist.node_name(settings.node_id, identity, index)
+        name = node_name(settings.node_id, identity, index)
     if settings.output_dir is not None and (settings.agents > 1 or torch_rank):
         run = RunDir(settings.output_dir / name)
     else:
         run = RunDir(settings.run_dir(name))
     device = device or models.pick_device(settings.device)
     if torch_rank:
-        device = torchdist.rank_device(device, torchdist.RankEnv.from_env().local_rank)
+        device = rank_device(device, RankEnv.from_env().local_rank)
     model, tokenizer = models.load(settings.model, device, models.pick_dtype(settings.dtype, device))
     agent_settings = settings.model_copy(update={"seed": settings.seed + index})
     data_cls = ReviseData if settings.game == "revise" else ReasoningGymData
@@ -145,7 +149,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
         folder = comm if isinstance(comm, FolderComm) else getattr(comm, "folder", None)
         if isinstance(folder, FolderComm):
             attach_mirror(folder, run, events, keep=settings.keep_checkpoints)
-    game_cls = torchdist.LockstepGameManager if torch_rank else GameManager
+    game_cls = LockstepGameManager if torch_rank else GameManager
     return game_cls(
         data=data,
         rewards=ReasoningGymRewards(settings.format_weight),
@@ -198,7 +202,7 @@ def run_agents(agents: list[GameManager], rounds: int | None = None) -> None:
             agent.run(rounds)
         except BaseException as e:  # noqa: BLE001 - reported below, after the others stop
             agent.events.emit(ev.ERROR, message=f"{type(e).__name__}: {e}")
-            if not isinstance(e, torchdist.RankFailure):  # that one is a complete sentence; no traceback
+            if not isinstance(e, RankFailure):  # that one is a complete sentence; no traceback
                 log.exception("%s failed", agent.name)
             errors.append(e)
             for other in agents:

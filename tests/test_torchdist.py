@@ -207,7 +207,9 @@ import json, os, sys, time
 from pathlib import Path
 import torch
 from p2pswarm import wire
-from p2pswarm.comm.torchdist import RankFailure, TorchDistComm, TorchDistCoordinator
+from p2pswarm.comm.torchdist import RankFailure
+from p2pswarm.comm.torchdist.coordinator import TorchDistCoordinator
+from p2pswarm.comm.torchdist.manager import TorchDistComm
 from p2pswarm.identity import Identity
 from p2pswarm.types import Group, Task
 
@@ -226,7 +228,7 @@ comm = TorchDistComm(Identity.generate(), "exp", name=f"w{rank}", device=torch.d
                      lockstep={"rounds": 9})
 coord = TorchDistCoordinator(comm)
 wish, stops = {"stop": False}, []
-coord.bind(lambda: wish["stop"], lambda: stops.append(True))
+coord.bind_stop(lambda: wish["stop"], lambda: stops.append(True))
 
 def groups(n):
     return [Group(Task(f"t{i}", "chain_sum", "2 + 3 =", "5"), ["<answer>5</answer>", "4"], peer=comm.peer_id)
@@ -260,10 +262,10 @@ try:  # out of step: rank 1 is a round ahead
     report(desync="no error")
 except RankFailure as e:
     report(desync=str(e))
-comm._failed = None  # the header exchange itself went through; carry on for the next scenario
+comm.group.failed = None  # the header exchange itself went through; carry on for the next scenario
 
 if rank == 1:
-    time.sleep(timeout + 3 * comm.heartbeat_interval + 2)  # busy (alive) past rank 0's timeout
+    time.sleep(timeout + 3 * comm.group.heartbeat_interval + 2)  # busy (alive) past rank 0's timeout
 try:
     comm.publish(9, 0, [])
     comm.collect(9, 0)
@@ -315,7 +317,7 @@ def test_bad_bytes_clock_stop_and_slow_ranks_over_gloo(tmp_path):
 
 
 def test_settings_for_the_torch_backend(monkeypatch):
-    from p2pswarm.comm.torchdist import threads_per_rank
+    from p2pswarm.comm.torchdist.env import threads_per_rank
     from p2pswarm.settings import SettingsError, load_settings
 
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "P2PSWARM_DIST_TIMEOUT"):
@@ -334,3 +336,46 @@ def test_settings_for_the_torch_backend(monkeypatch):
     assert threads_per_rank({"LOCAL_WORLD_SIZE": "1"}) is None
     cores = len(os.sched_getaffinity(0))
     assert threads_per_rank({"LOCAL_WORLD_SIZE": "3"}) == max(1, cores // 3)  # 1 on the 2-core CI machine
+
+
+def test_round_clock_rule_without_processes():
+    """The coordinator's decisions from given exchanges (a stand-in group): the furthest resume point, rank 0's
+    round + 1 when every rank finished it, a stop wish from any rank stops this one, out of step otherwise."""
+    from types import SimpleNamespace
+
+    from p2pswarm.comm.torchdist import RankFailure
+    from p2pswarm.comm.torchdist.coordinator import TorchDistCoordinator
+
+    class Group:
+        def __init__(self, rows):
+            self.rows, self.failed, self.sent = rows, None, []
+
+        def all_gather_ints(self, values, desc):
+            self.sent.append(values)
+            return self.rows
+
+        def fail(self, why):
+            self.failed = why
+            return RankFailure(why)
+
+    def coordinator(rows, rank=1):
+        group = Group(rows)
+        coord = TorchDistCoordinator(SimpleNamespace(group=group, rank=rank, world_size=len(rows)))
+        return coord, group
+
+    coord, group = coordinator([[0, 0], [3, 0], [2, 0]])
+    assert coord.start_round(3) == 3
+    coord, group = coordinator([[4, 0], [4, 0], [4, 0]])
+    stops = []
+    coord.bind_stop(lambda: True, lambda: stops.append(True))
+    assert coord.next_round(4) == 5 and stops == []  # the wish travels; the exchange (rows) decides
+    assert group.sent == [[4, 1]]
+    coord, group = coordinator([[4, 0], [4, 1], [4, 0]])
+    coord.bind_stop(lambda: False, lambda: stops.append(True))
+    assert coord.next_round(4) == 5 and stops == [True]
+    for rows in ([[5, 0], [4, 0]], [[4, 0], [5, 0]]):  # a rank behind rank 0, or ahead of it
+        coord, group = coordinator(rows)
+        with pytest.raises(RankFailure, match="out of step"):
+            coord.next_round(4)
+        shown = ", ".join(f"rank {r}: {row[0]}" for r, row in enumerate(rows))
+        assert shown in group.failed and "\n" not in group.failed  # every later collective raises it too
