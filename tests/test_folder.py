@@ -12,7 +12,9 @@ import pytest
 
 from conftest import cli
 from p2pswarm import wire
-from p2pswarm.comm.folder import FolderComm, FolderCoordinator, FolderStore
+from p2pswarm.comm.drive.coordinator import FolderCoordinator
+from p2pswarm.comm.drive.manager import FolderComm
+from p2pswarm.comm.drive.store import FolderStore
 from p2pswarm.identity import Identity
 from p2pswarm.types import Group, Task
 
@@ -221,7 +223,8 @@ def test_janitor_keeps_the_last_rounds_and_the_clock_never_rewinds(url, tmp_path
     try:
         for r in range(6):
             c.publish(r, 0, [group()])
-            coord.next_round(r)  # as the round loop does after training: the clock moves on finished rounds
+            coord.report_finished(r)  # as the round loop does after training: the clock moves on finished rounds
+            coord.next_round(r)
         end = time.monotonic() + 10
         while coord.clock < 6 and time.monotonic() < end:
             time.sleep(0.02)
@@ -233,7 +236,7 @@ def test_janitor_keeps_the_last_rounds_and_the_clock_never_rewinds(url, tmp_path
         again = FolderCoordinator(c, role="coordinator", keep_rounds=2)
         assert again.clock == 6 and again.start_round(0) == 6
         with pytest.raises(ValueError):
-            again._write_clock(3)
+            again.write_clock(3)
         again.close()
         worker = FolderCoordinator(comm(url, "w"))
         assert worker.start_round(2) == 6 and worker.next_round(6) == 7 and worker.next_round(3) == 6
@@ -249,6 +252,7 @@ def test_archive_failure_keeps_the_rounds(tmp_path):
     try:
         for r in range(4):
             c.publish(r, 0, [group()])
+            coord.report_finished(r)
             coord.next_round(r)
         while coord.step():
             pass
