@@ -6,7 +6,8 @@ collect(r, s): poll that stage folder, with back-off, until `collect_need` batch
                node not already past round r, plus the peers a bridge among them relays; or
                `collect_peers`) or the deadline passes. A file is accepted only through the core's
                Inbox, signed by the peer id its node registered (or, for a bridge's `<node>~<peer id>`
-               file, by that peer id); anything else is counted under that sender and skipped.
+               file, by that peer id); anything else is skipped and counted (under that sender, when the
+               file has a registered node).
 Each file is read once (a cache keyed by name, size and modification time), to keep a real Drive
 mount's API use low.
 """
@@ -53,7 +54,7 @@ class FolderComm(SignedTransport):
         self._regs: dict[str, Registration] = {}
         self._reg_keys: dict[str, tuple[int, Any]] = {}  # node -> (size, mtime) of the file last parsed
         self._pins: dict[str, str] = {}  # node -> peer id first seen (a later different key is refused)
-        self._regs_lock = threading.Lock()
+        self._regs_lock = threading.Lock()  # the game thread and the round clock's thread both read them
         self._write_lock = threading.Lock()  # the heartbeat thread and the round both write our files
         self._closed = threading.Event()
         self.heartbeat()
@@ -90,7 +91,7 @@ class FolderComm(SignedTransport):
         """node -> its latest valid registration, this node's own included (a snapshot; files are re-read
         only when they changed). A registration under a node name first seen with another peer id is refused."""
         folder = self.store.path("peers")
-        with self._regs_lock:  # the round clock's thread reads them too
+        with self._regs_lock:
             regs = dict(self._regs)  # replaced whole, so that peers() reads it without waiting for the folder
             for fname, size, mtime in self.store.listing(folder):
                 if not fname.endswith(".json"):

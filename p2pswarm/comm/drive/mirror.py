@@ -6,8 +6,9 @@
 
 The run folder stays the source of truth while the node runs; this mirrors it into the shared folder from a
 background thread, never slowing a round: the logs when they changed, at most once per round and once per
-`log_interval` (5 x drive_poll_interval), and each checkpoint the node saves (a slow mount coalesces them). A checkpoint is uploaded into a temporary folder, its signed manifest
-(size and sha256 of every file) written last, and the folder renamed into place; the last `keep` are kept.
+`log_interval` (5 x drive_poll_interval), and each checkpoint the node saves (a slow mount coalesces them).
+A checkpoint is uploaded into a temporary folder, its signed manifest (size and sha256 of every file)
+written last, and the folder renamed into place; the last `keep` are kept.
 
 When a node starts and its run folder has no checkpoint, or an older one than the shared folder (a Colab VM
 that died with its disk), the newest shared checkpoint is brought back first, and so are the logs, so that
