@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from p2pswarm.comm.folder import FolderStore, check_record
+from p2pswarm.comm.drive.records import check_record
+from p2pswarm.comm.drive.store import FolderStore
 from p2pswarm.errors import UserError
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def get_experiment_status(root: str, name: str, *, peer_timeout: float = 60.0) -
     heartbeat_age_s, rounds_done, last_round, reward_last, reward_recent (mean of the last 10 rounds),
     reward_mean, latest_checkpoint), latest_checkpoint, total_metric_entries, invalid_peer_files.
     Raises ExperimentNotFound when the experiment is not there."""
-    from p2pswarm.comm.folder_mirror import shared_checkpoints
+    from p2pswarm.comm.drive.mirror import shared_checkpoints
 
     store = _open(root, name)
     now = time.time()

@@ -102,7 +102,8 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
         quiet_other_ranks(comm.rank, settings.log_level)
         return comm, TorchDistCoordinator(comm)
     if settings.comm == "drive":
-        from p2pswarm.comm.folder import FolderComm, FolderCoordinator
+        from p2pswarm.comm.drive.coordinator import FolderCoordinator
+        from p2pswarm.comm.drive.manager import FolderComm
 
         comm = FolderComm(settings.drive_path, identity, settings.experiment, name=name or identity.name,
                           timeout=settings.collect_timeout, want_peers=settings.collect_peers,
@@ -143,8 +144,8 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
                                        key_path=key_path, initial_peers=initial_peers)
     if settings.comm in ("drive", "auto", "hybrid"):  # logs and checkpoints in the shared folder (docs/drive-mode.md)
-        from p2pswarm.comm.folder import FolderComm
-        from p2pswarm.comm.folder_mirror import attach_mirror
+        from p2pswarm.comm.drive.manager import FolderComm
+        from p2pswarm.comm.drive.mirror import attach_mirror
 
         folder = comm if isinstance(comm, FolderComm) else getattr(comm, "folder", None)
         if isinstance(folder, FolderComm):

@@ -134,8 +134,8 @@ def test_status_after_the_run_prints_each_peer_with_its_round_and_rewards(swarm)
 
 # ---- logs and checkpoints in the shared folder ------------------------------------------------------------
 def test_logs_and_checkpoints_are_mirrored_into_the_shared_folder(swarm):
-    from p2pswarm.comm.folder import check_record
-    from p2pswarm.comm.folder_mirror import _sha256
+    from p2pswarm.comm.drive.mirror import _sha256
+    from p2pswarm.comm.drive.records import check_record
 
     for n in NAMES:
         for f in ("metrics.jsonl", "events.jsonl"):  # complete: the last events (node stopped) included
@@ -231,8 +231,8 @@ def test_a_node_that_lost_its_run_folder_resumes_from_the_shared_checkpoint(swar
 @pytest.mark.parametrize("where", ["memory", "folder"])
 def test_a_shared_checkpoint_is_restored_only_if_this_node_signed_it_and_it_is_intact(where, tmp_path):
     """trainer.pt is a pickle: a checkpoint someone else planted or changed must never be loaded."""
-    from p2pswarm.comm.folder import FolderStore
-    from p2pswarm.comm.folder_mirror import DriveMirror
+    from p2pswarm.comm.drive.mirror import DriveMirror
+    from p2pswarm.comm.drive.store import FolderStore
     from p2pswarm.identity import Identity
     from p2pswarm.run import RunDir
 

@@ -12,7 +12,9 @@ import pytest
 
 from conftest import cli
 from p2pswarm import wire
-from p2pswarm.comm.folder import FolderComm, FolderCoordinator, FolderStore
+from p2pswarm.comm.drive.coordinator import FolderCoordinator
+from p2pswarm.comm.drive.manager import FolderComm
+from p2pswarm.comm.drive.store import FolderStore
 from p2pswarm.identity import Identity
 from p2pswarm.types import Group, Task
 
@@ -28,6 +30,14 @@ def comm(url, name, **kw):
     kw.setdefault("poll", 0.02)
     kw.setdefault("peer_timeout", 5.0)
     return FolderComm(url, Identity.generate(), EXP, name=name, **kw)
+
+
+def until(condition, timeout=20.0):
+    """Poll `condition` until it holds or `timeout` passes; its last value."""
+    end = time.monotonic() + timeout
+    while not (ok := condition()) and time.monotonic() < end:
+        time.sleep(0.02)
+    return ok
 
 
 # ---- processes -----------------------------------------------------------------------------------------
@@ -177,6 +187,9 @@ def test_hostile_files_are_skipped_and_counted(url, tmp_path):
         assert len(mallory.collect(0, 0)) == 1
         c = mallory.counters()
         assert c["batches_received"] == 1 and c["dropped_bad_registration"] >= 1
+        # counted under the peer id the file's node registered (the name is the registration's)
+        per = c["per_peer"]["alice"]
+        assert per["batches"] == 1 and per["dropped_bad_signature"] >= 1 and per["dropped_wrong_peer"] == 1
         # read once: polling again does not re-read the file
         reads = c["files_read"]
         mallory.collect(0, 0)
@@ -184,6 +197,31 @@ def test_hostile_files_are_skipped_and_counted(url, tmp_path):
     finally:
         alice.close()
         mallory.close()
+
+
+def test_relayed_files_count_under_their_signer_and_are_not_passed_on_again(tmp_path):
+    url = str(tmp_path / "drive")
+    reader, bridge, alice = comm(url, "reader", timeout=30.0), comm(url, "bridge"), comm(url, "alice")
+    outsider = Identity.generate()  # a DHT-side peer: never registered in the folder
+    passed = []
+    reader.on_accept = lambda r, s, peer, data: passed.append(peer)
+    try:
+        bridge.bridged = 1  # it relays one peer of the other side: readers wait for 2 live nodes + 1
+        bridge.publish(0, 0, [group()])
+        alice.publish(0, 0, [group()])
+        bridge.relay(0, 0, outsider.peer_id, wire.encode(wire.RolloutBatch(EXP, 0, 0, outsider.peer_id, [group()]), outsider))
+        got = reader.collect(0, 0)
+        assert sorted(g.peer for g in got) == sorted([alice.peer_id, bridge.peer_id, outsider.peer_id])
+        assert reader.last_collect_seconds < 30  # the quorum (3, with the relayed one) ended it, not the timeout
+        per = reader.counters()["per_peer"]
+        assert per[outsider.peer_id[-8:]] == {"batches": 1, "groups": 1, "bytes": per[outsider.peer_id[-8:]]["bytes"],
+                                              "relayed": 1}
+        assert per["alice"]["batches"] == 1 and "relayed" not in per["alice"]
+        assert sorted(passed) == sorted([alice.peer_id, bridge.peer_id])  # the relayed batch is not passed on again
+        assert bridge.counters()["batches_relayed"] == 1 and reader.live_peers() == {alice.peer_id, bridge.peer_id}
+    finally:
+        for c in (reader, bridge, alice):
+            c.close()
 
 
 def test_atomic_write_never_shows_a_partial_file(tmp_path, monkeypatch):
@@ -221,7 +259,8 @@ def test_janitor_keeps_the_last_rounds_and_the_clock_never_rewinds(url, tmp_path
     try:
         for r in range(6):
             c.publish(r, 0, [group()])
-            coord.next_round(r)  # as the round loop does after training: the clock moves on finished rounds
+            coord.report_finished(r)  # as the round loop does after training: the clock moves on finished rounds
+            coord.next_round(r)
         end = time.monotonic() + 10
         while coord.clock < 6 and time.monotonic() < end:
             time.sleep(0.02)
@@ -233,7 +272,7 @@ def test_janitor_keeps_the_last_rounds_and_the_clock_never_rewinds(url, tmp_path
         again = FolderCoordinator(c, role="coordinator", keep_rounds=2)
         assert again.clock == 6 and again.start_round(0) == 6
         with pytest.raises(ValueError):
-            again._write_clock(3)
+            again.write_clock(3)
         again.close()
         worker = FolderCoordinator(comm(url, "w"))
         assert worker.start_round(2) == 6 and worker.next_round(6) == 7 and worker.next_round(3) == 6
@@ -249,6 +288,7 @@ def test_archive_failure_keeps_the_rounds(tmp_path):
     try:
         for r in range(4):
             c.publish(r, 0, [group()])
+            coord.report_finished(r)
             coord.next_round(r)
         while coord.step():
             pass
@@ -261,6 +301,94 @@ def test_archive_failure_keeps_the_rounds(tmp_path):
         coord.janitor()
         assert _rounds(c.store) == [3]
         assert sorted(p.name for p in (base / "archive" / "rollouts").iterdir()) == ["round_0", "round_1", "round_2"]
+    finally:
+        c.close()
+
+
+# ---- the round clock: core's round rule on real registrations ----------------------------------------------
+def test_the_keeper_advances_by_the_round_rule_on_real_registrations(tmp_path):
+    """A quorum of the trainers that play along ends a round; round_deadline counts from the first node that
+    finished the round, not from when the clock reached it. Driven by hand with explicit times."""
+    url = str(tmp_path / "drive")
+    c = comm(url, "coord", role="coordinator")
+    keeper = FolderCoordinator(c, role="coordinator", deadline=60)
+    keeper.close()  # drive it by hand
+    w1, w2 = FolderCoordinator(comm(url, "w1")), FolderCoordinator(comm(url, "w2"))
+    nodes = [c, w1.comm, w2.comm]
+    t = time.time()
+
+    def play(round):
+        for node in nodes[:3]:
+            node.publish(round, 0, [group()])
+
+    try:
+        play(0)
+        assert until(lambda: {"w1", "w2"} <= set(c.live()))
+        assert not keeper.step(now=t) and keeper.rule.first_done_at is None  # nobody finished round 0
+        keeper.report_finished(0)
+        w1.report_finished(0)
+        assert until(lambda: c.live()["w1"].finished == 0)
+        assert not keeper.step(now=t + 1) and keeper.clock == 0  # w2 plays round 0 and has not finished it
+        w2.report_finished(0)
+        assert until(lambda: keeper.step(now=t + 2)) and keeper.clock == 1
+        assert c.store.read_clock()["round"] == 1 and w1.next_round(0) == 1
+
+        # Round 1: a newcomer registers and has played nothing yet: it is not waited for.
+        nodes.append(comm(url, "new"))
+        play(1)
+        assert until(lambda: "new" in c.live())
+        for clock in (keeper, w1, w2):
+            clock.report_finished(1)
+        assert until(lambda: keeper.step(now=t + 3)) and keeper.clock == 2
+
+        # Round 2: only w1 finishes it, long after the clock reached round 2.
+        play(2)
+        w1.report_finished(2)
+        late = t + 1000
+        assert until(lambda: not keeper.step(now=late) and keeper.rule.first_done_at == late)
+        assert not keeper.step(now=late + 59.9) and keeper.clock == 2  # 60 s after w1 finished, not after round 2 began
+        assert keeper.step(now=late + 60) and keeper.clock == 3 and keeper.rule.first_done_at is None
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_the_keeper_ends_a_round_the_deadline_after_the_first_node_finished_it(tmp_path):
+    """The keeper's own thread, with a tiny deadline: the clock has run longer than the deadline before
+    anyone finishes, and still the round ends only `deadline` seconds after the first node finished it."""
+    deadline = 0.5
+    url = str(tmp_path / "drive")
+    c = comm(url, "coord", role="coordinator")
+    keeper = FolderCoordinator(c, role="coordinator", deadline=deadline)
+    w = FolderCoordinator(comm(url, "w"))
+    try:
+        c.publish(0, 0, [group()])  # the keeper plays round 0 too, and never finishes it here
+        w.comm.publish(0, 0, [group()])
+        time.sleep(2 * deadline)  # at least this long since the clock started round 0
+        reported = time.time()
+        w.report_finished(0)
+        assert until(lambda: keeper.clock == 1), "the deadline never ended round 0"
+        advanced = c.store.read_clock()["updated"]
+        assert advanced - reported >= deadline
+        assert w.next_round(0) == 1
+    finally:
+        c.close()
+        w.comm.close()
+
+
+def test_a_follower_never_goes_back_when_the_clock_file_does(tmp_path):
+    c = comm(str(tmp_path), "w")
+    follower, store = FolderCoordinator(c), c.store
+    try:
+        assert follower.current() == 0  # no clock yet
+        store.write_clock({"round": 5})
+        assert follower.current() == 5
+        store.write_clock({"round": 2})  # a stale replica, or a forged low clock
+        assert follower.current() == 5 and follower.next_round(3) == 5 and follower.start_round(0) == 5
+        store.write_atomic(store.state_path(), b"not json")
+        assert follower.current() == 5
+        store.write_clock({"round": 7})
+        assert follower.next_round(5) == 7
     finally:
         c.close()
 

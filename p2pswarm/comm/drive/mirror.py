@@ -6,8 +6,9 @@
 
 The run folder stays the source of truth while the node runs; this mirrors it into the shared folder from a
 background thread, never slowing a round: the logs when they changed, at most once per round and once per
-`log_interval` (5 x drive_poll_interval), and each checkpoint the node saves (a slow mount coalesces them). A checkpoint is uploaded into a temporary folder, its signed manifest
-(size and sha256 of every file) written last, and the folder renamed into place; the last `keep` are kept.
+`log_interval` (5 x drive_poll_interval), and each checkpoint the node saves (a slow mount coalesces them).
+A checkpoint is uploaded into a temporary folder, its signed manifest (size and sha256 of every file)
+written last, and the folder renamed into place; the last `keep` are kept.
 
 When a node starts and its run folder has no checkpoint, or an older one than the shared folder (a Colab VM
 that died with its disk), the newest shared checkpoint is brought back first, and so are the logs, so that
@@ -22,20 +23,20 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
 from pathlib import Path, PurePosixPath
 
 from p2pswarm import events as ev
-from p2pswarm.comm.folder import FolderComm, FolderStore, check_record, safe_name, signed_record
+from p2pswarm.comm.drive.manager import FolderComm
+from p2pswarm.comm.drive.records import check_record, signed_record
+from p2pswarm.comm.drive.store import FolderStore, round_of, safe_name
 from p2pswarm.identity import Identity
 from p2pswarm.run import RunDir
 
 log = logging.getLogger(__name__)
 
-_CKPT_RE = re.compile(r"^round_(\d+)$")
 MANIFEST = "manifest.json"
 LOG_FILES = ("metrics.jsonl", "events.jsonl")
 
@@ -61,9 +62,9 @@ def shared_checkpoints(store: FolderStore, node: str) -> list[int]:
     folder = checkpoints_dir(store, node)
     out = []
     for name in store.subfolders(folder):
-        m = _CKPT_RE.match(name)
-        if m and store.fs.exists(f"{folder}/{name}/{MANIFEST}"):
-            out.append(int(m.group(1)))
+        r = round_of(name)
+        if r is not None and store.fs.exists(f"{folder}/{name}/{MANIFEST}"):
+            out.append(r)
     return sorted(out)
 
 
@@ -156,7 +157,7 @@ class DriveMirror:
     def upload_checkpoint(self, round: int, local: Path) -> bool:
         """Copy a local checkpoint folder to checkpoints/<node>/round_NNNNNN/; False if it vanished first
         (pruned locally by a newer one, which is queued)."""
-        fs, final = self.store.fs, f"{self.checkpoints}/{local.name}"
+        final = f"{self.checkpoints}/{local.name}"
         tmp = f"{self.checkpoints}/.tmp-{local.name}-{os.getpid()}"
         files: dict[str, dict] = {}
         try:
@@ -166,13 +167,7 @@ class DriveMirror:
                     continue
                 rel = p.relative_to(local).as_posix()
                 files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-                dest = f"{tmp}/{rel}"
-                if self.store.local:
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    shutil.copyfile(p, dest)
-                else:
-                    fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-                    fs.put_file(str(p), dest)
+                self.store.upload(str(p), f"{tmp}/{rel}")
         except FileNotFoundError:
             self._rm(tmp)
             return False
@@ -182,10 +177,7 @@ class DriveMirror:
         manifest = signed_record(self.identity, {"node": self.node, "round": round, "time": time.time(), "files": files})
         self.store.write_atomic(f"{tmp}/{MANIFEST}", manifest)
         self._rm(final)
-        if self.store.local:
-            os.replace(tmp, final)
-        else:
-            fs.mv(tmp, final, recursive=True)
+        self.store.move(tmp, final)
         self.uploaded_checkpoints.append(round)
         self.prune()
         log.debug("checkpoint of round %d mirrored to %s", round, final)
@@ -201,10 +193,7 @@ class DriveMirror:
 
     def _rm(self, path: str) -> None:
         try:
-            if self.store.local:
-                shutil.rmtree(path, ignore_errors=True)
-            elif self.store.fs.exists(path):
-                self.store.fs.rm(path, recursive=True)
+            self.store.remove(path)
         except OSError as e:
             log.debug("removing %s failed: %s", path, e)
 
@@ -290,5 +279,5 @@ def attach_mirror(comm: FolderComm, run: RunDir, events: ev.EventBus, keep: int 
     except Exception as e:  # noqa: BLE001 - a missing or flaky mount: start from the run folder
         log.warning("could not look for a checkpoint in %s: %s: %s", mirror.checkpoints, type(e).__name__, e)
     events.subscribe(mirror)
-    comm._closers.append(mirror.close)
+    comm.add_close_callback(mirror.close)
     return mirror
