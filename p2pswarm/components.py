@@ -30,9 +30,18 @@ from p2pswarm.types import GameState, Group, Task
 
 
 class DataManager(ABC):
-    """Which tasks a round plays, and how a task becomes a prompt."""
+    """Which tasks a round plays, and how a task becomes a prompt.
+
+    A DataManager whose tasks can be regenerated from a recipe they carry sets `rederivable = True` and
+    implements rederive(): the transport calls it for every swarm group it accepted, and a group whose
+    task does not regenerate to the same question is dropped (`dropped_bad_task`), so that rewards are
+    always computed against the receiver's own answer, never the sender's. Swarm groups of a DataManager
+    that cannot re-derive its tasks are refused, unless the `accept_unverified_tasks` setting says to
+    trust senders' answers (the SAPO paper's protocol; anyone in the swarm can then poison rewards).
+    """
 
     num_stages: int = 1
+    rederivable: bool = False
 
     @abstractmethod
     def round_tasks(self, round: int) -> list[Task]:
@@ -55,6 +64,12 @@ class DataManager(ABC):
     def eval_tasks(self) -> list[Task]:
         """A held-out split that is never trained on."""
         return []
+
+    def rederive(self, task: Task) -> Task | None:
+        """This peer's own copy of a swarm task, made from `task.recipe` (question, answer and metadata all
+        from the local generator), or None when the recipe is unknown here, invalid, or regenerates to a
+        different question. Called from a transport's thread for every accepted group; never raises."""
+        return None
 
 
 class RewardManager(ABC):
@@ -151,6 +166,11 @@ class CommunicationManager(ABC):
     def counters(self) -> dict[str, Any]:
         """Transport counters for metrics (sent, received, dropped by reason, per peer, ...)."""
         return {}
+
+    def check_tasks_with(self, check) -> None:
+        """Called once by the game loop: `check(task)` returns the receiver's own copy of a swarm task, or
+        None to drop its group (`dropped_bad_task`). A transport applies it to every group it accepts."""
+        raise NotImplementedError(f"{type(self).__name__} does not check swarm tasks")
 
     def note_exit(self, why: str) -> None:
         """The node is going down for `why` (a crash): a transport whose peers wait in lockstep tells them."""

@@ -44,12 +44,26 @@ class GameManager:
         self.peer_id = comm.peer_id
         self.name = name or self.peer_id
         self.events = events or EventBus(self.peer_id)
+        comm.check_tasks_with(self._task_check())
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
         self.round = -1
         self.stage = 0
         self.last_checkpoint = -1
+
+    def _task_check(self):
+        """What a swarm group's task must pass before it reaches the round: re-derived by the DataManager,
+        or, when it cannot re-derive, refused unless accept_unverified_tasks says to trust the sender."""
+        if self.data.rederivable:
+            return self.data.rederive
+        if self.s.accept_unverified_tasks:
+            log.warning("%s: %s cannot re-derive swarm tasks; accept_unverified_tasks is on, so senders' "
+                        "answers are trusted (any peer can poison rewards)", self.name, type(self.data).__name__)
+            return lambda task: task
+        log.info("%s: %s cannot re-derive swarm tasks: swarm groups are refused (dropped_bad_task); "
+                 "set accept_unverified_tasks to trust senders' answers", self.name, type(self.data).__name__)
+        return lambda task: None
 
     # ---- hooks ------------------------------------------------------------------------------------
     def after_rewards(self, state: GameState) -> None:
@@ -197,7 +211,7 @@ class GameManager:
         self.comm.publish(r, stage, local)
         swarm = self.comm.collect(r, stage)
         self.data.with_prompts([g.task for g in swarm])
-        self.rewards.score(swarm)  # re-scored against the task's answer; the sender's rewards are ignored
+        self.rewards.score(swarm)  # against the receiver's own copy of each task; the sender's rewards are ignored
         state.add(stage, [], swarm)
         self.events.emit(
             ev.ROLLOUTS_RECEIVED, round=r, stage=stage, groups=len(swarm), peers=sorted({g.peer for g in swarm}),

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
                                    description="seconds to wait for other peers' rollouts in a stage")
     collect_peers: int = Field(0, validation_alias=_env("collect_peers"), ge=0,
                                description="stop waiting once this many peers have published (0: all known)")
+    accept_unverified_tasks: bool = Field(
+        False, validation_alias=_env("accept_unverified_tasks"),
+        description="train on swarm groups whose task this peer cannot regenerate (a custom DataManager "
+                    "without rederive), trusting the sender's answer: any peer can then poison rewards")
     # comm=hivemind (docs/hivemind.md)
     initial_peers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=_env("initial_peers", "INITIAL_PEERS"),

@@ -12,6 +12,9 @@ class Task:
 
     `prompt` (chat messages) is built by the local DataManager and never travels: a swarm task is
     re-templated with the receiver's own prompt format and tokenizer.
+
+    `recipe` says how the task was made (for reasoning-gym: dataset, config, seed, index), so that a
+    receiver regenerates it and scores against its own copy of the answer (DataManager.rederive).
     """
 
     task_id: str
@@ -21,6 +24,7 @@ class Task:
     metadata: dict[str, Any] = field(default_factory=dict)
     stage: int = 0
     prompt: list[dict[str, str]] | None = None
+    recipe: dict[str, Any] | None = None
 
 
 @dataclass

@@ -2,7 +2,11 @@
 
     envelope = msgpack {"v": 1, "body": bytes, "key": bytes(32), "sig": bytes(64)}
     body     = msgpack {"swarm", "round", "stage", "peer", "created", "groups": [group, ...]}
-    group    = {"id", "dataset", "question", "answer", "meta", "completions": [str], "rewards": [float]}
+    group    = {"id", "dataset", "question", "answer", "meta", "completions": [str], "rewards": [float],
+                "recipe"?: {"dataset", "config", "seed", "index", "size"}}
+
+The sender's answer, meta and rewards are advisory: a receiver regenerates each task from its recipe
+(DataManager.rederive) and scores against its own copy; a group without a recipe it knows is dropped.
 
 `sig` is the sender's Ed25519 signature over `body`; `key` is its public key, and `peer` must be the
 peer id derived from `key`. A transport that knows which peer it talked to also checks that it is
@@ -61,6 +65,7 @@ def _group_to_wire(g: Group) -> dict[str, Any]:
         "meta": t.metadata,
         "completions": list(g.completions),
         "rewards": [float(r) for r in g.rewards],
+        **({"recipe": t.recipe} if t.recipe is not None else {}),
     }
 
 
@@ -170,6 +175,12 @@ def decode(
             raise WireError("schema", "meta")
         if len(msgpack.packb(meta)) > limits.max_meta_bytes:
             raise WireError("too_large", "meta")
+        recipe = raw.get("recipe")
+        if recipe is not None:
+            if not isinstance(recipe, dict):
+                raise WireError("schema", "recipe")
+            if len(msgpack.packb(recipe)) > limits.max_meta_bytes:
+                raise WireError("too_large", "recipe")
         task = Task(
             task_id=_str(raw, "id", limits),
             dataset=_str(raw, "dataset", limits),
@@ -177,6 +188,7 @@ def decode(
             answer=_str(raw, "answer", limits),
             metadata=meta,
             stage=stage,
+            recipe=recipe,
         )
         groups.append(Group(task=task, completions=completions, peer=peer, sender_rewards=[float(r) for r in rewards]))
     return RolloutBatch(swarm=b["swarm"], round=rnd, stage=stage, peer=peer, groups=groups, created=float(created))

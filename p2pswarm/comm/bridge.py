@@ -54,6 +54,10 @@ class HybridComm(CommunicationManager):
     def counters(self) -> dict:
         return {**{f"drive_{k}": v for k, v in self.folder.counters().items()}, **self.dht.counters()}
 
+    def check_tasks_with(self, check) -> None:
+        self.dht.check_tasks_with(check)
+        self.folder.check_tasks_with(check)
+
     def note_exit(self, why: str) -> None:
         self.folder.note_exit(why)
         self.dht.note_exit(why)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 from p2pswarm import wire
 from p2pswarm.components import CommunicationManager, PeerInfo
 from p2pswarm.identity import Identity, friendly_name
-from p2pswarm.types import Group
+from p2pswarm.types import Group, Task
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 REPLAY_ROUNDS = 2
 
 Relay = Callable[[int, int, str, bytes], None]  # (round, stage, origin peer id, signed wire bytes)
+TaskCheck = Callable[[Task], "Task | None"]  # DataManager.rederive, or a policy around it
 
 
 # ---- the quorum of a collect ------------------------------------------------------------------------------
@@ -149,6 +150,9 @@ class SignedTransport(CommunicationManager):
         self.collect_seconds_total = 0.0
         self.per_peer: dict[str, Counter[str]] = defaultdict(Counter)  # by authenticated peer id
         self.names: dict[str, str] = {}  # peer id -> display name, of every peer ever seen
+        # Set by the game loop (check_tasks_with); a transport used on its own, without a game, keeps the
+        # sender's tasks as they came.
+        self.task_check: TaskCheck | None = None
         self._close_callbacks: list[Callable[[], None]] = []
 
     # ---- sending ----------------------------------------------------------------------------------------
@@ -168,6 +172,9 @@ class SignedTransport(CommunicationManager):
         return {p.peer_id for p in self.peers()}
 
     # ---- receiving --------------------------------------------------------------------------------------
+    def check_tasks_with(self, check: TaskCheck) -> None:
+        self.task_check = check
+
     def begin_collect(self, round: int) -> float:
         self.inbox.forget_before(round - REPLAY_ROUNDS)
         return time.monotonic()
@@ -179,7 +186,10 @@ class SignedTransport(CommunicationManager):
     def accept(self, data: bytes, *, round: int, stage: int, sender: str,
                relayed: bool = False) -> wire.RolloutBatch | None:
         """The batch if `data` is a valid batch signed by `sender` for (round, stage), else None, counted
-        under `sender` (the peer id the medium authenticated, or the one its file was registered to)."""
+        under `sender` (the peer id the medium authenticated, or the one its file was registered to).
+
+        Each group's task is then replaced by the receiver's own copy (`task_check`): a group whose task
+        does not re-derive is dropped (`bad_task`), and a batch left with no group is not a valid batch."""
         before = Counter(self.inbox.drops)
         batch = self.inbox.accept(data, current_round=round, expect_peer=sender, slot=(round, stage))
         stats = self.per_peer[sender]
@@ -187,12 +197,32 @@ class SignedTransport(CommunicationManager):
             for reason, n in (self.inbox.drops - before).items():
                 stats[f"dropped_{reason}"] += n
             return None
+        if batch.groups and self.task_check is not None and self.check_groups(batch) == 0:
+            return None
         stats["batches"] += 1
         stats["groups"] += len(batch.groups)
         stats["bytes"] += len(data)
         if relayed:
             stats["relayed"] += 1
         return batch
+
+    def check_groups(self, batch: wire.RolloutBatch) -> int:
+        """Keep the groups whose task re-derives, each with the receiver's own task; the count kept."""
+        kept = []
+        for g in batch.groups:
+            try:
+                own = self.task_check(g.task)
+            except Exception as e:  # noqa: BLE001 - a check must never take a round down
+                log.debug("task check of %s's group: %s: %s", batch.peer[-8:], type(e).__name__, e)
+                own = None
+            if own is None:
+                self.drop(batch.peer, "bad_task")
+                continue
+            g.task = own
+            kept.append(g)
+        self.inbox.groups_from[batch.peer] -= len(batch.groups) - len(kept)
+        batch.groups = kept
+        return len(kept)
 
     def drop(self, sender: str, reason: str) -> None:
         """Count a payload the transport refused before decoding it."""
@@ -216,8 +246,21 @@ class SignedTransport(CommunicationManager):
 
     def counters(self) -> dict[str, Any]:
         out: dict[str, Any] = {"batches_sent": self.sent, "bytes_sent": self.bytes_sent, **self.inbox.counters()}
-        out["per_peer"] = {self.names.get(p, p[-8:]): dict(c) for p, c in list(self.per_peer.items())}
+        out["per_peer"] = self.per_peer_rows()
         return out
+
+    def display_name(self, peer_id: str) -> str:
+        return self.names.get(peer_id) or friendly_name(peer_id)
+
+    def per_peer_rows(self) -> dict[str, dict[str, Any]]:
+        """Counters by authenticated peer id. A name is what a peer calls itself (display only): one that
+        claims another's name is shown disambiguated by the tail of its peer id, never merged with it."""
+        rows = {p: dict(c) for p, c in list(self.per_peer.items())}
+        names = {p: self.display_name(p) for p in rows}
+        taken = Counter(names.values())
+        for p, row in rows.items():
+            row["name"] = names[p] if taken[names[p]] == 1 else f"{names[p]}~{p[-6:]}"
+        return rows
 
     # ---- lifetime ---------------------------------------------------------------------------------------
     def add_close_callback(self, fn: Callable[[], None]) -> None:

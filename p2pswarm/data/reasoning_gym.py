@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import threading
 import tomllib
+from collections import OrderedDict
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -14,6 +17,8 @@ from typing import Any
 from p2pswarm.components import DataManager
 from p2pswarm.errors import UserError
 from p2pswarm.types import Task
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "Solve the task. Give only the final answer, inside <answer> </answer>."
 
@@ -81,6 +86,20 @@ def make_composite(specs: list[dict[str, Any]], seed: int, size: int):
         raise PresetError(f"reasoning-gym rejected the dataset preset: {e}") from e
 
 
+def canonical(config: Any) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def known_specs(own: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(dataset, config) pairs whose tasks this peer regenerates: its own preset's and every shipped preset's.
+    A recipe may name only these: its config becomes a generator's arguments, and an arbitrary one could
+    ask for a task that takes minutes or gigabytes to make."""
+    out = {(s["name"], canonical(s["config"])) for s in own}
+    for name in PRESETS:
+        out |= {(s["name"], canonical(s["config"])) for s in load_preset(name)}
+    return out
+
+
 def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
 
@@ -106,6 +125,9 @@ class ReasoningGymData(DataManager):
         self.system_prompt = system_prompt
         self.eval_size = min(eval_size, HELDOUT_SIZE)
         self._train = make_composite(self.specs, seed, STREAM_SIZE)
+        self._known = known_specs(self.specs)
+        self._generators: OrderedDict[tuple, Any] = OrderedDict()  # recipe generators, least recently used first
+        self._generators_lock = threading.Lock()
 
     @cached_property
     def _heldout(self) -> list[Task]:
@@ -129,7 +151,61 @@ class ReasoningGymData(DataManager):
     def train_task(self, index: int) -> Task | None:
         """The training item at `index`, or None when its question is in the held-out split."""
         task = self._task(self._train[index], f"{self.seed}:{index}")
-        return None if task.question in self._heldout_questions else task
+        if task.question in self._heldout_questions:
+            return None
+        task.recipe = self._recipe(task.dataset, index)
+        return task
+
+    def _recipe(self, dataset: str, index: int) -> dict[str, Any] | None:
+        """How the composite made item `index` of `dataset`: the sub-dataset's own seed and size (as
+        reasoning_gym.composite derives them) and the index, so that one generator remakes it."""
+        for i, spec in enumerate(self.specs):
+            if spec["name"] == dataset:
+                config = {k: v for k, v in spec["config"].items() if k not in ("seed", "size")}
+                return {"dataset": dataset, "config": config, "seed": int(spec["config"].get("seed", self.seed + i + 1)),
+                        "size": int(spec["config"].get("size", STREAM_SIZE)), "index": index}
+        return None
+
+    # ---- re-deriving swarm tasks ----------------------------------------------------------------------
+    rederivable = True
+
+    def rederive(self, task: Task) -> Task | None:
+        try:
+            own = self._regenerate(task.recipe)
+        except Exception as e:  # noqa: BLE001 - a generator's own error on a hostile recipe: refuse the task
+            log.debug("recipe of %r did not regenerate: %s: %s", task.task_id[:40], type(e).__name__, e)
+            return None
+        if (own is None or own.question != task.question or own.answer != task.answer
+                or own.question in self._heldout_questions):
+            return None  # altered, swapped, or another task's index; the held-out split is never trained on
+        own.task_id, own.stage = task.task_id, task.stage
+        return own
+
+    def _regenerate(self, recipe: Any) -> Task | None:
+        if not isinstance(recipe, dict):
+            return None
+        name, config, seed, size, index = (recipe.get(k) for k in ("dataset", "config", "seed", "size", "index"))
+        if not (isinstance(name, str) and isinstance(config, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in (seed, size, index))):
+            return None
+        key = canonical(config)
+        if (name, key) not in self._known or not (0 <= seed < 2**63 and 0 <= index < size <= STREAM_SIZE):
+            return None
+        with self._generators_lock:  # transports call this from their own threads
+            gen = self._generators.get((name, key, seed, size))
+            if gen is None:
+                import reasoning_gym
+
+                gen = reasoning_gym.create_dataset(name, seed=seed, size=size, **config)
+                self._generators[(name, key, seed, size)] = gen
+                if len(self._generators) > 256:
+                    self._generators.popitem(last=False)
+            else:
+                self._generators.move_to_end((name, key, seed, size))
+            entry = gen[index]
+        own = self._task(entry, "")
+        own.recipe = recipe
+        return own
 
     def sample_train(self, n: int, rng: random.Random) -> list[Task]:
         out: list[Task] = []

@@ -12,8 +12,28 @@ from p2pswarm.rewards import extract_answer
 from p2pswarm.types import GameState, Task
 
 
+REVISE_HEAD = "\nProposed answers: "
+REVISE_TAIL = "\nCheck them and give the correct answer."
+
+
 class ReviseData(ReasoningGymData):
     num_stages = 2
+
+    def rederive(self, task: Task) -> Task | None:
+        """Stage 1 keeps the original task's recipe: the receiver regenerates the original, checks that the
+        question is it plus a list of proposed answers, and takes the answer from its own copy."""
+        if task.stage != 1:
+            return super().rederive(task)
+        try:
+            source = self._regenerate(task.recipe)
+        except Exception:  # noqa: BLE001 - a generator's own error on a hostile recipe
+            return None
+        q = task.question
+        if (source is None or source.question in self._heldout_questions or source.answer != task.answer
+                or not (q.startswith(source.question + REVISE_HEAD) and q.endswith(REVISE_TAIL))):
+            return None
+        return Task(task_id=task.task_id, dataset=source.dataset, question=q, answer=source.answer,
+                    metadata=source.metadata, stage=1, recipe=task.recipe)
 
     def stage_tasks(self, state: GameState, stage: int) -> list[Task]:
         if stage != 1:
@@ -27,10 +47,11 @@ class ReviseData(ReasoningGymData):
                 Task(
                     task_id=f"{g.task.task_id}:revise",
                     dataset=g.task.dataset,
-                    question=f"{g.task.question}\nProposed answers: {listed}\nCheck them and give the correct answer.",
+                    question=f"{g.task.question}{REVISE_HEAD}{listed}{REVISE_TAIL}",
                     answer=g.task.answer,
                     metadata=g.task.metadata,
                     stage=1,
+                    recipe=g.task.recipe,
                 )
             )
         return tasks
