@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import make_settings
+from helpers import make_settings
 from p2pswarm import wire
 from p2pswarm.data.reasoning_gym import ReasoningGymData
 from p2pswarm.data.revise import ReviseData

@@ -246,7 +246,7 @@ def test_an_engine_failure_mid_run_is_a_message_in_the_ui(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_the_join_screen_joins_a_real_swarm_over_the_dht(tmp_path):
     """A bootstrap peer and a headless peer run as processes; the UI joins them with the bootstrap's address."""
-    from test_hivemind import Procs, peer_cmd, start_bootstrap
+    from helpers import Procs, peer_cmd, start_bootstrap
 
     procs = Procs(tmp_path)
     try:
