@@ -53,7 +53,7 @@ def main() -> None:
                             raise SystemExit(f"timed out waiting for {what}")
                         await pilot.pause(0.2)
 
-                await until(lambda: isinstance(app.screen, DashboardScreen) and app.screen.ready, "the dashboard")
+                await until(lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard")
                 dash = app.screen
                 await until(lambda: dash.query_one(RewardPlot).points >= args.rounds, f"{args.rounds} rounds")
                 await until(lambda: dash.phase == "generate", "the next round's generation")
