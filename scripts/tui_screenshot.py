@@ -1,5 +1,5 @@
-"""Regenerate docs/tui-dashboard.svg: the dashboard of a demo swarm (local agents of the embedded policy)
-after a few real rounds, saved with Textual's save_screenshot.
+"""Regenerate docs/tui-dashboard.svg: the dashboard of a demo swarm (a bootstrap peer and hivemind peers of
+the embedded policy on this machine) after a few real rounds, saved with Textual's save_screenshot.
 
     python scripts/tui_screenshot.py                       # 3 agents, 10 rounds, 140x42
     python scripts/tui_screenshot.py --size 80x24 --out /tmp/small.svg

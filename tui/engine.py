@@ -338,7 +338,11 @@ class Engine:
             if event.data.get("done") not in (0, event.data.get("total")) and now - self._last_progress < PROGRESS_INTERVAL:
                 return
             self._last_progress = now
-        message = node_message(event)
+        try:
+            message = node_message(event)
+        except Exception:  # noqa: BLE001 - this runs in the agent's thread: the UI must never break training
+            log.exception("the UI could not read a %s event", event.kind)
+            return
         if message is not None:
             self._post(message)
 
