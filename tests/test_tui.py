@@ -16,7 +16,7 @@ from tui.join import JoinScreen
 from tui.widgets import HeaderBar, LogPanel, PeersTable, RewardPlot, RolloutsBrowser, RolloutsTable, TrainingPanel
 
 WAIT = 90.0  # seconds: the bound on any one wait (a round takes about a second on 2 cores)
-SLOW = 300.0  # the bound on a wait for other processes, which a loaded machine can slow down by minutes
+SLOW = 300.0  # the bound on a wait for a model to load or another process to start: minutes on a loaded machine
 
 
 def factory(tmp_path: Path, **base):
@@ -66,6 +66,7 @@ def visible(widget, size: tuple[int, int]) -> bool:
     return r.width > 0 and r.height > 0 and r.right <= size[0] and r.bottom <= size[1]
 
 
+@pytest.mark.timeout(900)
 def test_enter_with_defaults_starts_a_node_and_the_dashboard_follows_it_at_80x24(tmp_path):
     size = (80, 24)
     app = SwarmApp(factory(tmp_path, agents=2))
@@ -75,9 +76,10 @@ def test_enter_with_defaults_starts_a_node_and_the_dashboard_follows_it_at_80x24
             join = app.screen
             assert isinstance(join, JoinScreen)
             await until(pilot, lambda: "from your peer id" in join.query_one("#node_id").placeholder,
-                        "the node id's default (the friendly name)")
+                        "the node id's default (the friendly name)", SLOW)
             await pilot.press("enter")  # every field has a default
-            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard")
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard",
+                        SLOW)
             dash = app.screen
             agent = app.engine.agent
             peers = dash.query_one(PeersTable)
@@ -131,13 +133,15 @@ def test_enter_with_defaults_starts_a_node_and_the_dashboard_follows_it_at_80x24
     assert outcome.checkpoint == str(last[1])
 
 
+@pytest.mark.timeout(900)
 def test_demo_on_a_large_terminal_shows_every_panel(tmp_path):
     size = (140, 42)
     app = SwarmApp(factory(tmp_path, agents=3, experiment="demo"), autostart=True)
 
     async def scenario():
         async with running(app, size) as pilot:
-            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard")
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard",
+                        SLOW)
             dash = app.screen
             # the demo is a bootstrap peer and hivemind peers on this machine, and the header says so
             assert app.engine.agent.comm.__class__.__name__ == "HivemindComm"
@@ -204,7 +208,7 @@ def test_errors_are_messages_on_the_join_screen_not_tracebacks(tmp_path):
             # a model that does not exist: the engine reports it, the form stays to fix it
             join.query_one("#model").value = str(tmp_path / "no-such-model")
             await pilot.press("enter")
-            await until(pilot, lambda: "cannot load model" in text_of(status), "the model error")
+            await until(pilot, lambda: "cannot load model" in text_of(status), "the model error", SLOW)
             assert isinstance(app.screen, JoinScreen) and "Traceback" not in text_of(status)
             assert not join.query_one("#model").disabled  # editable again
             await pilot.press("escape")
@@ -268,6 +272,7 @@ def test_every_join_mode_runs_a_transport_the_settings_accept(tmp_path, mode):
     assert mode_of(settings) == mode  # and back: the header names the mode of settings made without the form
 
 
+@pytest.mark.timeout(900)
 def test_an_engine_failure_mid_run_is_a_message_in_the_ui(tmp_path, monkeypatch):
     from p2pswarm.trainer import GRPOTrainer
 
@@ -279,7 +284,8 @@ def test_an_engine_failure_mid_run_is_a_message_in_the_ui(tmp_path, monkeypatch)
 
     async def scenario():
         async with running(app, (80, 24)) as pilot:
-            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard")
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard",
+                        SLOW)
             dash = app.screen
             header = dash.query_one(HeaderBar)
             await until(pilot, lambda: "error" in text_of(header.query_one("#hdr-status")), "the error state")
