@@ -182,8 +182,8 @@ class PeerLedger:
         return False
 
     def offense(self, peer: str, reason: str) -> bool:
-        """Count an offense; True if it banned the peer."""
-        if reason not in OFFENSES or self.banned(peer):
+        """Count an offense; True if it banned the peer (never with strikes=0)."""
+        if reason not in OFFENSES or self.max_strikes <= 0 or self.banned(peer):
             return False
         self.strikes[peer] += 1
         if self.strikes[peer] < self.max_strikes:
@@ -265,6 +265,9 @@ class SignedTransport(CommunicationManager):
     # ---- receiving --------------------------------------------------------------------------------------
     def check_tasks_with(self, check: TaskCheck) -> None:
         self.task_check = check
+
+    def set_ban_policy(self, strikes: int, seconds: float) -> None:
+        self.ledger.max_strikes, self.ledger.base = strikes, seconds
 
     def begin_collect(self, round: int) -> float:
         self.inbox.forget_before(round - REPLAY_ROUNDS)
