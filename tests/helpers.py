@@ -90,6 +90,12 @@ def metrics(where: Any, name: str | None = None) -> list[dict]:
     return jsonl(run_folder(where, name) / "metrics.jsonl")
 
 
+def by_name(per_peer: dict[str, dict]) -> dict[str, dict]:
+    """comm.per_peer rows (keyed by peer id) keyed by the name each row shows (unique: a name two peers
+    claim is shown with the tail of each one's peer id)."""
+    return {row.get("name", p): row for p, row in per_peer.items()}
+
+
 def events(where: Any, name: str | None = None) -> list[dict]:
     return jsonl(run_folder(where, name) / "events.jsonl")
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from helpers import (ENDLESS, HM_EXP, ROOT, alive, children, metrics, events, peer_cmd, peer_id, start_bootstrap,
+from helpers import (ENDLESS, HM_EXP, ROOT, alive, by_name, children, metrics, events, peer_cmd, peer_id, start_bootstrap,
                      wait_until)
 
 EXP = HM_EXP
@@ -35,7 +35,7 @@ def test_bootstrap_and_three_peers_one_in_client_mode(procs, tmp_path):
         assert [r["round"] for r in rows] == [0, 1, 2], (n, procs.log(n)[-2000:])  # the clock advanced together
         per_peer = rows[-1]["comm"]["per_peer"]
         others = {m for m in names if m != n}
-        senders = {name for name, c in per_peer.items() if c.get("groups", 0) > 0}
+        senders = {name for name, c in by_name(per_peer).items() if c.get("groups", 0) > 0}
         assert others <= senders, (n, per_peer)  # swarm groups from both others, the client-mode peer included
         assert all(r["swarm_groups_received"] >= 4 for r in rows), n
         assert rows[-1]["comm"]["peers_seen"] >= 2
@@ -60,7 +60,7 @@ def checkpoint_rounds(run) -> list[int]:
 
 
 def groups_from(row: dict, name: str) -> int:
-    return row["comm"]["per_peer"].get(name, {}).get("groups", 0)
+    return by_name(row["comm"]["per_peer"]).get(name, {}).get("groups", 0)
 
 
 def clock_round(boot_log: str) -> int:
@@ -143,7 +143,9 @@ def test_hostile_peer_is_dropped_and_counted(procs, tmp_path):
     procs.wait_for("mallory", r"announced round 7", 180)
     for n in ("ann", "bob"):
         # collect_peers=1: wait for one valid batch (the attacker's never count), so both play every round together
-        procs.start(n, peer_cmd(tmp_path, n, boot, 5, "--set", "collect_timeout=240", "--set", "collect_peers=1"))
+        # ban_strikes=0: every attack kind is seen and counted (a ban would stop looking after three)
+        procs.start(n, peer_cmd(tmp_path, n, boot, 5, "--set", "collect_timeout=240", "--set", "collect_peers=1",
+                                "--set", "ban_strikes=0"))
     for n in ("ann", "bob"):
         procs.wait_exit(n, 600)
     for n in ("ann", "bob"):  # mallory tried to overwrite both honest member records while they ran
@@ -152,7 +154,7 @@ def test_hostile_peer_is_dropped_and_counted(procs, tmp_path):
         rows = metrics(tmp_path, n)
         assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
         comm = rows[-1]["comm"]
-        per_peer = comm["per_peer"]
+        per_peer = by_name(comm["per_peer"])
         assert per_peer[other]["groups"] >= 5 * 4  # the honest peer's groups, every round
         assert per_peer["mallory"].get("groups", 0) == 0  # nothing of the attacker's reached the trainer
         for reason in ("bad_signature", "malformed", "too_large", "wrong_slot", "wrong_swarm"):

@@ -5,7 +5,7 @@ import torch
 from helpers import make_settings
 from p2pswarm.data.reasoning_gym import ReasoningGymData
 from p2pswarm.trainer import GRPOTrainer
-from p2pswarm.types import GameState, Group, Task
+from p2pswarm.types import GameState, Group
 
 
 def tasks_with_prompts(n, seed=0):

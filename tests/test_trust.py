@@ -9,19 +9,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-from test_hivemind import EXP, Procs, metrics, peer_cmd, start_bootstrap, wait_exit
+from helpers import HM_EXP as EXP
+from helpers import ROOT, metrics, peer_cmd, start_bootstrap
 
 ATTACKERS = str(ROOT / "tests" / "attackers.py")
 KINDS = ("numbers", "stall", "censor", "poison", "name", "unsigned", "flood")
 ROUNDS = 4
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.kill_all()
 
 
 @pytest.mark.slow
@@ -38,7 +31,7 @@ def test_honest_peers_finish_every_round_whatever_the_attackers_do(procs, tmp_pa
         # collect_peers=1: each waits for one valid batch a round, which only the other honest peer can send
         procs.start(n, peer_cmd(tmp_path, n, boot, ROUNDS, "--set", "collect_timeout=40", "--set", "collect_peers=1"))
     for n in honest:
-        wait_exit(procs.procs[n], 400, procs.log(n))
+        procs.wait_exit(n, 900)
     ids = {n: re.search(r"\(peer (\w+)\)", procs.log(n)).group(1) for n in honest}
     for n, other in (("ann", "bob"), ("bob", "ann")):
         log = procs.log(n)
