@@ -187,6 +187,8 @@ _MISSING = object()
 
 def field(d: dict, key: str, check: Callable[..., Any], *args: Any, default: Any = _MISSING) -> Any:
     """`check(d[key], key, *args)`; `default` when the key is absent and a default is given."""
+    if type(d) is not dict:
+        raise Invalid(key, "not in a map")
     if key not in d:
         if default is _MISSING:
             raise Invalid(key, "missing")

@@ -38,7 +38,9 @@ from p2pswarm.validate import public_from_peer_id  # noqa: F401 - kept importabl
 log = logging.getLogger(__name__)
 
 _PEER_ID = rb"12D3KooW[1-9A-HJ-NP-Za-km-z]{44}"
-_SIG = re.compile(rb"\[sig:([0-9a-f]{128})\]$")
+# \Z, not $: `$` also matches before a final newline, and a value signed then given a trailing b"\n" would pass
+# the check while hivemind's strip_value left the newline in it (its msgpack then fails to load in every reader).
+_SIG = re.compile(rb"\[sig:([0-9a-f]{128})\]\Z")
 
 
 def marker(peer_id: str) -> bytes:
