@@ -154,13 +154,14 @@ def mapping(v: Any, field: str) -> dict:
     return v
 
 
-def plain(v: Any, field: str, depth: int = MAX_DEPTH) -> Any:
-    """Plain data (see the module doc), returned as is."""
+def plain(v: Any, field: str, depth: int = MAX_DEPTH, *, blobs: bool = False) -> Any:
+    """Plain data (see the module doc), returned as is; `blobs`: bytes allowed too. Anything else (a msgpack
+    ExtType, a tuple, an object) is refused."""
     stack = [(v, 0)]
     while stack:
         x, d = stack.pop()
         t = type(x)
-        if x is None or t in (bool, str):
+        if x is None or t in (bool, str) or blobs and t is bytes:
             continue
         if t is int:
             if not -_INT64 <= x < _INT64:

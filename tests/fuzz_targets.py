@@ -67,6 +67,28 @@ class Target:
     any: st.SearchStrategy
     invariant: Callable[[Any], bool] = lambda _: True
     refusals: tuple[type[BaseException], ...] = field(default=())  # exceptions that mean "refused"
+    # For the bench's volume (bench/fuzz.py): how the invalid stream is built from parts, so that the parts
+    # can be drawn once and recombined (`spec`), and invalid inputs that stay invalid whatever bytes of them
+    # change (`sealed`: signed inputs with a bad field; changing the signed content breaks the signature,
+    # not changing it keeps the bad field).
+    spec: "Spec | None" = None
+    sealed: st.SearchStrategy | None = None
+
+
+@dataclass
+class Spec:
+    """Invalid inputs as a valid map (`base`) with one field given a bad value (`fields`) or, if required,
+    removed; then `encode`d (signed, packed...). `json`: bad values must survive JSON."""
+
+    base: st.SearchStrategy
+    fields: dict[str, st.SearchStrategy]
+    required: list[str]
+    encode: Callable[[dict], Any]
+    json: bool = False
+
+    def invalid(self) -> st.SearchStrategy:
+        bad = mutate(self.base, self.fields, self.required)
+        return (bad.filter(_jsonable) if self.json else bad).map(self.encode)
 
 
 def outcome(t: Target, x: Any) -> tuple[str, Any]:
@@ -196,6 +218,14 @@ def sloppy(base: st.SearchStrategy, values: st.SearchStrategy = anything) -> st.
     return st.builds(lambda m, k, v: {**m, k: v}, base, keys, values)
 
 
+# Extremes a generator rarely reaches: nesting past any parser's recursion, huge numbers, long runs.
+EDGE_BYTES = [b"[" * 200_000, b"{\"a\":" * 50_000, b"\x91" * 200_000 + b"\x00", b"\x81\xa1a" * 100_000 + b"\x00",
+              b"1" * 5000, b'{"round": ' + b"9" * 5000 + b"}", b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff",
+              b"\xc6\xff\xff\xff\xff", b"\x92" + b"\xcf" + b"\xff" * 8 + b"\xcb" + b"\x7f\xf8" + b"\x00" * 6,
+              b'{"time": NaN}', b'{"time": Infinity}', b'{"time": -Infinity}', b"\xef\xbb\xbf{}", b"", b"\x00"]
+edge_bytes = st.sampled_from(EDGE_BYTES)
+
+
 # ---- the wire batch ---------------------------------------------------------------------------------------
 L = LIMITS
 
@@ -227,17 +257,19 @@ group_bad = mutate(group_valid, {
     "recipe": bad_plain_maps.filter(lambda v: v is not None),
 }, ["id", "dataset", "question", "answer", "completions"])
 
+WIRE_SPEC = Spec(body_valid, {
+    "round": bad_ints(0), "stage": bad_ints(0), "created": bad_times(),
+    "peer": st.just(BOB.peer_id) | bad_names() | st.just(ALICE.peer_id[:-1] + "x"),
+    "swarm": st.text(max_size=6).filter(lambda s: s != SWARM) | not_str,
+    "groups": not_str.filter(lambda v: not isinstance(v, list)) | st.lists(group_valid, min_size=L.max_groups + 1,
+                                                                         max_size=L.max_groups + 2)
+              | st.lists(not_str.filter(lambda v: not isinstance(v, dict)), min_size=1, max_size=2),
+}, ["round", "stage", "created", "peer", "swarm", "groups"], envelope)
+wire_bad_group = st.builds(lambda b, g, i: envelope({**b, "groups": b["groups"][:i] + [g] + b["groups"][i:]}),
+                           body_valid.filter(lambda b: len(b["groups"]) < L.max_groups), group_bad, st.integers(0, 3))
+wire_sealed = WIRE_SPEC.invalid() | wire_bad_group  # signed by Alice, one field bad
 wire_invalid = st.one_of(
-    mutate(body_valid, {
-        "round": bad_ints(0), "stage": bad_ints(0), "created": bad_times(),
-        "peer": st.just(BOB.peer_id) | bad_names() | st.just(ALICE.peer_id[:-1] + "x"),
-        "swarm": st.text(max_size=6).filter(lambda s: s != SWARM) | not_str,
-        "groups": not_str.filter(lambda v: not isinstance(v, list)) | st.lists(group_valid, min_size=L.max_groups + 1,
-                                                                             max_size=L.max_groups + 2)
-                  | st.lists(not_str.filter(lambda v: not isinstance(v, dict)), min_size=1, max_size=2),
-    }, ["round", "stage", "created", "peer", "swarm", "groups"]).map(envelope),
-    st.builds(lambda b, g, i: envelope({**b, "groups": b["groups"][:i] + [g] + b["groups"][i:]}),
-              body_valid.filter(lambda b: len(b["groups"]) < L.max_groups), group_bad, st.integers(0, 3)),
+    WIRE_SPEC.invalid(), wire_bad_group,
     st.builds(lambda b, v: envelope(b, v=v), body_valid, st.sampled_from([0, 2, True, 1.0, "1", None, b"\x01"])),
     st.builds(lambda b, k: envelope(b, key=k), body_valid, st.binary(max_size=40).filter(lambda k: k != ALICE.public)),
     st.builds(lambda b, s: envelope(b, sig=s), body_valid, st.binary(min_size=64, max_size=64)),
@@ -284,32 +316,36 @@ def _msgpack_any() -> st.SearchStrategy:
 WIRE_BYTES = Target(
     "wire_bytes", "wire.decode on raw bytes: random, and signed batches with a bit flipped, cut short or extended",
     _wire, body_valid.map(envelope), wire_bytes_invalid,
-    st.binary(max_size=256) | _msgpack_any() | st.builds(lambda b, i, x: (lambda e: e[: i % len(e)] + x + e[i % len(e):])(envelope(b)),
-                                                          body_valid, st.integers(0, 10**6), st.binary(max_size=6)),
-    _batch_ok, (wire.WireError,))
+    st.binary(max_size=256) | _msgpack_any() | edge_bytes
+    | st.builds(lambda b, i, x: (lambda e: e[: i % len(e)] + x + e[i % len(e):])(envelope(b)),
+                body_valid, st.integers(0, 10**6), st.binary(max_size=6)),
+    _batch_ok, (wire.WireError,), spec=WIRE_SPEC, sealed=wire_sealed)
 WIRE_STRUCT = Target(
     "wire_struct", "wire.decode on well-signed msgpack bodies with fields of the wrong type or range",
     _wire, body_valid.map(envelope), wire_invalid,
     sloppy(body_valid).map(envelope) | st.builds(lambda b, g: envelope({**b, "groups": [g]}), body_valid,
                                                  sloppy(group_valid)),
-    _batch_ok, (wire.WireError,))
+    _batch_ok, (wire.WireError,), spec=WIRE_SPEC, sealed=wire_sealed)
 
 # ---- DHT records ------------------------------------------------------------------------------------------
 digests = st.binary(min_size=32, max_size=32)
 member_valid = st.fixed_dictionaries(
     {"name": names(), "role": st.sampled_from(records.ROLES), "round": ints(), "stage": ints(0), "finished": ints(),
      "time": times()}, optional={"left": st.booleans(), "bridged": ints(0)})
-member_bad = mutate(member_valid, {
+MEMBER_FIELDS = ({
     "name": bad_names(), "role": st.text(max_size=8).filter(lambda r: r not in records.ROLES) | not_str,
     "round": bad_ints(), "stage": bad_ints(0), "finished": bad_ints(), "time": bad_times(),
-    "left": not_str.filter(lambda v: type(v) is not bool), "bridged": bad_ints(0)}, ["name", "role", "round", "stage",
-                                                                                        "finished", "time"])
+    "left": not_str.filter(lambda v: type(v) is not bool), "bridged": bad_ints(0)},
+    ["name", "role", "round", "stage", "finished", "time"])
+member_bad = mutate(member_valid, *MEMBER_FIELDS)
 announcement_valid = st.fixed_dictionaries({"digest": digests, "size": ints(1), "created": times()})
-announcement_bad = mutate(announcement_valid, {
+ANNOUNCEMENT_FIELDS = ({
     "digest": st.binary(max_size=64).filter(lambda d: len(d) != 32) | not_str.filter(lambda v: type(v) is not bytes),
     "size": bad_ints(1), "created": bad_times()}, ["digest", "size", "created"])
+announcement_bad = mutate(announcement_valid, *ANNOUNCEMENT_FIELDS)
 clock_valid = st.fixed_dictionaries({"round": ints(0), "started": times()})
-clock_bad = mutate(clock_valid, {"round": bad_ints(0), "started": bad_times()}, ["round", "started"])
+CLOCK_FIELDS = ({"round": bad_ints(0), "started": bad_times()}, ["round", "started"])
+clock_bad = mutate(clock_valid, *CLOCK_FIELDS)
 
 
 def expirations(kind: str) -> st.SearchStrategy:
@@ -320,28 +356,29 @@ def bad_expirations(kind: str) -> st.SearchStrategy:
     return bad_times(records.MAX_TTL[kind] + records.EXPIRY_SKEW)
 
 
-def _record_target(kind: str, parse, valid, bad, ok) -> Target:
+def _record_target(kind: str, parse, valid, fields, ok) -> Target:
     def run(x):
         owner, value, expires = x
         return parse(owner, value, expires, now=NOW)
 
+    bad = mutate(valid, *fields)
     invalid = (st.tuples(st.just(ALICE.peer_id), bad, expirations(kind))
                | st.tuples(st.just(ALICE.peer_id), valid, bad_expirations(kind)))
     return Target(f"dht_{kind}", f"records.{kind} (a {kind} record's fields)", run,
                   st.tuples(st.just(ALICE.peer_id), valid, expirations(kind)), invalid,
                   st.tuples(st.just(ALICE.peer_id), sloppy(valid) | anything, anything | expirations(kind)),
-                  ok, (V.Invalid,))
+                  ok, (V.Invalid,), spec=Spec(valid, *fields, encode=lambda v: (ALICE.peer_id, v, NOW + 5.0)))
 
 
-DHT_MEMBER = _record_target("member", records.member, member_valid, member_bad, lambda m: (
+DHT_MEMBER = _record_target("member", records.member, member_valid, MEMBER_FIELDS, lambda m: (
     0 < len(m.name) <= V.NAME_MAX and m.name.isprintable() and m.role in records.ROLES
     and all(type(x) is int and -1 <= x < V.INT_MAX for x in (m.round, m.stage, m.finished, m.bridged))
     and 0 <= m.bridged <= records.MAX_BRIDGED and V.TIME_MIN <= m.time <= NOW + V.TIME_AHEAD and type(m.left) is bool
     and m.expires <= NOW + records.MAX_TTL["member"] + records.EXPIRY_SKEW))
-DHT_ANNOUNCEMENT = _record_target("announcement", records.announcement, announcement_valid, announcement_bad, lambda a: (
+DHT_ANNOUNCEMENT = _record_target("announcement", records.announcement, announcement_valid, ANNOUNCEMENT_FIELDS, lambda a: (
     len(a.digest) == 32 and type(a.size) is int and 1 <= a.size < V.INT_MAX
     and V.TIME_MIN <= a.created <= NOW + V.TIME_AHEAD))
-DHT_CLOCK = _record_target("clock", records.clock, clock_valid, clock_bad, lambda c: (
+DHT_CLOCK = _record_target("clock", records.clock, clock_valid, CLOCK_FIELDS, lambda c: (
     type(c.round) is int and 0 <= c.round < V.INT_MAX and V.TIME_MIN <= c.started <= NOW + V.TIME_AHEAD))
 
 # parse_entries over whole DHT replies: never raises; what it returns are records of owned subkeys.
@@ -402,12 +439,13 @@ def _validate(rec: DHTRecord):
 
 
 _pack = MSGPackSerializer.dumps
+_validator_sealed = st.builds(lambda ve: _signed_record(ALICE, _pack(ve[0]), float(ve[1])), _kind_bad)
 DHT_VALIDATOR = Target(
     "dht_validator", "Ed25519OwnerValidator.check on records as hivemind passes them (signature, subkey, kind, expiry)",
     _validate,
     st.builds(lambda ve: _signed_record(ALICE, _pack(ve[0]), float(ve[1])), _kind_valid),
     st.one_of(
-        st.builds(lambda ve: _signed_record(ALICE, _pack(ve[0]), float(ve[1])), _kind_bad),  # signed, bad content
+        _validator_sealed,  # signed, bad content
         st.builds(lambda ve: DHTRecord(_KEY, _pack(records.marker(ALICE.peer_id)), _pack(ve[0]), float(ve[1])), _kind_valid),
         st.builds(lambda ve: _signed_record(ALICE, _pack(ve[0]), float(ve[1]), signer=BOB), _kind_valid),  # forged
         st.builds(lambda ve, s: _signed_record(ALICE, _pack(ve[0]), float(ve[1]), subkey=s), _kind_valid,
@@ -417,7 +455,7 @@ DHT_VALIDATOR = Target(
     st.builds(DHTRecord, st.binary(max_size=20) | anything, st.binary(max_size=60) | anything
               | _marker.map(_pack), st.binary(max_size=300) | anything, anything)
     | st.builds(lambda v, e: _signed_record(ALICE, v, e), st.binary(max_size=64) | _msgpack_any(), anything),
-    lambda rec: True)
+    lambda rec: True, sealed=_validator_sealed)
 
 
 # ---- Drive files ------------------------------------------------------------------------------------------
@@ -441,10 +479,11 @@ registration_valid = st.fixed_dictionaries(
     {"time": times()},
     optional={"name": names(), "node": st.just("ann"), "role": st.sampled_from(drive.ROLES), "round": ints(),
               "stage": ints(0), "left": st.booleans(), "finished": ints(), "bridged": ints(0)})
-registration_bad = mutate(registration_valid, {
+REGISTRATION_SPEC = Spec(registration_valid, {
     "time": bad_times(), "name": bad_names(), "node": names().filter(lambda n: n != "ann") | not_str,
     "role": st.text(max_size=8).filter(lambda r: r not in drive.ROLES) | not_str, "round": bad_ints(), "stage": bad_ints(0),
-    "left": not_str.filter(lambda v: type(v) is not bool), "finished": bad_ints(), "bridged": bad_ints(0)}, ["time"])
+    "left": not_str.filter(lambda v: type(v) is not bool), "finished": bad_ints(), "bridged": bad_ints(0)}, ["time"],
+    _signed_json, json=True)
 
 
 def _tamper(data: bytes, i: int) -> bytes:
@@ -462,20 +501,24 @@ def _registration(data: bytes):
 DRIVE_REGISTRATION = Target(
     "drive_registration", "peers/<node>.json: parse_json + parse_registration (signed JSON, NaN/Infinity allowed by json)",
     _registration, registration_valid.map(_signed_json),
-    st.one_of(registration_bad.filter(_jsonable).map(_signed_json),
+    st.one_of(REGISTRATION_SPEC.invalid(),
               st.builds(_tamper, registration_valid.map(_signed_json), st.integers(0, 20)),  # changed after signing
               st.builds(lambda f: _json(f), registration_valid)),  # not signed at all
-    st.binary(max_size=200) | json_anything.map(_json) | sloppy(registration_valid, json_anything).map(_signed_json)
+    st.binary(max_size=200) | edge_bytes | json_anything.map(_json) | sloppy(registration_valid, json_anything).map(_signed_json)
     | sloppy(registration_valid, json_anything).map(_json),
     lambda r: (r.name.isprintable() and 0 < len(r.name) <= V.NAME_MAX and r.role in drive.ROLES
                and V.TIME_MIN <= r.time <= NOW + V.TIME_AHEAD and type(r.left) is bool
                and all(type(x) is int and -1 <= x < V.INT_MAX for x in (r.round, r.stage, r.finished))
-               and 0 <= r.bridged <= drive.MAX_BRIDGED))
+               and 0 <= r.bridged <= drive.MAX_BRIDGED),
+    spec=REGISTRATION_SPEC, sealed=REGISTRATION_SPEC.invalid())
 
 
 clock_file_valid = st.fixed_dictionaries(
     {"round": ints(0)}, optional={"stage": ints(0), "started": times(), "updated": times(),
                                   "coordinator": st.just(ALICE.peer_id), "coordinator_name": names()})
+
+
+CLOCK_FILE_SPEC = Spec(clock_file_valid, {"round": bad_ints(0, wide=10**30)}, ["round"], _json, json=True)
 
 
 def _clock(data: bytes):
@@ -494,10 +537,10 @@ def _clock_ok(c: dict) -> bool:
 DRIVE_CLOCK = Target(
     "drive_clock", "state/current_state.json: parse_json + parse_clock (its round required, the fork's fields optional)",
     _clock, clock_file_valid.map(_json),
-    mutate(clock_file_valid, {"round": bad_ints(0, wide=10**30)}, ["round"]).filter(_jsonable).map(_json)
+    CLOCK_FILE_SPEC.invalid()
     | st.sampled_from([b"[]", b"null", b"1", b'"x"', b'{"round": NaN}', b'{"round": Infinity}', b'{"round": 1e400}']),
-    st.binary(max_size=120) | json_anything.map(_json) | sloppy(clock_file_valid, json_anything).map(_json),
-    _clock_ok)
+    st.binary(max_size=120) | json_anything.map(_json) | sloppy(clock_file_valid, json_anything).map(_json) | edge_bytes,
+    _clock_ok, spec=CLOCK_FILE_SPEC)
 
 _rel = st.lists(st.text(string.ascii_letters + string.digits + "._-", min_size=1, max_size=8).filter(
     lambda p: p not in (".", "..")), min_size=1, max_size=3).map("/".join)
@@ -513,13 +556,14 @@ _bad_entry = (st.fixed_dictionaries({"size": bad_ints(0, drive.MAX_FILE_BYTES, w
               | st.fixed_dictionaries({"size": st.integers(0, 10), "sha256": st.text(max_size=70).filter(
                   lambda s: not (len(s) == 64 and all(c in "0123456789abcdef" for c in s))) | not_str})
               | not_str.filter(lambda v: not isinstance(v, dict)))
-manifest_bad = st.one_of(
-    mutate(manifest_valid, {"node": bad_names(), "round": bad_ints(0, wide=10**20), "time": bad_times(),
-                            "files": st.just({}) | not_str.filter(lambda v: not isinstance(v, dict))},
-           ["node", "round", "time", "files"]),
+MANIFEST_SPEC = Spec(manifest_valid, {"node": bad_names(), "round": bad_ints(0, wide=10**20), "time": bad_times(),
+                                      "files": st.just({}) | not_str.filter(lambda v: not isinstance(v, dict))},
+                     ["node", "round", "time", "files"], _signed_json, json=True)
+manifest_bad_files = st.one_of(
     st.builds(lambda m, r, e: {**m, "files": {**m["files"], r: e}}, manifest_valid, _bad_rel | _rel, _bad_entry),
     st.builds(lambda m, r: {**m, "files": {**m["files"], r: {"size": 1, "sha256": "0" * 64}}}, manifest_valid, _bad_rel),
-)
+).filter(_jsonable).map(_signed_json)
+manifest_sealed = MANIFEST_SPEC.invalid() | manifest_bad_files
 
 
 def _manifest(data: bytes):
@@ -530,30 +574,34 @@ def _manifest(data: bytes):
 DRIVE_MANIFEST = Target(
     "drive_manifest", "checkpoints/<node>/round_N/manifest.json: parse_json + parse_manifest (paths, sizes, digests)",
     _manifest, manifest_valid.map(_signed_json),
-    manifest_bad.filter(_jsonable).map(_signed_json) | st.builds(_tamper, manifest_valid.map(_signed_json), st.integers(0, 9)),
-    st.binary(max_size=200) | sloppy(manifest_valid, json_anything).map(_signed_json)
+    manifest_sealed | st.builds(_tamper, manifest_valid.map(_signed_json), st.integers(0, 9)),
+    st.binary(max_size=200) | edge_bytes | sloppy(manifest_valid, json_anything).map(_signed_json)
     | st.builds(lambda m, f: {**m, "files": f}, manifest_valid,
                 st.dictionaries(st.text(max_size=10), json_anything, max_size=3)).map(_signed_json),
     lambda m: m.round >= 0 and all(".." not in r.split("/") and not r.startswith("/") and r.isprintable()
-                                   and 0 <= s < drive.MAX_FILE_BYTES and len(h) == 64 for r, (s, h) in m.files.items()))
+                                   and 0 <= s < drive.MAX_FILE_BYTES and len(h) == 64 for r, (s, h) in m.files.items()),
+    spec=MANIFEST_SPEC, sealed=manifest_sealed)
 
 # ---- torch.distributed ------------------------------------------------------------------------------------
 announce_valid = st.fixed_dictionaries(
     {"name": names(), "host": names(255), "pid": ints(0)},
     optional={"peer": st.just(ALICE.peer_id), "output": st.just("") | names(64),
               "lockstep": st.dictionaries(st.text(max_size=8), plain_values(), max_size=3)})
-announce_bad = mutate(announce_valid, {
+_packb = lambda v: msgpack.packb(v, use_bin_type=True)  # noqa: E731
+ANNOUNCE_SPEC = Spec(announce_valid, {
     "name": bad_names(), "host": bad_names(255), "pid": bad_ints(0), "peer": bad_names() | st.just(ALICE.peer_id[:-2]),
     "output": bad_texts(4096) | st.builds(lambda c: "out" + c, _NONPRINTABLE), "lockstep": bad_plain_maps},
-    ["name", "host", "pid"])
+    ["name", "host", "pid"], _packb)
+
+
 TORCH_ANNOUNCEMENT = Target(
     "torch_announcement", "group.parse_announcement: a rank's start-up announcement (msgpack)",
     parse_announcement, announce_valid.map(lambda v: msgpack.packb(v, use_bin_type=True)),
-    announce_bad.map(lambda v: msgpack.packb(v, use_bin_type=True)) | st.just(None)
+    ANNOUNCE_SPEC.invalid() | st.just(None)
     | st.binary(min_size=1, max_size=8).map(lambda b: b"\xc1" + b),
-    st.binary(max_size=120) | _msgpack_any() | sloppy(announce_valid).map(lambda v: msgpack.packb(v, use_bin_type=True)),
+    st.binary(max_size=120) | edge_bytes | _msgpack_any() | sloppy(announce_valid).map(_packb),
     lambda a: a["name"].isprintable() and 0 <= a["pid"] < V.INT_MAX,
-    (V.Invalid, msgpack.UnpackException, ValueError))
+    (V.Invalid, msgpack.UnpackException, ValueError), spec=ANNOUNCE_SPEC)
 
 _int64 = st.integers(-INT64, INT64 - 1)  # what an int64 tensor holds
 header_valid = st.tuples(*(ints(lo, hi) for lo, hi in HEADER)).map(list)
@@ -586,7 +634,7 @@ PAYLOAD_REQUEST = Target(
     "payload_request", "payloads.parse_request: a pull request on the payload stream",
     _request, request_valid.map(msgpack.packb),
     request_bad.map(lambda v: msgpack.packb(v, use_bin_type=True)) | st.binary(min_size=MAX_REQUEST + 1, max_size=MAX_REQUEST + 9),
-    st.binary(max_size=140) | _msgpack_any(),
+    st.binary(max_size=140) | edge_bytes | _msgpack_any(),
     lambda r: 0 <= r[0] < V.INT_MAX and 0 <= r[1] < V.INT_MAX and (r[2] == "" or r[2].startswith("12D3KooW")))
 
 TARGETS = [WIRE_BYTES, WIRE_STRUCT, DHT_MEMBER, DHT_ANNOUNCEMENT, DHT_CLOCK, DHT_ENTRIES, DHT_VALIDATOR,

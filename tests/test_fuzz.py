@@ -30,3 +30,18 @@ def test_fuzz(target, stream):
             assert target.invariant(out), f"{target.name}: accepted {out!r}"[:500]
 
     check()
+
+
+BYTES_TARGETS = [t for t in TARGETS if t.name in ("wire_bytes", "wire_struct", "drive_registration", "drive_clock",
+                                                   "drive_manifest", "torch_announcement", "payload_request")]
+
+
+@pytest.mark.parametrize("target", BYTES_TARGETS, ids=lambda t: t.name)
+def test_extreme_inputs_are_refused_without_raising(target):
+    """Nesting past any parser's recursion limit, 5000-digit numbers, lengths of 4 GiB announced in a header,
+    NaN and Infinity in JSON: every one is refused, none raises."""
+    from fuzz_targets import EDGE_BYTES
+
+    for data in EDGE_BYTES:
+        result, out = outcome(target, data)
+        assert result == REFUSED, (target.name, data[:20], result, out)

@@ -89,6 +89,7 @@ class Ed25519OwnerValidator(RecordValidatorBase):
     MAX_OFFENDERS = 4096
 
     def __init__(self, identity: Identity):
+        quiet_hivemind_serializer()
         self.identity = identity
         self.marker = marker(identity.peer_id)
         self.rejected: Counter[str] = Counter()  # records refused, by reason (another peer's forgeries, ...)
@@ -143,8 +144,8 @@ class Ed25519OwnerValidator(RecordValidatorBase):
             return "record_malformed", None
         if len(value) > MAX_VALUE_BYTES:
             return "record_too_large", None
-        try:
-            owned = owner_of(MSGPackSerializer.loads(subkey))
+        try:  # plain msgpack, no ext types: hivemind's loads() would log a warning for an unknown one
+            owned = owner_of(msgpack.unpackb(subkey, raw=False))
         except Exception:  # noqa: BLE001 - not msgpack: not a subkey we write
             owned = None
         if owned is None:
@@ -161,7 +162,9 @@ class Ed25519OwnerValidator(RecordValidatorBase):
         if not verify(public, bytes.fromhex(m.group(1).decode()), self._payload(stripped)):
             return "record_forged", None
         try:
-            fields = V.mapping(MSGPackSerializer.loads(stripped.value), "record")
+            # Plain data all through (no msgpack ext type anywhere, even in a field we do not read): every reader's
+            # hivemind deserializes the whole value, and an unknown ext type makes it log a warning each time.
+            fields = V.plain(V.mapping(msgpack.unpackb(stripped.value, raw=False), "record"), "record", blobs=True)
             _kind, parse = kind_of(fields)
             parse(owner, fields, record.expiration_time, now=now)
         except Exception as e:  # noqa: BLE001 - the owner signed a record the swarm cannot use
@@ -183,6 +186,26 @@ class Ed25519OwnerValidator(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, Ed25519OwnerValidator)
+
+
+class _DropUnknownExtType(logging.Filter):
+    """Drops hivemind's "Unknown ExtType code" warning. hivemind deserializes a whole dictionary value (a peer's
+    store request, or its reply to our `get`) before any validator sees its entries, and logs that warning for
+    every msgpack ext type it does not know: any peer could fill our log with it. The records themselves are
+    refused by the validator (no ext type is admitted); only this one message of this one logger is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown ExtType code")
+
+
+_EXT_FILTER = _DropUnknownExtType()
+
+
+def quiet_hivemind_serializer() -> None:
+    """Install the filter above (idempotent); called by every validator, so every node that runs one has it."""
+    lg = logging.getLogger("hivemind.utils.serializer")
+    if _EXT_FILTER not in lg.filters:
+        lg.addFilter(_EXT_FILTER)
 
 
 # ---- keys and values ------------------------------------------------------------------------------------
