@@ -50,8 +50,8 @@ from hypothesis import strategies as st  # noqa: E402
 from fuzz_targets import (ACCEPTED, ESCAPED, REFUSED, TARGETS, _jsonable, anything, json_anything,  # noqa: E402
                           outcome)
 
-VALID_DRAWS, INVALID_DRAWS, ANY_DRAWS = 600, 1000, 1000
-BASES, BAD_VALUES, SEALED, LEAVES = 300, 60, 400, 400  # pool sizes for recombining and mutating
+VALID_DRAWS, INVALID_DRAWS, ANY_DRAWS = 2000, 4000, 4000
+BASES, BAD_VALUES, SEALED, LEAVES = 1000, 200, 2000, 1000  # pool sizes for recombining and mutating
 INVALID_SHARE = 0.45  # of --per-kind; the rest after valid goes to `any`
 NASTY = [math.nan, math.inf, -math.inf, 0, -1, 1, 2**31 - 1, 2**31, 2**63 - 1, -(2**63), 2**64 - 1, 1e308, -1e308, 0.5,
          True, False, None, "", "\x1b[2J", "\u202e", "a" * 300, b"", b"\x00" * 33, [], {}, [1], {"a": 1}, "12D3KooW"]

@@ -391,6 +391,10 @@ def _entries(x):
     return out if out else REFUSED
 
 
+def _one_entry(m: dict) -> NS:
+    return NS(value={records.marker(ALICE.peer_id): NS(value=m, expiration_time=NOW + 5.0)})
+
+
 _item = st.builds(NS, value=member_valid | member_bad | anything | st.binary(max_size=16),
                   expiration_time=expirations("member") | anything)
 DHT_ENTRIES = Target(
@@ -405,7 +409,7 @@ DHT_ENTRIES = Target(
     ),
     st.builds(NS, value=st.dictionaries(_marker | st.binary(max_size=8) | _msgpack_int, _item | anything, max_size=3))
     | anything | st.builds(NS, value=anything),
-    lambda out: all(isinstance(m, records.Member) for m in out))
+    lambda out: all(isinstance(m, records.Member) for m in out), spec=Spec(member_valid, *MEMBER_FIELDS, _one_entry))
 
 # The validator, on records as hivemind hands them to it: (key hash, msgpack subkey, value bytes, expiration).
 _KEY = bytes(20)
@@ -610,11 +614,15 @@ header_bad = st.builds(lambda h, i, v: h[:i] + [v] + h[i + 1:], header_valid, st
     lambda h, v: [h[0], h[1], v], header_valid, st.integers(HEADER[2][1], INT64 - 1)) | st.builds(
     lambda h, i, v: h[:i] + [v] + h[i + 1:], header_valid, st.integers(0, 1), st.integers(V.INT_MAX, INT64 - 1)) | (
     st.lists(_int64, max_size=5).filter(lambda r: len(r) != 3))
+_HEADER_KEYS = ("round", "stage", "size")
+HEADER_SPEC = Spec(st.fixed_dictionaries(dict(zip(_HEADER_KEYS, (ints(lo, hi) for lo, hi in HEADER)))),
+                   {k: st.integers(-INT64, lo - 1) | st.integers(hi, INT64 - 1) for k, (lo, hi) in zip(_HEADER_KEYS, HEADER)},
+                   list(_HEADER_KEYS), lambda m: [m[k] for k in _HEADER_KEYS if k in m])
 TORCH_HEADER = Target(
     "torch_header", "torch.distributed rollout header [round, stage, size] (parse_ints with manager.HEADER)",
     lambda row: parse_ints(row, "header", HEADER), header_valid, header_bad,
     st.lists(_int64, max_size=4) | anything,
-    lambda h: all(lo <= v < hi for v, (lo, hi) in zip(h, HEADER)), (V.Invalid,))
+    lambda h: all(lo <= v < hi for v, (lo, hi) in zip(h, HEADER)), (V.Invalid,), spec=HEADER_SPEC)
 
 # ---- payload requests ---------------------------------------------------------------------------------------
 request_valid = st.tuples(ints(0), ints(0)).map(list) | st.tuples(ints(0), ints(0), st.just(ALICE.peer_id)).map(list)
@@ -623,6 +631,11 @@ request_bad = st.one_of(
     st.tuples(ints(0), ints(0), bad_names() | st.just("")).map(list),
     st.lists(ints(0), max_size=5).filter(lambda r: len(r) not in (2, 3)),
     st.just({"round": 1}), st.tuples(ints(0), ints(0), st.just(ALICE.peer_id), _msgpack_int).map(list))
+
+
+REQUEST_SPEC = Spec(st.fixed_dictionaries({"round": ints(0), "stage": ints(0)}, optional={"origin": st.just(ALICE.peer_id)}),
+                    {"round": bad_ints(0), "stage": bad_ints(0), "origin": bad_names() | st.just("")}, ["round", "stage"],
+                    lambda m: msgpack.packb([m[k] for k in ("round", "stage", "origin") if k in m], use_bin_type=True))
 
 
 def _request(data: bytes):
@@ -635,7 +648,8 @@ PAYLOAD_REQUEST = Target(
     _request, request_valid.map(msgpack.packb),
     request_bad.map(lambda v: msgpack.packb(v, use_bin_type=True)) | st.binary(min_size=MAX_REQUEST + 1, max_size=MAX_REQUEST + 9),
     st.binary(max_size=140) | edge_bytes | _msgpack_any(),
-    lambda r: 0 <= r[0] < V.INT_MAX and 0 <= r[1] < V.INT_MAX and (r[2] == "" or r[2].startswith("12D3KooW")))
+    lambda r: 0 <= r[0] < V.INT_MAX and 0 <= r[1] < V.INT_MAX and (r[2] == "" or r[2].startswith("12D3KooW")),
+    spec=REQUEST_SPEC)
 
 TARGETS = [WIRE_BYTES, WIRE_STRUCT, DHT_MEMBER, DHT_ANNOUNCEMENT, DHT_CLOCK, DHT_ENTRIES, DHT_VALIDATOR,
            DRIVE_REGISTRATION, DRIVE_CLOCK, DRIVE_MANIFEST, TORCH_ANNOUNCEMENT, TORCH_HEADER, PAYLOAD_REQUEST]
