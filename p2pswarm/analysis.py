@@ -14,12 +14,12 @@ matplotlib until a function that needs it is called.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from p2pswarm.comm.drive.records import check_record
+from p2pswarm import validate as V
+from p2pswarm.comm.drive.records import parse_registration
 from p2pswarm.comm.drive.store import FolderStore
 from p2pswarm.errors import UserError
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 REWARD = "reward_local_mean"  # the reward of a node's own rollouts: how well its policy does
 RECENT = 10  # rounds in the "recent reward" mean
+MAX_METRICS_BYTES = 256 << 20  # a node's metrics.jsonl in the shared folder (~3 KB a round)
 
 
 class ExperimentNotFound(UserError, FileNotFoundError):
@@ -69,9 +70,9 @@ def _rows(data: bytes | str | None) -> list[dict]:
     for line in text.splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short
-        if isinstance(row, dict) and isinstance(row.get("round"), int):
+        except Exception:  # noqa: BLE001 - a line cut short (ValueError), or nested past the parser (RecursionError)
+            continue
+        if isinstance(row, dict) and _opt(V.integer, row.get("round"), 0) is not None:
             rows.append(row)
     return rows
 
@@ -83,7 +84,15 @@ def _dedupe(rows: list[dict]) -> list[dict]:
 
 
 def _finite(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+    return _opt(V.real, x, -1e12, 1e12)
+
+
+def _opt(check, v: Any, *args: Any) -> Any:
+    """`check(v)` (a validate.py checker), or None when v does not pass: these files are anyone's to write."""
+    try:
+        return check(v, "field", *args)
+    except V.Invalid:
+        return None
 
 
 def _node_metrics(store: FolderStore) -> dict[str, list[dict]]:
@@ -93,7 +102,7 @@ def _node_metrics(store: FolderStore) -> dict[str, list[dict]]:
     for node in store.subfolders(logs):
         if node.startswith("."):
             continue
-        rows = _dedupe(_rows(store.read(f"{logs}/{node}/metrics.jsonl")))
+        rows = _dedupe(_rows(store.read(f"{logs}/{node}/metrics.jsonl", MAX_METRICS_BYTES)))
         if rows:
             out[node] = rows
     return out
@@ -108,7 +117,7 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
         "reward_last": rewards[-1] if rewards else None,
         "reward_recent": sum(recent) / len(recent) if recent else None,
         "reward_mean": sum(rewards) / len(rewards) if rewards else None,
-        "swarm_peers_last": rows[-1].get("swarm_peers") if rows else None,
+        "swarm_peers_last": _opt(V.integer, rows[-1].get("swarm_peers"), 0) if rows else None,
     }
 
 
@@ -142,19 +151,21 @@ def get_experiment_status(root: str, name: str, *, peer_timeout: float = 60.0) -
     for fname, _, _ in store.listing(folder):
         if not fname.endswith(".json"):
             continue
-        rec = check_record(store.read_json(f"{folder}/{fname}"))
-        if rec is None:
+        node = fname[: -len(".json")]
+        reg = parse_registration(node, store.read_json(f"{folder}/{fname}"), now)
+        if reg is None:  # unsigned, or a field out of range (a heartbeat from the future, NaN...)
             invalid += 1
             continue
-        node = fname[: -len(".json")]
-        age = max(0.0, now - float(rec["time"]))
-        state = "left" if rec.get("left") else ("live" if age <= peer_timeout else "stale")
-        peers[node] = {"node": node, "name": rec.get("name", node), "peer_id": rec.get("peer_id"),
-                       "role": rec.get("role", ""), "state": state, "round": rec.get("round"), "stage": rec.get("stage"),
-                       "last_heartbeat": float(rec["time"]), "heartbeat_age_s": round(age, 1)}
+        age = max(0.0, now - reg.time)
+        state = "left" if reg.left else ("live" if age <= peer_timeout else "stale")
+        peers[node] = {"node": node, "name": reg.name, "peer_id": reg.peer_id, "role": reg.role, "state": state,
+                       "round": reg.round, "stage": reg.stage, "last_heartbeat": reg.time,
+                       "heartbeat_age_s": round(age, 1)}
     metrics = _node_metrics(store)
     for node, rows in metrics.items():
-        entry = peers.setdefault(node, {"node": node, "name": rows[-1].get("node", node), "peer_id": rows[-1].get("peer"),
+        last = rows[-1]
+        entry = peers.setdefault(node, {"node": node, "name": _opt(V.name, last.get("node")) or node,
+                                        "peer_id": _opt(V.peer_id, last.get("peer")),
                                         "role": "", "state": "unregistered", "round": None, "stage": None,
                                         "last_heartbeat": None, "heartbeat_age_s": None})
         entry.update(_summary(rows))
@@ -276,7 +287,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("round clock: not started (no coordinator has run yet)")
     else:
         updated = status["last_updated"]
-        age = _age(status["checked_at"] - updated) + " ago" if isinstance(updated, (int, float)) else "-"
+        age = _age(status["checked_at"] - updated) + " ago" if updated is not None else "-"  # read_clock checked it
         lines.append(f"round {status['current_round']}, stage {status['current_stage']}  "
                      f"(clock kept by {status['coordinator'] or '?'}, advanced {age})")
     lines.append(f"{status['num_active_peers']} live peer(s) of {len(status['peers'])}"

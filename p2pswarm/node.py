@@ -11,11 +11,12 @@ import torch
 from p2pswarm import events as ev
 from p2pswarm import models
 from p2pswarm.comm.inprocess import InProcessComm, InProcessHub, LocalCoordinator
-from p2pswarm.comm.torchdist.env import (RankEnv, RankFailure, env_rank, node_name, quiet_other_ranks, rank_device,
+from p2pswarm.comm.torchdist.env import (RankEnv, env_rank, node_name, quiet_other_ranks, rank_device,
                                        threads_per_rank)
 from p2pswarm.components import CommunicationManager, Coordinator
 from p2pswarm.data.reasoning_gym import ReasoningGymData
 from p2pswarm.data.revise import ReviseData
+from p2pswarm.errors import UserError
 from p2pswarm.events import EventBus, JsonlEventLog
 from p2pswarm.game import GameManager, LockstepGameManager
 from p2pswarm.identity import Identity
@@ -204,7 +205,7 @@ def run_agents(agents: list[GameManager], rounds: int | None = None) -> None:
             agent.run(rounds)
         except BaseException as e:  # noqa: BLE001 - reported below, after the others stop
             agent.events.emit(ev.ERROR, message=f"{type(e).__name__}: {e}")
-            if not isinstance(e, RankFailure):  # that one is a complete sentence; no traceback
+            if not isinstance(e, UserError):  # RankFailure, CheckpointError...: a complete sentence, no traceback
                 log.exception("%s failed", agent.name)
             errors.append(e)
             for other in agents:

@@ -184,6 +184,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"{m!r} is not a multiaddr (like /ip4/203.0.113.5/tcp/38331/p2p/12D3KooW...)")
         return v
 
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str | None) -> str | None:
+        # Other peers refuse a member record or registration whose name is not 1..64 printable characters
+        # (p2pswarm/validate.py); 48 leaves room for the `-rank<R>` / `-<agent>` suffixes.
+        if v is not None and not (1 <= len(v) <= 48 and v.isprintable()):
+            raise ValueError("must be 1 to 48 printable characters (other peers show it as this node's name)")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

@@ -9,6 +9,8 @@ Swarm completions are text: they are re-tokenised with the local tokenizer under
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import random
 import time
@@ -22,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from p2pswarm import grpo
 from p2pswarm.components import Trainer, TrainStats
+from p2pswarm.errors import UserError
 from p2pswarm.types import GameState, Group, Task
 
 log = logging.getLogger(__name__)
@@ -268,27 +271,108 @@ class GRPOTrainer(Trainer):
         return stats
 
     # ---- persistence ---------------------------------------------------------------------------
+    # A checkpoint is data only: the model as safetensors (save_pretrained), the tokenizer as JSON, and
+    # trainer.pt with the optimizer state and RNG states, which are tensors, numbers and tuples: torch.load
+    # reads it with weights_only=True, which refuses any pickle that would import or call something. So a
+    # checkpoint planted in the run folder (or a shared one) cannot run code. checksums.json (sha256 of
+    # every file above) makes a corrupted or altered file an error instead of silently wrong weights.
+    # Checkpoints of earlier versions (no checksums.json, the same trainer.pt keys) still load.
     def save(self, path: Path) -> None:
         path = Path(path)
-        self.model.save_pretrained(path / "model")
+        self.model.save_pretrained(path / "model")  # safetensors (transformers' default)
         self.tok.save_pretrained(path / "model")
         state = {
             "optimizer": self.optimizer.state_dict(),
-            "rng": self.rng.getstate(),
+            "rng": self.rng.getstate(),  # (int, tuple of 625 ints, float | None)
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         torch.save(state, path / "trainer.pt")
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+        sums = {p.relative_to(path).as_posix(): _sha256(p) for p in files}
+        (path / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1))
 
     def load(self, path: Path) -> None:
+        """Restore weights, optimizer and RNG states; CheckpointError (one line) for a checkpoint that is
+        altered, corrupted, or holds anything but data."""
         from transformers import AutoModelForCausalLM
 
         path = Path(path)
-        saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(saved.state_dict())
-        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        verify_checkpoint(path)
+        try:
+            saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(self.model.parameters()).dtype,
+                                                         use_safetensors=True)  # never a pickled .bin
+            self.model.load_state_dict(saved.state_dict())
+        except Exception as e:  # noqa: BLE001 - whatever the files hold, one line
+            raise CheckpointError(path, f"its model does not load ({type(e).__name__}: {first_line(e)})") from None
+        try:
+            state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError (code in it), RuntimeError (not a torch file)...
+            raise CheckpointError(path, "trainer.pt is not a plain tensor file: it may hold code, which is never "
+                                  f"run ({type(e).__name__}: {first_line(e)})") from None
+        try:
+            if not isinstance(state, dict):
+                raise ValueError("trainer.pt is not a dict")
+            rng = _rng_state(state.get("rng"))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.rng.setstate(rng)
+            torch.set_rng_state(state["torch_rng"].cpu())
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(path, f"trainer.pt does not hold this trainer's state ({type(e).__name__}: "
+                                  f"{first_line(e)})") from None
+
+
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that must not be loaded; the message is one line naming it and why."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"refusing the checkpoint {path}: {why}. Move that folder away to resume from an "
+                         "earlier checkpoint, or from scratch")
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file against checksums.json (CheckpointError on a mismatch or a missing file). A
+    checkpoint without checksums.json (an earlier version's) is taken as it is: its trainer.pt still loads
+    only as data."""
+    sums_path = Path(path) / CHECKSUMS
+    if not sums_path.exists():
+        log.info("%s has no %s (written by an earlier version): loading it unverified, as data only", path, CHECKSUMS)
+        return
+    try:
+        sums = json.loads(sums_path.read_text())["sha256"]
+        if not isinstance(sums, dict) or "trainer.pt" not in sums:
+            raise ValueError("no trainer.pt in it")
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(path, f"{CHECKSUMS} is unreadable ({type(e).__name__}: {first_line(e)})") from None
+    for rel, digest in sums.items():
+        f = Path(path) / rel
+        if ".." in Path(rel).parts or not f.is_file():
+            raise CheckpointError(path, f"{rel} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(path, f"{rel} does not match its checksum (altered or corrupted)")
+
+
+def _rng_state(v: Any) -> tuple:
+    """random.Random's state (version, 625 words, gauss_next) from trainer.pt, checked."""
+    if not (isinstance(v, (tuple, list)) and len(v) == 3 and type(v[0]) is int and isinstance(v[1], (tuple, list))
+            and len(v[1]) == 625 and all(type(x) is int and 0 <= x < 2**32 for x in v[1])
+            and (v[2] is None or type(v[2]) is float)):
+        raise ValueError("the random state is malformed")
+    return v[0], tuple(v[1]), v[2]

@@ -10,12 +10,17 @@ The sender's answer, meta and rewards are advisory: a receiver regenerates each 
 
 `sig` is the sender's Ed25519 signature over `body`; `key` is its public key, and `peer` must be the
 peer id derived from `key`. A transport that knows which peer it talked to also checks that it is
-`peer`. decode() raises WireError with a short reason; transports count reasons and drop the message.
+`peer`. decode() raises WireError with a short reason, and nothing else whatever the bytes; transports
+count reasons and drop the message.
+
+Every field is checked with p2pswarm/validate.py before it is used: round and stage ints in [0, 2**31),
+created a finite wall-clock time no later than 10 minutes ahead of ours, the peer a real Ed25519 peer id,
+task id a printable name of at most 256 characters, rewards finite within +-1e6, meta and recipe plain
+data (string keys, finite numbers, at most 8 deep), every text within `max_text`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,10 +28,12 @@ from typing import Any
 
 import msgpack
 
+from p2pswarm import validate as V
 from p2pswarm.identity import Identity, peer_id_from_public, verify
 from p2pswarm.types import Group, Task
 
 VERSION = 1
+MAX_REWARD = 1e6  # a sender's advisory reward; anything larger is not a reward
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class Limits:
     max_completions: int = 64
     max_text: int = 32 * 1024  # characters per question / answer / completion
     max_meta_bytes: int = 16 * 1024
+    max_id: int = 256  # characters of a task id or dataset name
     round_window: int = 2  # accept rounds in [current - window, current + window]
 
 
@@ -86,22 +94,6 @@ def encode(batch: RolloutBatch, identity: Identity) -> bytes:
     return msgpack.packb({"v": VERSION, "body": body, "key": identity.public, "sig": identity.sign(body)})
 
 
-def _str(d: dict, key: str, limits: Limits) -> str:
-    v = d.get(key)
-    if not isinstance(v, str):
-        raise WireError("schema", f"{key} must be a string")
-    if len(v) > limits.max_text:
-        raise WireError("too_large", f"{key} is {len(v)} characters")
-    return v
-
-
-def _int(d: dict, key: str) -> int:
-    v = d.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise WireError("schema", f"{key} must be a non-negative integer")
-    return v
-
-
 def _unpack(data: bytes, what: str) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True)
@@ -116,8 +108,22 @@ def decode(
     current_round: int | None = None,
     expect_peer: str | None = None,
     limits: Limits = Limits(),
+    now: float | None = None,
 ) -> RolloutBatch:
-    """Parse and check a batch: size, envelope, version, signature, peer id, swarm, round window, schema."""
+    """Parse and check a batch: size, envelope, version, signature, peer id, swarm, round window, schema.
+    Raises WireError, and nothing else, whatever `data` holds."""
+    try:
+        return _decode(data, swarm, current_round, expect_peer, limits, now)
+    except WireError:
+        raise
+    except V.Invalid as e:
+        raise WireError("too_large" if e.reason == "too_large" else "schema", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a check this module forgot must still not raise into a round
+        raise WireError("malformed", f"{type(e).__name__}") from None
+
+
+def _decode(data: Any, swarm: str, current_round: int | None, expect_peer: str | None, limits: Limits,
+            now: float | None) -> RolloutBatch:
     if not isinstance(data, (bytes, bytearray)):
         raise WireError("malformed", "not bytes")
     if len(data) > limits.max_bytes:
@@ -125,73 +131,69 @@ def decode(
     env = _unpack(data, "envelope")
     if not isinstance(env, dict):
         raise WireError("malformed", "envelope is not a map")
-    if env.get("v") != VERSION:
-        raise WireError("bad_version", repr(env.get("v"))[:20])
+    if env.get("v") != VERSION or type(env.get("v")) is not int:
+        raise WireError("bad_version", V.clip(env.get("v"), 20))
     body, key, sig = env.get("body"), env.get("key"), env.get("sig")
-    if not (isinstance(body, bytes) and isinstance(key, bytes) and isinstance(sig, bytes)) or len(key) != 32:
+    if not (type(body) is bytes and type(key) is bytes and type(sig) is bytes) or len(key) != 32:
         raise WireError("malformed", "envelope fields")
     if not verify(key, sig, body):
         raise WireError("bad_signature")
     b = _unpack(body, "body")
     if not isinstance(b, dict):
         raise WireError("schema", "body is not a map")
-    peer = _str(b, "peer", limits)
+    peer = V.field(b, "peer", V.peer_id)
     if peer != peer_id_from_public(key):
         raise WireError("wrong_peer", "signing key does not belong to the named peer")
     if expect_peer is not None and peer != expect_peer:
         raise WireError("wrong_peer", "sender is not the peer the transport saw")
-    if b.get("swarm") != swarm:
-        raise WireError("wrong_swarm", repr(b.get("swarm"))[:40])
-    rnd, stage = _int(b, "round"), _int(b, "stage")
+    if b.get("swarm") != swarm or type(b.get("swarm")) is not str:
+        raise WireError("wrong_swarm", V.clip(b.get("swarm")))
+    rnd, stage = V.field(b, "round", V.integer, 0), V.field(b, "stage", V.integer, 0)
     if current_round is not None and abs(rnd - current_round) > limits.round_window:
         raise WireError("round_window", f"round {rnd}, current {current_round}")
-    created = b.get("created")
-    if not isinstance(created, (int, float)) or not math.isfinite(created):
-        raise WireError("schema", "created")
+    created = V.field(b, "created", V.timestamp, now)
     groups_raw = b.get("groups")
-    if not isinstance(groups_raw, list):
+    if type(groups_raw) is not list:
         raise WireError("schema", "groups must be a list")
     if len(groups_raw) > limits.max_groups:
         raise WireError("too_large", f"{len(groups_raw)} groups")
-    groups = []
-    for raw in groups_raw:
-        if not isinstance(raw, dict):
-            raise WireError("schema", "group is not a map")
-        completions = raw.get("completions")
-        if not isinstance(completions, list) or not 1 <= len(completions) <= limits.max_completions:
-            raise WireError("schema", "completions")
-        for c in completions:
-            if not isinstance(c, str):
-                raise WireError("schema", "completion is not a string")
-            if len(c) > limits.max_text:
-                raise WireError("too_large", "completion")
-        rewards = raw.get("rewards", [])
-        if not isinstance(rewards, list) or not all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards
-        ):
-            raise WireError("schema", "rewards")
-        meta = raw.get("meta", {})
-        if not isinstance(meta, dict):
-            raise WireError("schema", "meta")
-        if len(msgpack.packb(meta)) > limits.max_meta_bytes:
-            raise WireError("too_large", "meta")
-        recipe = raw.get("recipe")
-        if recipe is not None:
-            if not isinstance(recipe, dict):
-                raise WireError("schema", "recipe")
-            if len(msgpack.packb(recipe)) > limits.max_meta_bytes:
-                raise WireError("too_large", "recipe")
-        task = Task(
-            task_id=_str(raw, "id", limits),
-            dataset=_str(raw, "dataset", limits),
-            question=_str(raw, "question", limits),
-            answer=_str(raw, "answer", limits),
-            metadata=meta,
-            stage=stage,
-            recipe=recipe,
-        )
-        groups.append(Group(task=task, completions=completions, peer=peer, sender_rewards=[float(r) for r in rewards]))
-    return RolloutBatch(swarm=b["swarm"], round=rnd, stage=stage, peer=peer, groups=groups, created=float(created))
+    groups = [_group(raw, peer, stage, limits) for raw in groups_raw]
+    return RolloutBatch(swarm=swarm, round=rnd, stage=stage, peer=peer, groups=groups, created=created)
+
+
+def _group(raw: Any, peer: str, stage: int, limits: Limits) -> Group:
+    """One group of a batch, every field checked (raises V.Invalid or WireError)."""
+    if type(raw) is not dict:
+        raise WireError("schema", "group is not a map")
+    completions = raw.get("completions")
+    if type(completions) is not list or not 1 <= len(completions) <= limits.max_completions:
+        raise WireError("schema", "completions")
+    for c in completions:
+        V.text(c, "completion", limits.max_text)
+    rewards = raw.get("rewards", [])
+    if type(rewards) is not list or len(rewards) > limits.max_completions:
+        raise WireError("schema", "rewards")
+    rewards = [V.real(r, "reward", -MAX_REWARD, MAX_REWARD) for r in rewards]
+    meta = V.plain(V.mapping(raw.get("meta", {}), "meta"), "meta")
+    if len(msgpack.packb(meta)) > limits.max_meta_bytes:
+        raise WireError("too_large", "meta")
+    recipe = raw.get("recipe")
+    if recipe is not None:
+        V.plain(V.mapping(recipe, "recipe"), "recipe")
+        if len(msgpack.packb(recipe)) > limits.max_meta_bytes:
+            raise WireError("too_large", "recipe")
+    task = Task(
+        task_id=V.field(raw, "id", V.name, limits.max_id),
+        dataset=V.field(raw, "dataset", V.text, limits.max_id),
+        question=V.field(raw, "question", V.text, limits.max_text),
+        answer=V.field(raw, "answer", V.text, limits.max_text),
+        metadata=meta,
+        stage=stage,
+        recipe=recipe,
+    )
+    if task.dataset and not task.dataset.isprintable():
+        raise WireError("schema", "dataset has control characters")
+    return Group(task=task, completions=completions, peer=peer, sender_rewards=rewards)
 
 
 class Inbox:

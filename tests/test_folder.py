@@ -148,7 +148,8 @@ def test_hostile_files_are_skipped_and_counted(url, tmp_path):
         c = mallory.counters()
         assert c["batches_received"] == 1 and c["dropped_bad_registration"] >= 1
         # counted under the peer id the file's node registered (the name is the registration's)
-        per = c["per_peer"]["alice"]
+        per = c["per_peer"][alice.peer_id]  # rows are keyed by peer id; the name is display only
+        assert per["name"] == "alice"
         assert per["batches"] == 1 and per["dropped_bad_signature"] >= 1 and per["dropped_wrong_peer"] == 1
         # read once: polling again does not re-read the file
         reads = c["files_read"]
@@ -174,9 +175,9 @@ def test_relayed_files_count_under_their_signer_and_are_not_passed_on_again(tmp_
         assert sorted(g.peer for g in got) == sorted([alice.peer_id, bridge.peer_id, outsider.peer_id])
         assert reader.last_collect_seconds < 30  # the quorum (3, with the relayed one) ended it, not the timeout
         per = reader.counters()["per_peer"]
-        assert per[outsider.peer_id[-8:]] == {"batches": 1, "groups": 1, "bytes": per[outsider.peer_id[-8:]]["bytes"],
-                                              "relayed": 1}
-        assert per["alice"]["batches"] == 1 and "relayed" not in per["alice"]
+        row = per[outsider.peer_id]  # rows are keyed by peer id
+        assert {k: row.get(k) for k in ("batches", "groups", "relayed")} == {"batches": 1, "groups": 1, "relayed": 1}
+        assert per[alice.peer_id]["batches"] == 1 and "relayed" not in per[alice.peer_id]
         assert sorted(passed) == sorted([alice.peer_id, bridge.peer_id])  # the relayed batch is not passed on again
         assert bridge.counters()["batches_relayed"] == 1 and reader.live_peers() == {alice.peer_id, bridge.peer_id}
     finally:

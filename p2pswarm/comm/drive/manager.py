@@ -201,9 +201,9 @@ class FolderComm(SignedTransport):
             if size > self.limits.max_bytes:
                 self.drop(via or sender, "too_large")
                 continue
-            data = self.store.read(path)
+            data = self.store.read(path, self.limits.max_bytes)  # it may have grown since the listing
             if data is None:
-                self._cache.pop(path, None)  # vanished between listing and reading
+                self._cache.pop(path, None)  # vanished between listing and reading (or grew past the cap)
                 continue
             self.files_read += 1
             batch = self.accept(data, round=round, stage=stage, sender=sender, via=via)

@@ -13,8 +13,8 @@ written last, and the folder renamed into place; the last `keep` are kept.
 When a node starts and its run folder has no checkpoint, or an older one than the shared folder (a Colab VM
 that died with its disk), the newest shared checkpoint is brought back first, and so are the logs, so that
 the node resumes where it was instead of starting over. A checkpoint is restored only if its manifest is
-signed by this node's own identity and every file matches it: trainer.pt is a pickle, and anyone who can
-write to the shared folder could otherwise plant code in it.
+signed by this node's own identity and every file matches it: anyone who can write to the shared folder
+could otherwise plant another node's weights (trainer.pt also loads without unpickling: trainer.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from p2pswarm import events as ev
 from p2pswarm.comm.drive.manager import FolderComm
-from p2pswarm.comm.drive.records import check_record, signed_record
+from p2pswarm.comm.drive.records import manifest_record, parse_manifest
 from p2pswarm.comm.drive.store import FolderStore, round_of, safe_name
 from p2pswarm.identity import Identity
 from p2pswarm.run import RunDir
@@ -174,7 +174,7 @@ class DriveMirror:
         if "state.json" not in files:
             self._rm(tmp)
             return False
-        manifest = signed_record(self.identity, {"node": self.node, "round": round, "time": time.time(), "files": files})
+        manifest = manifest_record(self.identity, self.node, round, files)
         self.store.write_atomic(f"{tmp}/{MANIFEST}", manifest)
         self._rm(final)
         self.store.move(tmp, final)
@@ -215,27 +215,24 @@ class DriveMirror:
 
     def _download_checkpoint(self, round: int) -> bool:
         src = f"{self.checkpoints}/round_{round:06d}"
-        rec = check_record(self.store.read_json(f"{src}/{MANIFEST}"))
-        if rec is None or rec.get("round") != round or not isinstance(rec.get("files"), dict):
-            log.warning("not restoring %s: its manifest is missing, unsigned or wrongly signed", src)
+        man = parse_manifest(self.store.read_json(f"{src}/{MANIFEST}"))
+        if man is None or man.round != round:
+            log.warning("not restoring %s: its manifest is missing, unsigned, wrongly signed or malformed", src)
             return False
-        if rec["peer_id"] != self.identity.peer_id:
+        if man.peer_id != self.identity.peer_id:
             log.warning("not restoring %s: it was signed by %s, and this node is %s. Keep the identity file on "
                         "persistent storage (IDENTITY_PATH) so that a restarted node stays the same peer.",
-                        src, rec["peer_id"], self.identity.peer_id)
+                        src, man.peer_id, self.identity.peer_id)
             return False
         dest = self.run.checkpoint_path(round)
         tmp = self.run.checkpoints / f".tmp-{dest.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            for rel, meta in rec["files"].items():
-                parts = PurePosixPath(rel).parts
-                if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
-                    raise ValueError(f"bad file name {rel!r}")
-                target = tmp.joinpath(*parts)
+            for rel, (size, sha256) in man.files.items():  # names checked by parse_manifest: no .., not absolute
+                target = tmp.joinpath(*PurePosixPath(rel).parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.store.fs.get_file(f"{src}/{rel}", str(target))
-                if target.stat().st_size != meta.get("size") or _sha256(target) != meta.get("sha256"):
+                if target.stat().st_size != size or _sha256(target) != sha256:
                     raise ValueError(f"{rel} does not match the manifest")
             if not (tmp / "state.json").exists():
                 raise ValueError("no state.json")
@@ -258,7 +255,7 @@ class DriveMirror:
             for line in data.decode("utf-8", "replace").splitlines():
                 try:
                     row = json.loads(line)
-                except ValueError:
+                except Exception:  # noqa: BLE001 - ValueError, RecursionError: a line that is not ours
                     continue
                 if isinstance(row, dict) and row.get("peer") == self.identity.peer_id:
                     rows.append(line)

@@ -2,14 +2,19 @@
 
 A record is a JSON object with the signer's peer id, its public key and an Ed25519 signature over the
 canonical JSON of every other field, so nobody who can write to the folder can speak for another node.
-`check_record` is the only gate: a record it refuses is never looked at further.
+`check_record` is the only gate: a record it refuses is never looked at further; `parse_registration`
+and `parse_manifest` then check every field (p2pswarm/validate.py) and never raise.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
 
+from p2pswarm import validate as V
 from p2pswarm.comm.core import Progress
 from p2pswarm.comm.drive.store import safe_name
 from p2pswarm.identity import Identity, peer_id_from_public, verify
@@ -26,18 +31,18 @@ def signed_record(identity: Identity, fields: dict) -> bytes:
     return json.dumps({**body, "sig": identity.sign(_canonical(body)).hex()}, indent=1).encode()
 
 
-def check_record(obj: dict | None) -> dict | None:
-    """The record if its signature and peer id hold and it has a numeric `time`, else None."""
-    if not isinstance(obj, dict):
-        return None
+def check_record(obj: Any, now: float | None = None) -> dict | None:
+    """The record if it is signed by the peer it names and its `time` is a plausible wall-clock time (finite,
+    after 2020, at most 10 minutes ahead of ours: JSON allows NaN and Infinity, and a registration with
+    time=Infinity would stay live for ever), else None. Never raises."""
     try:
+        V.mapping(obj, "record")
         body = {k: v for k, v in obj.items() if k != "sig"}
-        key, sig = bytes.fromhex(obj["key"]), bytes.fromhex(obj["sig"])
-        if len(key) != 32 or peer_id_from_public(key) != obj.get("peer_id") or not verify(key, sig, _canonical(body)):
+        key, sig = V.hex_bytes(obj.get("key"), "key", 32), V.hex_bytes(obj.get("sig"), "sig", 64)
+        if peer_id_from_public(key) != V.field(obj, "peer_id", V.peer_id) or not verify(key, sig, _canonical(body)):
             return None
-        if not isinstance(obj.get("time"), (int, float)):
-            return None
-    except (KeyError, ValueError, TypeError):
+        V.field(obj, "time", V.timestamp, now)
+    except Exception:  # noqa: BLE001 - anything in a shared folder may be anything
         return None
     return obj
 
@@ -73,16 +78,68 @@ def registration_record(identity: Identity, reg: Registration) -> bytes:
                                     "finished": reg.finished, "bridged": reg.bridged})
 
 
-def parse_registration(node: str, obj: dict | None) -> Registration | None:
-    """The registration in peers/<node>.json if it is signed, names the node its file is named after, and its
-    fields have the right types; else None."""
-    rec = check_record(obj)
-    if rec is None or safe_name(str(rec.get("node", node))) != node:
+ROLES = ("worker", "coordinator")
+
+
+def parse_registration(node: str, obj: Any, now: float | None = None) -> Registration | None:
+    """The registration in peers/<node>.json if it is signed, names the node its file is named after, and
+    every field is in range (validate.py: name printable, role worker|coordinator, rounds in [-1, 2**31),
+    left a bool, bridged in [0, 2**31) and counted at most MAX_BRIDGED); else None. Never raises.
+    The fork's registrations lack our optional fields (finished, bridged, left): defaults stand in."""
+    rec = check_record(obj, now)
+    if rec is None:
         return None
     try:
-        return Registration(node, rec["peer_id"], str(rec.get("name", node)), str(rec.get("role", "")),
-                            int(rec.get("round", -1)), int(rec.get("stage", 0)), float(rec["time"]),
-                            bool(rec.get("left", False)), int(rec.get("finished", -1)),
-                            min(max(int(rec.get("bridged", 0)), 0), MAX_BRIDGED))
-    except (TypeError, ValueError):
+        if safe_name(V.field(rec, "node", V.name, default=node)) != node:
+            return None
+        return Registration(node, rec["peer_id"], V.field(rec, "name", V.name, default=node),
+                            V.field(rec, "role", V.choice, ROLES, default="worker"),
+                            V.field(rec, "round", V.integer, default=-1), V.field(rec, "stage", V.integer, 0, default=0),
+                            V.timestamp(rec["time"], "time", now), V.field(rec, "left", V.flag, default=False),
+                            V.field(rec, "finished", V.integer, default=-1),
+                            min(V.field(rec, "bridged", V.integer, 0, default=0), MAX_BRIDGED))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ---- checkpoint manifests: checkpoints/<node>/round_NNNNNN/manifest.json ---------------------------------------
+MAX_FILES = 10_000
+MAX_FILE_BYTES = 2**40
+
+
+@dataclass
+class Manifest:
+    """A signed list of a checkpoint's files: relative path -> (size, sha256 hex)."""
+
+    peer_id: str
+    node: str
+    round: int
+    files: dict[str, tuple[int, str]]
+
+
+def manifest_record(identity: Identity, node: str, round: int, files: dict[str, dict]) -> bytes:
+    return signed_record(identity, {"node": node, "round": round, "time": time.time(), "files": files})
+
+
+def parse_manifest(obj: Any, now: float | None = None) -> Manifest | None:
+    """The manifest if it is signed and every entry is a safe relative path (no `..`, not absolute, printable,
+    at most 255 characters) with a size in [0, 2**40) and a sha256 of 64 lowercase hex digits; else None.
+    Never raises."""
+    rec = check_record(obj, now)
+    if rec is None:
+        return None
+    try:
+        files_raw = V.field(rec, "files", V.mapping)
+        if not 1 <= len(files_raw) <= MAX_FILES:
+            return None
+        files = {}
+        for rel, meta in files_raw.items():
+            parts = PurePosixPath(V.name(rel, "file", 255)).parts
+            if not parts or rel.startswith("/") or ".." in parts or "\\" in rel:
+                return None
+            V.mapping(meta, "file")
+            files[rel] = (V.field(meta, "size", V.integer, 0, MAX_FILE_BYTES),
+                          V.field(meta, "sha256", V.hex_bytes, 32).hex())
+        return Manifest(rec["peer_id"], V.field(rec, "node", V.name), V.field(rec, "round", V.integer, 0), files)
+    except Exception:  # noqa: BLE001
         return None

@@ -19,10 +19,53 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from p2pswarm import validate as V
+
 log = logging.getLogger(__name__)
 
 _counter = itertools.count()
 _ROUND_RE = re.compile(r"^round_(\d+)$")
+
+
+MAX_JSON_BYTES = 1 << 20  # registrations are ~600 bytes, manifests a few KB, the clock ~300 bytes
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(data: bytes | str) -> dict | None:
+    """A JSON object, or None for anything else (never raises): not JSON, not an object, NaN or Infinity
+    anywhere in it, an integer of more than 4300 digits, nesting deeper than the parser's recursion."""
+    try:
+        obj = json.loads(data, parse_constant=_no_constant)
+    except Exception:  # noqa: BLE001 - ValueError, UnicodeDecodeError, RecursionError...
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_clock(state: Any, now: float | None = None) -> dict | None:
+    """The round clock of current_state.json: {round, stage, started, updated, coordinator,
+    coordinator_name}, or None when it has no round in [0, 2**31). The other fields are the fork's and
+    optional: one that is missing or out of range reads as None (stage as 0), so that a clock written by
+    the fork's coordinator still reads. Never raises."""
+    try:
+        if not isinstance(state, dict):
+            return None
+        rnd = V.field(state, "round", V.integer, 0)
+    except Exception:  # noqa: BLE001
+        return None
+
+    def optional(key: str, check, *args: Any, default: Any = None) -> Any:
+        try:
+            return V.field(state, key, check, *args, default=default)
+        except Exception:  # noqa: BLE001 - an optional field the fork may write otherwise
+            return default
+
+    return {"round": rnd, "stage": optional("stage", V.integer, 0, default=0),
+            "started": optional("started", V.timestamp, now), "updated": optional("updated", V.timestamp, now),
+            "coordinator": optional("coordinator", V.peer_id),
+            "coordinator_name": optional("coordinator_name", V.name)}
 
 
 def safe_name(name: str) -> str:
@@ -158,32 +201,29 @@ class FolderStore:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def read(self, path: str) -> bytes | None:
+    def read(self, path: str, max_bytes: int | None = None) -> bytes | None:
+        """The file's bytes; None if it is missing, unreadable, or (with `max_bytes`) larger than that."""
         try:
-            return self.fs.cat_file(path)
+            if max_bytes is None:
+                return self.fs.cat_file(path)
+            data = self.fs.cat_file(path, start=0, end=max_bytes + 1)
+            return data if len(data) <= max_bytes else None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         except OSError as e:
             log.debug("reading %s failed: %s", path, e)
             return None
 
-    def read_json(self, path: str) -> dict | None:
-        data = self.read(path)
-        if data is None:
-            return None
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return obj if isinstance(obj, dict) else None
+    def read_json(self, path: str, max_bytes: int = MAX_JSON_BYTES) -> dict | None:
+        """A JSON object from the folder, or None (never raises): missing, over `max_bytes`, not JSON, nested
+        too deep for the parser, or holding NaN / Infinity (which Python's json would otherwise accept)."""
+        data = self.read(path, max_bytes)
+        return None if data is None else parse_json(data)
 
     # ---- the round clock --------------------------------------------------------------------------------
     def read_clock(self) -> dict | None:
-        """current_state.json if it holds a valid round (an int >= 0), else None."""
-        state = self.read_json(self.state_path())
-        if state is None or not isinstance(state.get("round"), int) or state["round"] < 0:
-            return None
-        return state
+        """current_state.json as `parse_clock` reads it, or None when it holds no valid round."""
+        return parse_clock(self.read_json(self.state_path()))
 
     def write_clock(self, state: dict) -> None:
         self.write_atomic(self.state_path(), json.dumps(state, indent=1).encode())

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from p2pswarm import validate as V
 from p2pswarm.errors import UserError
 from p2pswarm.identity import Identity
 
@@ -234,9 +235,8 @@ class HivemindNode:
             theirs = msgpack.unpackb(await asyncio.wait_for(reader.readexactly(int.from_bytes(header, P2P.BYTEORDER)), timeout))
         finally:
             writer.close()
-        if not isinstance(theirs, (int, float)):
-            raise ValueError("time reply is not a number")
-        return float(theirs) - (t0 + self.clock()) / 2
+        # A finite number (V.Invalid is a ValueError): NaN would pass any skew check, inf overflow it.
+        return V.real(theirs, "time reply", 0.0, 1e12) - (t0 + self.clock()) / 2
 
     async def _check_clock(self, peers: list[str]) -> None:
         for m in peers:

@@ -1,6 +1,7 @@
 """Rollout payloads travel peer to peer over a libp2p stream, pulled by the peers that want them.
 
-    request  = msgpack [round, stage] or [round, stage, origin]   (at most 128 bytes; origin: a relayed peer)
+    request  = msgpack [round, stage] or [round, stage, origin]   (at most 128 bytes; origin: a relayed peer;
+               parse_request: round and stage in [0, 2**31), origin a peer id, anything else unanswered)
     reply    = 8-byte big-endian length, then the signed wire bytes (length 0: "I don't have it")
 
 The puller reads the length first and refuses anything over the size cap before reading the body, so a
@@ -10,13 +11,19 @@ hostile peer cannot make us buffer more than `max_bytes`. Every pull runs under 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
 import msgpack
 
+from p2pswarm import validate as V
+
+log = logging.getLogger(__name__)
+
 PROTOCOL = "p2pswarm.rollouts/1"
 _HEADER = 8
+MAX_REQUEST = 128
 
 
 class PullError(Exception):
@@ -49,11 +56,10 @@ class PayloadServer:
         try:
             header = await asyncio.wait_for(reader.readexactly(_HEADER), 10)
             n = int.from_bytes(header, "big")
-            if n > 128:
+            if n > MAX_REQUEST:
                 return
-            req = msgpack.unpackb(await asyncio.wait_for(reader.readexactly(n), 10))
-            if not (isinstance(req, list) and len(req) in (2, 3) and isinstance(req[0], int) and isinstance(req[1], int)
-                    and (len(req) == 2 or isinstance(req[2], str))):
+            req = parse_request(await asyncio.wait_for(reader.readexactly(n), 10))
+            if req is None:
                 return
             data = self.get(*req)
             writer.write(len(data).to_bytes(_HEADER, "big"))
@@ -65,10 +71,25 @@ class PayloadServer:
                 await asyncio.wait_for(reader.read(1), 10)
                 self.served += 1
                 self.bytes_served += len(data)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, msgpack.UnpackException):
-            pass  # a broken or hostile caller: nothing to answer
+        except Exception as e:  # noqa: BLE001 - a broken or hostile caller: nothing to answer, no traceback
+            log.debug("payload request ended: %s", type(e).__name__)
         finally:
             writer.close()
+
+
+def parse_request(data: Any) -> tuple[int, int, str] | None:
+    """(round, stage, origin) of a request, origin "" for the server's own payload; None for anything else
+    (never raises): round and stage ints in [0, 2**31), origin a peer id, at most MAX_REQUEST bytes."""
+    try:
+        if type(data) is not bytes or len(data) > MAX_REQUEST:
+            return None
+        req = msgpack.unpackb(data, raw=False)
+        if type(req) is not list or len(req) not in (2, 3):
+            return None
+        rnd, stage = V.integer(req[0], "round", 0), V.integer(req[1], "stage", 0)
+        return rnd, stage, V.peer_id(req[2], "origin") if len(req) == 3 else ""
+    except Exception:  # noqa: BLE001 - whatever the bytes, not a request
+        return None
 
 
 async def pull(p2p: Any, peer_id: str, round: int, stage: int, *, max_bytes: int, timeout: float,

@@ -1,42 +1,46 @@
 """What the swarm keeps in the DHT: small, owner-signed records. Payloads never go in the DHT.
 
-    p2pswarm/<swarm>/members            subkey = owner marker   {name, role, round, stage, finished, time, left}
+    p2pswarm/<swarm>/members            subkey = owner marker   {name, role, round, stage, finished, time, left,
+                                                                 bridged}
     p2pswarm/<swarm>/rollouts/<r>/<s>   subkey = owner marker   {digest, size, created}  "I have (r, s)"
-    p2pswarm/<swarm>/clock              subkey = owner marker   {round, started, coordinator}
+                                        (or marker~origin: a bridge relays origin's signed payload)
+    p2pswarm/<swarm>/clock              subkey = owner marker   {round, started}
 
 The owner marker `[ed-owner:<peer id>]` in a subkey makes the record owner-protected: every DHT node that
 stores or returns it checks an Ed25519 signature by the key the peer id encodes (`Ed25519OwnerValidator`),
 so nobody can write under someone else's marker. hivemind's own RSASignatureValidator would need a second
 key per peer; this one reuses the libp2p identity, so the record's owner *is* the peer id. Readers take
 only subkeys that carry a marker: a plain `subkey=peer_id` proves nothing and is ignored.
+
+Every field is checked (`member`, `announcement`, `clock`, built on p2pswarm/validate.py; the table with
+the limits is in docs/hivemind.md) twice: by the validator, so that a bad record is neither stored nor
+passed on by any honest DHT node, and by `parse_entries` when the swarm reads it, which never raises and
+counts each bad record once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+import time
 from collections import Counter, OrderedDict
-from typing import Any
+from typing import Any, Callable
 
-import base58
 import msgpack
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
 
+from p2pswarm import validate as V
 from p2pswarm.identity import Identity, verify
+from p2pswarm.validate import public_from_peer_id  # noqa: F401 - kept importable from here
+
+log = logging.getLogger(__name__)
 
 _PEER_ID = rb"12D3KooW[1-9A-HJ-NP-Za-km-z]{44}"
-_OWNER = re.compile(rb"\[ed-owner:(" + _PEER_ID + rb")\]")
-_SIG = re.compile(rb"\[sig:([0-9a-f]{128})\]$")
-_ED25519_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])  # identity multihash of an Ed25519 public key
-
-
-def public_from_peer_id(peer_id: str) -> bytes:
-    """The Ed25519 public key an `12D3KooW...` peer id encodes; ValueError for any other peer id."""
-    raw = base58.b58decode(peer_id)
-    if len(raw) != len(_ED25519_PREFIX) + 32 or not raw.startswith(_ED25519_PREFIX):
-        raise ValueError(f"{peer_id[:16]}... is not an Ed25519 peer id")
-    return raw[len(_ED25519_PREFIX):]
+# \Z, not $: `$` also matches before a final newline, and a value signed then given a trailing b"\n" would pass
+# the check while hivemind's strip_value left the newline in it (its msgpack then fails to load in every reader).
+_SIG = re.compile(rb"\[sig:([0-9a-f]{128})\]\Z")
 
 
 def marker(peer_id: str) -> bytes:
@@ -61,18 +65,38 @@ def relay_subkey(owner_marker: bytes, origin: str) -> bytes:
 
 
 class Ed25519OwnerValidator(RecordValidatorBase):
-    """Signs this peer's records and rejects records under a marker whose owner did not sign them.
+    """Signs this peer's records, and admits into the DHT only records of the swarm's own shape.
 
+    hivemind calls validate() on every record this node is asked to store and on every record in every
+    reply it gets; a refused record is neither stored nor returned. A record is admitted only if
+      - its subkey is an owner marker (`[ed-owner:OWNER]`, or `[ed-owner:OWNER]~ORIGIN` for a relay) and
+        nothing else: a regular value (no subkey) or a subkey of another type is refused;
+      - its value carries OWNER's Ed25519 signature over (key, subkey, value, expiration);
+      - the signed value is a msgpack map that parses as exactly one record kind (member, announcement,
+        clock: `kind_of`), every field in range, and it expires within that kind's MAX_TTL.
+    Everything the swarm stores is like that, so honest records are never refused. What this keeps out:
+    an unsigned regular value under our keys replaces the whole dictionary of records in every reply
+    (members and announcements vanish: a censorship), and one that does not deserialize makes hivemind's
+    search callback raise (a traceback in every log, and the `get` never returns); a signed record with
+    fields out of range would reach the peers' arithmetic; a far-future expiration would keep a member
+    that left alive for ever.
+
+    validate() never raises: a record it cannot make sense of is refused, counted by reason in `rejected`,
+    and, when its owner's signature held, under that owner in `offenders`.
     The marker must not start with `[owner:`: hivemind's RSASignatureValidator would try to parse it."""
 
     CACHE_SIZE = 8192
+    MAX_OFFENDERS = 4096
 
     def __init__(self, identity: Identity):
+        quiet_hivemind_serializer()
         self.identity = identity
         self.marker = marker(identity.peer_id)
         self.rejected: Counter[str] = Counter()  # records refused, by reason (another peer's forgeries, ...)
+        self.offenders: Counter[str] = Counter()  # signed records refused for their content, by owner
         # hivemind re-validates every record in every reply on every poll: without this cache signature
         # checks took 63% of a 16-peer process's CPU, and a 64-peer swarm delivered 16% instead of 85%.
+        # (It also makes each distinct bad record count once.)
         self._verdicts: OrderedDict[tuple, bool] = OrderedDict()
 
     @property
@@ -84,10 +108,20 @@ class Ed25519OwnerValidator(RecordValidatorBase):
         return MSGPackSerializer.dumps(dataclasses.astuple(record))
 
     def validate(self, record: DHTRecord) -> bool:
-        key = (record.key, record.subkey, record.value, record.expiration_time)
-        verdict = self._verdicts.get(key)
+        try:
+            key = (record.key, record.subkey, record.value, record.expiration_time)
+            verdict = self._verdicts.get(key)
+        except Exception:  # noqa: BLE001 - an unhashable field: not a record hivemind would make
+            self.rejected["record_malformed"] += 1
+            return False
         if verdict is None:
-            verdict = self._validate(record)
+            reason, owner = self.check(record)
+            verdict = reason is None
+            if reason is not None:
+                self.rejected[reason] += 1
+                if owner is not None and (owner in self.offenders or len(self.offenders) < self.MAX_OFFENDERS):
+                    self.offenders[owner] += 1
+                log.debug("refused a DHT record: %s", reason)
             self._verdicts[key] = verdict
             if len(self._verdicts) > self.CACHE_SIZE:
                 self._verdicts.popitem(last=False)
@@ -95,27 +129,48 @@ class Ed25519OwnerValidator(RecordValidatorBase):
             self._verdicts.move_to_end(key)
         return verdict
 
-    def _validate(self, record: DHTRecord) -> bool:
-        owners = set(_OWNER.findall(record.key)) | set(_OWNER.findall(record.subkey or b""))
-        if not owners:
-            return True
-        if len(owners) > 1:
-            self.rejected["record_two_owners"] += 1
-            return False
-        m = _SIG.search(record.value)
-        if not m:
-            self.rejected["record_unsigned"] += 1
-            return False
+    def check(self, record: DHTRecord, now: float | None = None) -> tuple[str | None, str | None]:
+        """(None, owner) for an admissible record, else (reason, owner whose signature held, or None).
+        Never raises."""
         try:
-            public = public_from_peer_id(owners.pop().decode())
+            return self._check(record, now)
+        except Exception as e:  # noqa: BLE001 - whatever a peer sends, refuse it; never raise into hivemind
+            log.debug("DHT record check: %s: %s", type(e).__name__, e)
+            return "record_malformed", None
+
+    def _check(self, record: DHTRecord, now: float | None) -> tuple[str | None, str | None]:
+        subkey, value = record.subkey, record.value
+        if type(subkey) is not bytes or type(value) is not bytes or type(record.key) is not bytes:
+            return "record_malformed", None
+        if len(value) > MAX_VALUE_BYTES:
+            return "record_too_large", None
+        try:  # plain msgpack, no ext types: hivemind's loads() would log a warning for an unknown one
+            owned = owner_of(msgpack.unpackb(subkey, raw=False))
+        except Exception:  # noqa: BLE001 - not msgpack: not a subkey we write
+            owned = None
+        if owned is None:
+            return "record_unowned", None
+        m = _SIG.search(value)
+        if not m:
+            return "record_unsigned", None
+        owner = owned[0]
+        try:
+            public = public_from_peer_id(owner)
         except ValueError:
-            self.rejected["record_bad_owner"] += 1
-            return False
-        stripped = dataclasses.replace(record, value=record.value[: m.start()])
+            return "record_bad_owner", None
+        stripped = dataclasses.replace(record, value=value[: m.start()])
         if not verify(public, bytes.fromhex(m.group(1).decode()), self._payload(stripped)):
-            self.rejected["record_forged"] += 1
-            return False
-        return True
+            return "record_forged", None
+        try:
+            # Plain data all through (no msgpack ext type anywhere, even in a field we do not read): every reader's
+            # hivemind deserializes the whole value, and an unknown ext type makes it log a warning each time.
+            fields = V.plain(V.mapping(msgpack.unpackb(stripped.value, raw=False), "record"), "record", blobs=True)
+            _kind, parse = kind_of(fields)
+            parse(owner, fields, record.expiration_time, now=now)
+        except Exception as e:  # noqa: BLE001 - the owner signed a record the swarm cannot use
+            log.debug("refused %s's DHT record: %s", owner[-8:], V.clip(str(e), 120))
+            return "record_malformed", owner
+        return None, owner
 
     def sign_value(self, record: DHTRecord) -> bytes:
         if self.marker not in record.key and self.marker not in (record.subkey or b""):
@@ -131,6 +186,26 @@ class Ed25519OwnerValidator(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, Ed25519OwnerValidator)
+
+
+class _DropUnknownExtType(logging.Filter):
+    """Drops hivemind's "Unknown ExtType code" warning. hivemind deserializes a whole dictionary value (a peer's
+    store request, or its reply to our `get`) before any validator sees its entries, and logs that warning for
+    every msgpack ext type it does not know: any peer could fill our log with it. The records themselves are
+    refused by the validator (no ext type is admitted); only this one message of this one logger is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown ExtType code")
+
+
+_EXT_FILTER = _DropUnknownExtType()
+
+
+def quiet_hivemind_serializer() -> None:
+    """Install the filter above (idempotent); called by every validator, so every node that runs one has it."""
+    lg = logging.getLogger("hivemind.utils.serializer")
+    if _EXT_FILTER not in lg.filters:
+        lg.addFilter(_EXT_FILTER)
 
 
 # ---- keys and values ------------------------------------------------------------------------------------
@@ -180,60 +255,104 @@ class Clock:
     started: float
 
 
-def _field(v: dict, key: str, kind: type | tuple[type, ...]) -> Any:
-    x = v.get(key)
-    if not isinstance(x, kind) or isinstance(x, bool) and kind is not bool:
-        raise ValueError(key)
-    return x
+# ---- parsing: every field checked (p2pswarm/validate.py) --------------------------------------------------
+# A record may live at most this long (DHT expiration minus now): a longer one would outlive the peer that
+# wrote it. Members are refreshed every few seconds and expire in 15 (manager.MEMBER_TTL): a ghost member
+# makes every collect wait for it, so its bound is tight. Announcements last max(60, 4 x collect_timeout).
+MAX_TTL = {"member": 120.0, "announcement": 24 * 3600.0, "clock": 600.0}
+EXPIRY_SKEW = 30.0  # peers' clocks differ by at most max_clock_skew (3 s) at start; a little more later
+MAX_VALUE_BYTES = 4096  # a record's value, signature included (real ones are ~100-250 bytes)
+ROLES = ("trainer", "bootstrap")
+MAX_BRIDGED = 1024  # a member cannot make every collect wait for more relayed peers than this
 
 
-def parse_entries(result: Any, counter: Counter[str], parse, seen: set | None = None, relays: bool = False) -> list:
+def member(owner: str, v: dict, expires: float, now: float | None = None) -> Member:
+    return Member(owner, V.field(v, "name", V.name), V.field(v, "role", V.choice, ROLES),
+                  V.field(v, "round", V.integer), V.field(v, "stage", V.integer, 0),
+                  V.field(v, "finished", V.integer), V.field(v, "time", V.timestamp, now),
+                  V.field(v, "left", V.flag, default=False), _expiration(expires, "member", now),
+                  min(V.field(v, "bridged", V.integer, 0, default=0), MAX_BRIDGED))
+
+
+def announcement(owner: str, v: dict, expires: float, now: float | None = None) -> Announcement:
+    _expiration(expires, "announcement", now)
+    return Announcement(owner, V.field(v, "digest", V.blob, 32), V.field(v, "size", V.integer, 1),
+                        V.field(v, "created", V.timestamp, now))
+
+
+def clock(owner: str, v: dict, expires: float, now: float | None = None) -> Clock:
+    _expiration(expires, "clock", now)
+    return Clock(owner, V.field(v, "round", V.integer, 0), V.field(v, "started", V.timestamp, now))
+
+
+def _expiration(expires: Any, kind: str, now: float | None = None) -> float:
+    """A record's DHT expiration: finite, and at most MAX_TTL[kind] (plus the clock skew peers are held
+    to) after now."""
+    now = time.time() if now is None else now
+    return V.real(expires, "expiration", V.TIME_MIN, now + MAX_TTL[kind] + EXPIRY_SKEW)
+
+
+# Which parser a value is for, by the field only that kind has: the validator does not see the key (only
+# its hash), so it tells the kinds apart by their shape.
+KINDS = {"digest": ("announcement", announcement), "role": ("member", member), "started": ("clock", clock)}
+
+
+def kind_of(v: dict) -> tuple[str, Any]:
+    """(kind, parser) of a record value; Invalid when it is not exactly one of the three kinds."""
+    found = [KINDS[k] for k in KINDS if k in v]
+    if len(found) != 1:
+        raise V.Invalid("record", "not exactly one record kind")
+    return found[0]
+
+
+def parse_entries(result: Any, counter: Counter[str], parse, seen: set | None = None, relays: bool = False,
+                  blame: Callable[[str, str], None] | None = None) -> list:
     """Records of a DHT `get` result ({subkey: (value, expiration)}), each parsed with `parse(owner, value,
-    expiration)`; unmarked subkeys and values that do not parse are skipped, and counted once each when
-    `seen` remembers the bad ones already counted (the same record comes back on every poll)."""
+    expiration)`. Never raises, whatever `result` holds: unmarked subkeys and values that do not parse are
+    skipped, and counted once each when `seen` remembers the bad ones already counted (the same record comes
+    back on every poll), with one DEBUG line; `blame(owner, reason)` is called for a record whose owner the
+    validator authenticated (its marker's signature holds) but whose fields are bad."""
     out = []
-    if result is None or not isinstance(result.value, dict):
+    try:
+        items = list(result.value.items()) if result is not None and isinstance(result.value, dict) else []
+    except Exception as e:  # noqa: BLE001 - not what hivemind returns; nothing to parse
+        _bad(counter, seen, "record_malformed", "result", None, None, type(e).__name__, None)
         return out
-
-    def bad(reason: str, subkey: Any, item: Any) -> None:
-        mark = (reason, repr(subkey)[:200], getattr(item, "expiration_time", None))
-        if seen is None or mark not in seen:
-            counter[reason] += 1
-            if seen is not None:
-                seen.add(mark)
-
-    for subkey, item in result.value.items():
-        owned = owner_of(subkey)
-        if owned is None or owned[1] is not None and not relays:
-            bad("record_unowned", subkey, item)
-            continue
+    for subkey, item in items:
+        owned = None
         try:
+            owned = owner_of(subkey)
+            if owned is None or owned[1] is not None and not relays:
+                _bad(counter, seen, "record_unowned", subkey, item, None, "no owner marker", None)
+                continue
             value = item.value
             if isinstance(value, bytes):
                 value = msgpack.unpackb(value, raw=False)
-            if not isinstance(value, dict):
-                raise ValueError("not a map")
-            record = parse(owned[0], value, item.expiration_time)
+            record = parse(owned[0], V.mapping(value, "record"), item.expiration_time)
             if owned[1] is not None:
                 record.origin = owned[1]
             out.append(record)
-        except (ValueError, TypeError, msgpack.UnpackException):
-            bad("record_malformed", subkey, item)
+        except Exception as e:  # noqa: BLE001 - a parser of network input never raises
+            _bad(counter, seen, "record_malformed", subkey, item, owned[0] if owned else None,
+                 str(e) if isinstance(e, V.Invalid) else type(e).__name__, blame)
     return out
 
 
-def member(owner: str, v: dict, expires: float) -> Member:
-    return Member(owner, str(_field(v, "name", str))[:64], str(_field(v, "role", str))[:16], _field(v, "round", int),
-                  _field(v, "stage", int), _field(v, "finished", int), float(_field(v, "time", (int, float))),
-                  bool(v.get("left", False)), expires, min(max(int(v.get("bridged", 0)), 0), 1024))
-
-
-def announcement(owner: str, v: dict, _expires: float) -> Announcement:
-    digest = _field(v, "digest", bytes)
-    if len(digest) != 32:
-        raise ValueError("digest")
-    return Announcement(owner, digest, _field(v, "size", int), float(_field(v, "created", (int, float))))
-
-
-def clock(owner: str, v: dict, _expires: float) -> Clock:
-    return Clock(owner, _field(v, "round", int), float(_field(v, "started", (int, float))))
+def _bad(counter: Counter[str], seen: set | None, reason: str, subkey: Any, item: Any, owner: str | None,
+         why: str, blame: Callable[[str, str], None] | None) -> None:
+    """Count a bad record once (per subkey, reason and expiration), with one DEBUG line."""
+    try:
+        mark = (reason, V.clip(subkey, 200), repr(getattr(item, "expiration_time", None)))
+    except Exception:  # noqa: BLE001
+        mark = (reason, "?", "?")
+    if seen is not None and mark in seen:
+        return
+    if seen is not None:
+        seen.add(mark)
+    counter[reason] += 1
+    log.debug("dropped a DHT record (%s) under %s: %s", reason, mark[1], V.clip(why, 120))
+    if blame is not None and owner is not None:
+        try:
+            blame(owner, reason)
+        except Exception as e:  # noqa: BLE001 - accounting must not stop parsing
+            log.debug("blame: %s", e)

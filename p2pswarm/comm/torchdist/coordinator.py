@@ -7,6 +7,8 @@ import math
 from typing import Callable
 
 from p2pswarm.comm.core import Progress, should_advance
+from p2pswarm import validate as V
+from p2pswarm.comm.torchdist.group import parse_ints
 from p2pswarm.comm.torchdist.manager import LOCKSTEP_SETTINGS, TorchDistComm
 from p2pswarm.components import Coordinator
 
@@ -38,6 +40,12 @@ class TorchDistCoordinator(Coordinator):
     def _exchange(self, value: int, desc: str) -> list[int]:
         """Every rank's `value`, by rank; stops this rank (after this round) if any rank wants to stop."""
         rows = self.group.all_gather_ints([value, int(self._wants_stop())], desc)
+        for r, row in enumerate(rows):  # a round in [-1, 2**31) and a 0/1 stop wish; every rank sees the same
+            try:
+                parse_ints(row, "clock header", [(-1, V.INT_MAX), (0, 2)])
+            except V.Invalid as e:
+                raise self.group.fail(f"rank {self.rank}: rank {r} sent a malformed header in {desc} ({e}); "
+                                      "every rank must run the same p2pswarm version") from None
         asked = [r for r, row in enumerate(rows) if row[1]]
         if asked:
             if self.rank == 0:

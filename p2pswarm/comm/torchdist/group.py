@@ -21,9 +21,42 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from p2pswarm import validate as V
 from p2pswarm.comm.torchdist.env import RankEnv, RankFailure, first_line, is_loopback, loopback_interface
 
 log = logging.getLogger(__name__)
+
+
+MAX_ANNOUNCEMENT = 64 * 1024  # bytes of a start-up announcement (real ones are ~300)
+
+
+def parse_announcement(data: bytes | None) -> dict[str, Any]:
+    """A rank's start-up announcement with every field checked, keeping only the fields known here; raises
+    V.Invalid (or a msgpack error) otherwise. `name` (printable, 1..64), `host` (printable, 1..255) and `pid`
+    are required; `peer` (an Ed25519 peer id), `output` (a path, at most 4096 characters, printable) and
+    `lockstep` (plain data) are what TorchDistComm adds. Ranks are one trust domain, but a rank of another
+    version or a broken one must stop the group with one line, not with a KeyError at the first failure."""
+    if type(data) is not bytes:
+        raise V.Invalid("announcement", "missing or over the size cap")
+    info = V.mapping(msgpack.unpackb(data, raw=False), "announcement")
+    out: dict[str, Any] = {"name": V.field(info, "name", V.name), "host": V.field(info, "host", V.name, 255),
+                           "pid": V.field(info, "pid", V.integer, 0)}
+    if "peer" in info:
+        out["peer"] = V.peer_id(info["peer"], "peer")
+    if "output" in info:
+        out["output"] = V.text(info["output"], "output", 4096)
+        if out["output"] and not out["output"].isprintable():
+            raise V.Invalid("output", "has control characters")
+    if "lockstep" in info:
+        out["lockstep"] = V.plain(V.mapping(info["lockstep"], "lockstep"), "lockstep")
+    return out
+
+
+def parse_ints(row: Any, field: str, bounds: list[tuple[int, int]]) -> list[int]:
+    """An int header row with each value in its [lo, hi) (V.Invalid otherwise)."""
+    if not isinstance(row, list) or len(row) != len(bounds):
+        raise V.Invalid(field, "wrong length")
+    return [V.integer(v, field, lo, hi) for v, (lo, hi) in zip(row, bounds)]
 
 
 class ProcessGroup:
@@ -131,14 +164,15 @@ class ProcessGroup:
         """Every rank's announcement (`me` plus this host and pid), by rank: the start-up exchange. Each must
         carry a `name`, which the failure messages use from then on."""
         me = {**me, "host": socket.gethostname(), "pid": os.getpid()}
-        raw = self.all_gather_bytes(msgpack.packb(me), "the start-up exchange")
+        raw = self.all_gather_bytes(msgpack.packb(me), "the start-up exchange", MAX_ANNOUNCEMENT)
         ranks = []
         for r, data in enumerate(raw):
             try:
-                info = msgpack.unpackb(data, raw=False)
-                assert isinstance(info, dict) and isinstance(info.get("name"), str)
-            except Exception:  # noqa: BLE001 - every rank sees the same bytes and fails the same way
-                raise RankFailure(f"rank {r} sent a malformed start-up announcement (a different p2pswarm version?)") from None
+                info = parse_announcement(data)
+            except Exception as e:  # noqa: BLE001 - every rank sees the same bytes and fails the same way
+                why = V.clip(str(e), 80) if isinstance(e, V.Invalid) else type(e).__name__
+                raise RankFailure(f"rank {r} sent a malformed start-up announcement ({why}; a different p2pswarm "
+                                  "version?)") from None
             ranks.append(info)
         self.ranks = ranks
         return ranks
@@ -184,9 +218,10 @@ class ProcessGroup:
         max_bytes sends nothing and comes back as None, so nobody allocates for it; every rank derives the
         same width from the same sizes."""
         cap = max_bytes if max_bytes is not None else max(sizes, default=0)
-        width = max((n for n in sizes if n <= cap), default=0)
+        ok = [type(n) is int and 0 <= n <= cap for n in sizes]  # a negative size would slice from the end
+        width = max((n for n, good in zip(sizes, ok) if good), default=0)
         if width == 0:
-            return [b"" if n <= cap else None for n in sizes]
+            return [b"" if good else None for good in ok]
         buf = torch.zeros(width, dtype=torch.uint8)
         if 0 < len(data) <= cap:
             buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -194,7 +229,7 @@ class ProcessGroup:
         out = [torch.empty_like(buf) for _ in range(self.world_size)]
         with self._collective(desc):
             dist.all_gather(out, buf)
-        return [t[:n].cpu().numpy().tobytes() if n <= cap else None for t, n in zip(out, sizes)]
+        return [t[:n].cpu().numpy().tobytes() if good else None for t, n, good in zip(out, sizes, ok)]
 
     # ---- diagnosis --------------------------------------------------------------------------------
     def _mark(self, where: str) -> None:

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from p2pswarm import validate as V
 from p2pswarm.comm.core import SignedTransport
 from p2pswarm.comm.torchdist.env import RankEnv, RankFailure
-from p2pswarm.comm.torchdist.group import ProcessGroup
+from p2pswarm.comm.torchdist.group import ProcessGroup, parse_ints
 from p2pswarm.components import PeerInfo
 from p2pswarm.identity import Identity
 from p2pswarm.types import Group
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 # Settings every rank must share: they decide how many collectives a run makes (rounds, stages) or
 # whether ranks can use each other's rollouts at all (the swarm id).
 LOCKSTEP_SETTINGS = ("experiment", "game", "rounds")
+HEADER = [(0, V.INT_MAX), (0, V.INT_MAX), (0, 2**62)]  # round, stage, payload size
 
 
 class TorchDistComm(SignedTransport):
@@ -55,7 +57,7 @@ class TorchDistComm(SignedTransport):
                                      "lockstep": lockstep})
         owners: dict[str, int] = {}
         for r, info in enumerate(ranks):
-            if not isinstance(info.get("peer"), str):
+            if "peer" not in info:  # parse_announcement checked it is a peer id when present
                 raise RankFailure(f"rank {r} sent a malformed start-up announcement (a different p2pswarm version?)")
             if info["peer"] in owners:
                 raise RankFailure(f"ranks {owners[info['peer']]} and {r} have the same peer id {info['peer']}: "
@@ -64,7 +66,7 @@ class TorchDistComm(SignedTransport):
         for key in lockstep:
             values = [info.get("lockstep", {}).get(key) for info in ranks]
             if any(v != values[0] for v in values):
-                shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+                shown = ", ".join(f"rank {r}: {V.clip(v, 60)}" for r, v in enumerate(values))
                 raise RankFailure(f"the ranks disagree on '{key}' ({shown}); it must be the same on every rank")
         self.ranks = ranks
         for r, info in enumerate(ranks):
@@ -90,6 +92,12 @@ class TorchDistComm(SignedTransport):
         data = self._outbox.pop((round, stage), b"")
         desc = f"the rollout exchange of round {round} stage {stage}"
         headers = self.group.all_gather_ints([round, stage, len(data)], desc)
+        for r, h in enumerate(headers):  # every rank sees the same headers: all stop here, or none
+            try:
+                parse_ints(h, "header", HEADER)
+            except V.Invalid as e:
+                raise self.group.fail(f"rank {self.rank}: rank {r} sent a malformed header in {desc} ({e}); "
+                                      "every rank must run the same p2pswarm version") from None
         slots: dict[tuple[int, int], list[int]] = {}
         for r, h in enumerate(headers):
             slots.setdefault((h[0], h[1]), []).append(r)
