@@ -160,20 +160,24 @@ def get_experiment_status(root: str, name: str, *, peer_timeout: float = 60.0) -
         state = "left" if reg.left else ("live" if age <= peer_timeout else "stale")
         peers[node] = {"node": node, "name": reg.name, "peer_id": reg.peer_id, "role": reg.role, "state": state,
                        "round": reg.round, "stage": reg.stage, "last_heartbeat": reg.time,
-                       "heartbeat_age_s": round(age, 1)}
+                       "heartbeat_age_s": round(age, 1), "ignoring": list(reg.ignoring) if state == "live" else []}
     metrics = _node_metrics(store)
     for node, rows in metrics.items():
         last = rows[-1]
         entry = peers.setdefault(node, {"node": node, "name": _opt(V.name, last.get("node")) or node,
                                         "peer_id": _opt(V.peer_id, last.get("peer")),
                                         "role": "", "state": "unregistered", "round": None, "stage": None,
-                                        "last_heartbeat": None, "heartbeat_age_s": None})
+                                        "last_heartbeat": None, "heartbeat_age_s": None, "ignoring": []})
         entry.update(_summary(rows))
     for node, entry in peers.items():
         if "rounds_done" not in entry:
             entry.update(_summary([]))
         ckpts = shared_checkpoints(store, node)
         entry["latest_checkpoint"] = ckpts[-1] if ckpts else None
+    by_id = {p["peer_id"]: p for p in peers.values() if p["peer_id"]}
+    for p in peers.values():
+        p["ignored_by"] = sorted(q["node"] for q in peers.values() if p["peer_id"] in q["ignoring"])
+    ignored_unknown = {i for p in peers.values() for i in p["ignoring"]} - set(by_id)
     live = [n for n, p in sorted(peers.items()) if p["state"] == "live"]
     checkpoints = [p["latest_checkpoint"] for p in peers.values() if p["latest_checkpoint"] is not None]
     status.update({
@@ -184,6 +188,7 @@ def get_experiment_status(root: str, name: str, *, peer_timeout: float = 60.0) -
         "latest_checkpoint": max(checkpoints) if checkpoints else None,
         "total_metric_entries": sum(len(r) for r in metrics.values()),
         "invalid_peer_files": invalid,
+        "ignored_unregistered": sorted(ignored_unknown),  # banned senders with no registration (DHT side, relayed)
     })
     return status
 
@@ -293,13 +298,15 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"{status['num_active_peers']} live peer(s) of {len(status['peers'])}"
                  + (f"; latest checkpoint: round {status['latest_checkpoint']}" if status["latest_checkpoint"] is not None else "")
                  + (f"; {status['invalid_peer_files']} invalid peer file(s) ignored" if status["invalid_peer_files"] else ""))
-    header = ("node", "role", "state", "heartbeat", "round", "stage", "rounds", f"reward(last {RECENT})", "reward(last)", "checkpoint")
+    header = ("node", "role", "state", "heartbeat", "round", "stage", "rounds", f"reward(last {RECENT})", "reward(last)",
+              "checkpoint", "ignored by")
     table = [header]
     for p in status["peers"]:
         table.append((str(p["node"]), p["role"] or "-", p["state"], _age(p["heartbeat_age_s"]),
                       "-" if p["round"] is None else str(p["round"]), "-" if p["stage"] is None else str(p["stage"]),
                       str(p["rounds_done"]), _num(p["reward_recent"]), _num(p["reward_last"]),
-                      "-" if p["latest_checkpoint"] is None else str(p["latest_checkpoint"])))
+                      "-" if p["latest_checkpoint"] is None else str(p["latest_checkpoint"]),
+                      str(len(p["ignored_by"])) if p["ignored_by"] else "-"))
     if len(table) > 1:
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines.append("")

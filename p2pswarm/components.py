@@ -128,6 +128,7 @@ class PeerInfo:
     round: int = -1
     last_seen: float = 0.0
     rollouts_received: int = 0
+    ignored: str = ""  # why this node ignores the peer for now (it sent invalid data), else ""
 
 
 class CommunicationManager(ABC):

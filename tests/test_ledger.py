@@ -75,3 +75,28 @@ def test_a_relays_bad_bytes_count_against_the_relay_not_the_origin():
     assert comm.accept(honest, round=0, stage=0, sender=origin.peer_id, via=relay.peer_id) is not None
     rows = comm.counters()["per_peer"]
     assert rows[origin.peer_id]["relayed"] == 1 and rows[relay.peer_id]["relays"] == 1
+
+
+def test_p2pswarm_status_shows_who_a_node_ignores(tmp_path):
+    """A Drive node that bans a peer says so in its signed heartbeat; `p2pswarm status` counts it per peer."""
+    from p2pswarm.analysis import format_status, get_experiment_status
+    from p2pswarm.comm.drive.manager import FolderComm
+
+    url = str(tmp_path / "drive")
+    alice = FolderComm(url, Identity.generate(), "exp", name="alice", timeout=0.5, poll=0.02, peer_timeout=30)
+    mallory = FolderComm(url, Identity.generate(), "exp", name="mallory", timeout=0.5, poll=0.02, peer_timeout=30)
+    try:
+        for r in range(3):  # garbage as mallory's batch of three rounds: three strikes
+            mallory.store.write_atomic(mallory.store.rollout_path(r, 0, "mallory"), b"\x93garbage")
+            assert alice.collect(r, 0) == []
+        assert alice.ledger.banned(mallory.peer_id)
+        alice.heartbeat()
+        st = get_experiment_status(url, "exp")
+        rows = {p["node"]: p for p in st["peers"]}
+        assert rows["mallory"]["ignored_by"] == ["alice"] and rows["alice"]["ignored_by"] == []
+        table = format_status(st)
+        assert "ignored by" in table
+        assert [line.split()[-1] for line in table.splitlines() if line.startswith("mallory")] == ["1"]
+    finally:
+        alice.close()
+        mallory.close()

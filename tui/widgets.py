@@ -126,7 +126,10 @@ class PeersTable(DataTable):
         rows = [(a.peer_id, Text(a.name, style="bold"), short_id(a.peer_id), engine.mode, str(max(a.round, 0)),
                  "you", num(self._self_reward), f"{self._shared}/{self._received}")]
         for p in sorted(a.comm.peers(), key=lambda p: p.name or p.peer_id):
-            rows.append((p.peer_id, p.name or friendly_name(p.peer_id), short_id(p.peer_id),
+            name = p.name or friendly_name(p.peer_id)
+            # A peer this node ignores for now (it sent invalid data) is marked, with the reason.
+            label = Text(f"{name} ⊘ {p.ignored}", style="red") if p.ignored else name
+            rows.append((p.peer_id, label, short_id(p.peer_id),
                          getattr(p, "mode", engine.mode), str(p.round) if p.round >= 0 else "–",
                          ago(p.last_seen, now), num(self._reward.get(p.peer_id)), f"{p.rollouts_received}/–"))
         keys = [r[0] for r in rows]

@@ -352,7 +352,8 @@ class SignedTransport(CommunicationManager):
     # ---- reporting --------------------------------------------------------------------------------------
     def peer_info(self, peer_id: str, name: str, round: int, last_seen: float) -> PeerInfo:
         self.names[peer_id] = name or self.names.get(peer_id) or friendly_name(peer_id)
-        return PeerInfo(peer_id, self.names[peer_id], round, last_seen, self.inbox.groups_from[peer_id])
+        ignored = self.ledger.reason.get(peer_id, "") if self.ledger.banned(peer_id) else ""
+        return PeerInfo(peer_id, self.names[peer_id], round, last_seen, self.inbox.groups_from[peer_id], ignored)
 
     def counters(self) -> dict[str, Any]:
         out: dict[str, Any] = {"batches_sent": self.sent, "bytes_sent": self.bytes_sent, **self.inbox.counters()}

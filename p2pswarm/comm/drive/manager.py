@@ -21,7 +21,7 @@ from typing import Any
 
 from p2pswarm import wire
 from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, Progress, SignedTransport, collect_need
-from p2pswarm.comm.drive.records import Registration, parse_registration, registration_record
+from p2pswarm.comm.drive.records import MAX_IGNORING, Registration, parse_registration, registration_record
 from p2pswarm.comm.drive.store import FolderStore, safe_name
 from p2pswarm.components import PeerInfo
 from p2pswarm.identity import Identity
@@ -66,7 +66,8 @@ class FolderComm(SignedTransport):
     # ---- this node's registration -------------------------------------------------------------------------
     def heartbeat(self, left: bool = False) -> None:
         reg = Registration(self.node, self.peer_id, self.name, self.role, self.position["round"],
-                           self.position["stage"], time.time(), left, self.position["finished"], self.bridged)
+                           self.position["stage"], time.time(), left, self.position["finished"], self.bridged,
+                           tuple(self.ledger.banned_now()[:MAX_IGNORING]))
         with self._write_lock:
             try:
                 self.store.write_atomic(self.store.peer_path(self.node), registration_record(self.identity, reg))

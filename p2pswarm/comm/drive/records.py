@@ -62,6 +62,7 @@ class Registration:
     left: bool
     finished: int = -1  # the last round the node trained (the clock waits for this, not for publishing)
     bridged: int = 0  # peers on the other side of a bridge (comm=hybrid) whose batches this node relays
+    ignoring: tuple[str, ...] = ()  # peer ids this node bans for now (sent it invalid data): `p2pswarm status`
 
     @property
     def progress(self) -> Progress:
@@ -75,7 +76,8 @@ def registration_record(identity: Identity, reg: Registration) -> bytes:
     """The signed bytes of peers/<node>.json (the fork's fields first: name, node, role, round, stage, time)."""
     return signed_record(identity, {"name": reg.name, "node": reg.node, "role": reg.role, "round": reg.round,
                                     "stage": reg.stage, "time": reg.time, "left": reg.left,
-                                    "finished": reg.finished, "bridged": reg.bridged})
+                                    "finished": reg.finished, "bridged": reg.bridged,
+                                    **({"ignoring": list(reg.ignoring)} if reg.ignoring else {})})
 
 
 ROLES = ("worker", "coordinator")
@@ -97,9 +99,19 @@ def parse_registration(node: str, obj: Any, now: float | None = None) -> Registr
                             V.field(rec, "round", V.integer, default=-1), V.field(rec, "stage", V.integer, 0, default=0),
                             V.timestamp(rec["time"], "time", now), V.field(rec, "left", V.flag, default=False),
                             V.field(rec, "finished", V.integer, default=-1),
-                            min(V.field(rec, "bridged", V.integer, 0, default=0), MAX_BRIDGED))
+                            min(V.field(rec, "bridged", V.integer, 0, default=0), MAX_BRIDGED),
+                            _ignoring(rec.get("ignoring", [])))
     except Exception:  # noqa: BLE001
         return None
+
+
+MAX_IGNORING = 64
+
+
+def _ignoring(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) > MAX_IGNORING:
+        raise V.Invalid("ignoring", "not a list of at most 64 peer ids")
+    return tuple(V.peer_id(p, "ignoring") for p in v)
 
 
 # ---- checkpoint manifests: checkpoints/<node>/round_NNNNNN/manifest.json ---------------------------------------

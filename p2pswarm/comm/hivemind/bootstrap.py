@@ -76,13 +76,17 @@ class BootstrapPeer:
         return {"peers_connected": len(connected), "trainers": len(trainers),
                 "round": self.keeper.round if self.keeper else max((m.round for m in trainers), default=-1),
                 "uptime_s": round(time.time() - self.started),
-                "dropped": sum(v for k, v in self.comm.counters().items() if k.startswith("dropped_"))}
+                "dropped": sum(v for k, v in self.comm.counters().items() if k.startswith("dropped_") and isinstance(v, int)),
+                # trainers that held a round to its deadline, not waited for now (comm/core.py RoundRule)
+                "not_waited_for": sum(1 for until in self.keeper.rule.excused_until.values() if self.keeper.round < until)
+                if self.keeper else 0}
 
     def status_line(self) -> str:
         s = self.status()
         return (f"status: {s['peers_connected']} peer(s) connected, {s['trainers']} trainer(s) in "
                 f"'{self.experiment}', round {s['round']}" + (" (coordinator)" if self.keeper else "")
-                + (f", {s['dropped']} bad record(s)/payload(s) dropped" if s["dropped"] else ""))
+                + (f", {s['dropped']} bad record(s)/payload(s) dropped" if s["dropped"] else "")
+                + (f", {s['not_waited_for']} stalling trainer(s) not waited for" if s["not_waited_for"] else ""))
 
     def close(self) -> None:
         if self.keeper is not None:
