@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import cli, make_settings
+from helpers import cli, make_settings
 from p2pswarm import models
 from p2pswarm.run import RunDir
 from p2pswarm.trainer import CHECKSUMS, CheckpointError, GRPOTrainer, _sha256
