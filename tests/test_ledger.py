@@ -100,3 +100,43 @@ def test_p2pswarm_status_shows_who_a_node_ignores(tmp_path):
     finally:
         alice.close()
         mallory.close()
+
+
+def test_one_peer_cannot_pull_the_same_payload_over_and_over():
+    import asyncio
+    from types import SimpleNamespace
+
+    import msgpack
+
+    from p2pswarm.comm.hivemind.payloads import MAX_PULLS, PayloadServer
+
+    class Writer:
+        def __init__(self):
+            self.out = b""
+
+        def write(self, b):
+            self.out += b
+
+        async def drain(self):
+            pass
+
+        def close(self):
+            pass
+
+    server = PayloadServer()
+    server.put(3, 0, b"x" * 1000)
+    greedy, other = SimpleNamespace(peer_id="12D3KooWgreedy"), SimpleNamespace(peer_id="12D3KooWother")
+
+    async def pull(info) -> int:
+        reader = asyncio.StreamReader()
+        req = msgpack.packb([3, 0])
+        reader.feed_data(len(req).to_bytes(8, "big") + req)
+        reader.feed_eof()
+        w = Writer()
+        await server.handle(info, reader, w)
+        return int.from_bytes(w.out[:8], "big")
+
+    sizes = [asyncio.run(pull(greedy)) for _ in range(MAX_PULLS + 2)]
+    assert sizes == [1000] * MAX_PULLS + [0, 0]  # then "not served"
+    assert asyncio.run(pull(other)) == 1000  # others are not affected
+    assert server.refused == {"12D3KooWgreedy": 2}

@@ -316,6 +316,7 @@ class HivemindComm(SignedTransport):
         lat = sorted(self.latencies)
         out: dict[str, Any] = {
             **super().counters(), "bytes_served": self.server.bytes_served, "batches_relayed": self.relayed,
+            "pulls_refused": sum(self.server.refused.values()),
             "peers_seen": len(self.seen_peers), "peers_live": len(self.live_trainers()),
             "collect_ms": int(self.last_collect_seconds * 1000),
             "delivery_ms_p50": int(lat[len(lat) // 2] * 1000) if lat else 0,

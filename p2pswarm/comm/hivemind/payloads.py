@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import Counter
 from typing import Any
 
 import msgpack
@@ -32,21 +33,32 @@ class PullError(Exception):
         self.reason = reason
 
 
+MAX_PULLS = 4  # times one peer may pull the same payload (an honest puller needs 1, a retry 2)
+
+
 class PayloadServer:
-    """This peer's published payloads by (round, stage), the last `keep_rounds` rounds."""
+    """This peer's published payloads by (round, stage), the last `keep_rounds` rounds.
+
+    Each requesting peer (the stream's authenticated peer id) may pull a payload at most MAX_PULLS times:
+    beyond that it is answered "not served" and counted in `refused`, so that one peer cannot make this
+    one upload the same megabytes over and over."""
 
     def __init__(self, keep_rounds: int = 4):
         self.keep_rounds = keep_rounds
         self._payloads: dict[tuple[int, int, str], bytes] = {}
+        self._pulls: Counter[tuple[str, int, int, str]] = Counter()
         self._lock = threading.Lock()
         self.served = 0
         self.bytes_served = 0
+        self.refused: Counter[str] = Counter()  # pulls over the limit, by requesting peer id
 
     def put(self, round: int, stage: int, data: bytes, origin: str = "") -> None:
         with self._lock:
             self._payloads[(round, stage, origin)] = data
             for key in [k for k in self._payloads if k[0] < round - self.keep_rounds]:
                 del self._payloads[key]
+            for key in [k for k in self._pulls if k[1] < round - self.keep_rounds]:
+                del self._pulls[key]
 
     def get(self, round: int, stage: int, origin: str = "") -> bytes:
         with self._lock:
@@ -62,6 +74,13 @@ class PayloadServer:
             if req is None:
                 return
             data = self.get(*req)
+            requester = str(getattr(_info, "peer_id", ""))
+            if data and requester:
+                with self._lock:
+                    self._pulls[(requester, *req)] += 1
+                    if self._pulls[(requester, *req)] > MAX_PULLS:
+                        self.refused[requester] += 1
+                        data = b""
             writer.write(len(data).to_bytes(_HEADER, "big"))
             writer.write(data)
             await writer.drain()
