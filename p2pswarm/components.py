@@ -172,6 +172,9 @@ class CommunicationManager(ABC):
         None to drop its group (`dropped_bad_task`). A transport applies it to every group it accepts."""
         raise NotImplementedError(f"{type(self).__name__} does not check swarm tasks")
 
+    def set_ban_policy(self, strikes: int, seconds: float) -> None:
+        """How many offenses ban a peer, and for how long at first (comm/core.py PeerLedger)."""
+
     def note_exit(self, why: str) -> None:
         """The node is going down for `why` (a crash): a transport whose peers wait in lockstep tells them."""
 

@@ -144,6 +144,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     events.subscribe(JsonlEventLog(run.events_path))
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
                                        key_path=key_path, initial_peers=initial_peers)
+    comm.set_ban_policy(settings.ban_strikes, settings.ban_seconds)
     if settings.comm in ("drive", "auto", "hybrid"):  # logs and checkpoints in the shared folder (docs/drive-mode.md)
         from p2pswarm.comm.drive.manager import FolderComm
         from p2pswarm.comm.drive.mirror import attach_mirror

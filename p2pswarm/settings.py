@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         False, validation_alias=_env("accept_unverified_tasks"),
         description="train on swarm groups whose task this peer cannot regenerate (a custom DataManager "
                     "without rederive), trusting the sender's answer: any peer can then poison rewards")
+    ban_strikes: int = Field(3, validation_alias=_env("ban_strikes"), ge=0,
+                             description="invalid payloads/records from one peer (without a valid one in between) "
+                                         "before it is ignored for a while (0: never ignore anyone)")
+    ban_seconds: float = Field(30.0, validation_alias=_env("ban_seconds"), gt=0,
+                               description="how long a peer is first ignored; doubles with each further ban, up to an hour")
     # comm=hivemind (docs/hivemind.md)
     initial_peers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=_env("initial_peers", "INITIAL_PEERS"),

@@ -1,5 +1,5 @@
-"""Regenerate docs/tui-dashboard.svg: the dashboard of a demo swarm (local agents of the embedded policy)
-after a few real rounds, saved with Textual's save_screenshot.
+"""Regenerate docs/tui-dashboard.svg: the dashboard of a demo swarm (a bootstrap peer and hivemind peers of
+the embedded policy on this machine) after a few real rounds, saved with Textual's save_screenshot.
 
     python scripts/tui_screenshot.py                       # 3 agents, 10 rounds, 140x42
     python scripts/tui_screenshot.py --size 80x24 --out /tmp/small.svg
@@ -53,7 +53,7 @@ def main() -> None:
                             raise SystemExit(f"timed out waiting for {what}")
                         await pilot.pause(0.2)
 
-                await until(lambda: isinstance(app.screen, DashboardScreen) and app.screen.ready, "the dashboard")
+                await until(lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard")
                 dash = app.screen
                 await until(lambda: dash.query_one(RewardPlot).points >= args.rounds, f"{args.rounds} rounds")
                 await until(lambda: dash.phase == "generate", "the next round's generation")

@@ -1,13 +1,12 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads: spin-waiting threads stall shared cores
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import Procs  # noqa: E402 - tests/ is on sys.path (pytest's rootdir conftest)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_flush_denormal(True)
 
@@ -27,14 +26,9 @@ def fresh_policy(policy_path):
     return models.load(policy_path, torch.device("cpu"), torch.float32)
 
 
-def make_settings(tmp_path, **kw):
-    from p2pswarm.settings import load_settings
-
-    kw.setdefault("runs_dir", tmp_path / "runs")
-    kw.setdefault("eval_every", 0)
-    kw.setdefault("comm", "inprocess")  # the hivemind tests start real peers themselves
-    return load_settings(**kw)
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "p2pswarm", *args]
+@pytest.fixture
+def procs(tmp_path):
+    """Processes of one test (tests/helpers.py: Procs), all killed with their children when it ends."""
+    p = Procs(tmp_path)
+    yield p
+    p.kill_all()

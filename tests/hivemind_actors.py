@@ -4,11 +4,12 @@
     python tests/hivemind_actors.py skewed  KEY SECONDS      (prints its multiaddr, serves a skewed clock)
 
 The hostile peer joins as a trainer, announces bad payloads for every round (a different kind each round),
-and tries to overwrite the honest peers' member records. It prints one line per attack and stays up."""
+and tries to overwrite the honest peers' member records. It prints one line per attack and stays up,
+announcing its batches again before they expire, until it is killed."""
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import sys
 import time
 
@@ -60,12 +61,14 @@ def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
     node.start()
     comm = HivemindComm(node, swarm, name="mallory", timeout=1.0)
     comm.server.keep_rounds = rounds + 10  # keep every round servable
+    batches = []
     for r in range(rounds):
         kind = KINDS[r % len(KINDS)]
         data = payload(kind, identity, swarm, r)
         comm.server.put(r, 0, data)
         announced = len(data) if kind != "oversized" else 1000  # lie about the size: the puller must still refuse
-        node.call(comm._announce(r, 0, __import__("hashlib").sha256(data).digest(), announced), timeout=30)
+        batches.append((r, hashlib.sha256(data).digest(), announced))
+        node.call(comm._announce(r, 0, batches[-1][1], announced), timeout=30)
         print(f"announced round {r}: {kind}", flush=True)
 
     async def overwrite(victim: str) -> tuple[bool, bool]:
@@ -76,17 +79,21 @@ def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
                                      get_dht_time() + 60, subkey=victim)
         return forged, plain
 
-    deadline = time.time() + 60
+    # Until the test kills it: attack each member once as it appears, and announce the bad batches again
+    # before they expire (honest peers may take a while to start on a busy machine).
     attacked: set[str] = set()
-    while time.time() < deadline:
-        members = node.call(comm.fetch_members(), timeout=10)
+    announced_at = time.monotonic()
+    while True:
+        members = node.call(comm.fetch_members(), timeout=30)
         for victim in set(members) - attacked - {identity.peer_id}:
             forged, plain = node.call(overwrite(victim), timeout=30)
             attacked.add(victim)
             print(f"overwrite {victim}: forged stored={forged}, unowned stored={plain}", flush=True)
+        if time.monotonic() - announced_at > comm.record_ttl / 3:
+            for r, digest, size in batches:
+                node.call(comm._announce(r, 0, digest, size), timeout=30)
+            announced_at = time.monotonic()
         time.sleep(0.5)
-    while True:
-        time.sleep(1)
 
 
 def skewed(key: str, seconds: float) -> None:

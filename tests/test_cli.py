@@ -3,11 +3,11 @@
 import subprocess
 import sys
 
-from conftest import cli
+from helpers import cli, metrics, run_process
 
 
-def run(*args, timeout=240):
-    return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout)
+def run(*args, timeout=600):
+    return run_process(cli(*args), timeout)
 
 
 def test_help_lists_commands():
@@ -36,10 +36,7 @@ def test_headless_run_prints_a_line_per_round(tmp_path):
     assert res.returncode == 0, res.stderr
     lines = [l for l in res.stdout.splitlines() if "| reward" in l]
     assert len(lines) == 3 and "round    2" in lines[-1] and "eval" in lines[-1]
-    metrics = (tmp_path / "default" / "cli-node" / "metrics.jsonl").read_text().splitlines()
-    import json
-
-    row = json.loads(metrics[-1])
+    row = metrics(tmp_path / "default" / "cli-node")[-1]
     for key in ("round", "peer", "reward_mean", "reward_local_mean", "reward_swarm_mean", "local_groups",
                 "swarm_groups", "swarm_peers", "loss", "kl", "gen_tokens_per_s", "round_seconds", "eval_reward"):
         assert key in row

@@ -68,10 +68,34 @@ def test_the_round_rule_starts_the_deadline_when_the_first_trainer_finishes_and_
     assert not rule.step(3, one, now=109.9)
     assert rule.step(3, one, now=110)  # 10 s after the first finished, not after the round began
     assert rule.first_done_at is None
-    # Round 4: a fresh deadline, and a quorum of both ends it at once.
-    assert not rule.step(4, {"a": P(4, 4), "b": P(4, 3)}, now=111)
+    # Round 4: a fresh deadline, and a quorum of the trainers it waits for ends it at once.
+    assert not rule.step(4, {"a": P(4, 4), "c": P(4, 3)}, now=111)
     assert rule.first_done_at == 111
-    assert rule.step(4, {"a": P(4, 4), "b": P(4, 4)}, now=112)
+    assert rule.step(4, {"a": P(4, 4), "c": P(4, 4)}, now=112)
+
+
+def test_a_trainer_that_held_a_round_to_its_deadline_is_not_waited_for_during_a_growing_number_of_rounds():
+    rule = RoundRule(quorum=0, deadline=10)
+    t = 0.0
+
+    def play(clock, stalling_done=False):
+        """Round `clock` with an honest `a` and a `stall` that claims to play it but never finishes."""
+        nonlocal t
+        stall = P(clock, clock) if stalling_done else P(clock, clock - 1)
+        trainers = {"a": P(clock, clock), "stall": stall}
+        t += 1
+        if rule.step(clock, trainers, now=t):
+            return "at once"
+        t += 10
+        assert rule.step(clock, trainers, now=t)
+        return "deadline"
+
+    assert play(0) == "deadline"  # the first time it costs a deadline...
+    assert [play(r) for r in (1, 2)] == ["at once", "at once"]  # ...then it is not waited for 2 rounds
+    assert play(3) == "deadline"  # waited for again, and it stalls again
+    assert [play(r) for r in range(4, 8)] == ["at once"] * 4  # 4 rounds now
+    assert play(8, stalling_done=True) == "at once"  # finishing still counts
+    assert rule.stalls["stall"] == 2 and "a" not in rule.stalls
 
 
 def test_a_clock_reading_never_goes_back():

@@ -1,17 +1,8 @@
 """Several agents in one process form a real swarm: signed bytes through the hub, validated, trained on."""
 
-import json
-
-from conftest import make_settings
+from helpers import events, make_settings, metrics
+from p2pswarm import wire
 from p2pswarm.node import build_swarm, run_agents
-
-
-def metrics(agent):
-    return agent.run_dir.read_metrics()
-
-
-def events(agent):
-    return [json.loads(l) for l in agent.run_dir.events_path.read_text().splitlines()]
 
 
 def test_three_agents_learn_from_each_other(tmp_path):
@@ -61,8 +52,7 @@ def test_hostile_bytes_are_dropped_and_counted_and_the_round_goes_on(tmp_path):
     for r in range(2):
         hub.put(r, 0, "12D3KooWmallory", b"\x93garbage")  # not a member, so nobody waits for it
     honest = agents[1]
-    forged = bytearray(__import__("p2pswarm.wire", fromlist=["x"]).encode(
-        __import__("p2pswarm.wire", fromlist=["x"]).RolloutBatch(s.experiment, 0, 0, honest.peer_id, []), honest.comm.identity))
+    forged = bytearray(wire.encode(wire.RolloutBatch(s.experiment, 0, 0, honest.peer_id, []), honest.comm.identity))
     forged[-3] ^= 0xFF  # break the signature
     hub.put(0, 0, "12D3KooWforger", bytes(forged))
     run_agents(agents)

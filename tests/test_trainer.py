@@ -2,10 +2,10 @@
 
 import torch
 
-from conftest import make_settings
+from helpers import make_settings
 from p2pswarm.data.reasoning_gym import ReasoningGymData
 from p2pswarm.trainer import GRPOTrainer
-from p2pswarm.types import GameState, Group, Task
+from p2pswarm.types import GameState, Group
 
 
 def tasks_with_prompts(n, seed=0):
@@ -133,5 +133,11 @@ def test_save_and_load_restore_weights_and_optimizer(tmp_path, fresh_policy, pol
     t2.load(tmp_path / "ckpt")
     for (n, a), (_, b) in zip(model.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), n
-    assert t2.optimizer.state_dict()["state"].keys() == t.optimizer.state_dict()["state"].keys()
+    saved, loaded = t.optimizer.state_dict()["state"], t2.optimizer.state_dict()["state"]
+    assert loaded.keys() == saved.keys() and saved  # one entry per parameter the update touched
+    for i in saved:
+        assert loaded[i].keys() == saved[i].keys()
+        for name in ("exp_avg", "exp_avg_sq"):  # AdamW's moments: a resumed run continues the same update
+            assert torch.equal(loaded[i][name], saved[i][name]), (i, name)
+        assert torch.equal(torch.as_tensor(loaded[i]["step"]), torch.as_tensor(saved[i]["step"])), i
     assert t2.rng.random() == t.rng.random()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections import deque
 from dataclasses import dataclass
 
+from textual import on
 from textual.app import App
+from textual.reactive import var
 
 from tui.dashboard import DashboardScreen
-from tui.engine import Engine, EngineFinished, LogLine, NodeBuilt, NodeEvent, NodeFailed, UILogHandler
+from tui.engine import (CheckpointSaved, Engine, EngineFinished, Forwarded, NodeBuilt, NodeFailed, NodeStopped,
+                        UILogHandler)
 from tui.join import JoinScreen, SettingsFactory
 
 
@@ -35,6 +37,8 @@ class SwarmApp(App[Outcome]):
     TITLE = "p2pswarm"
     ENABLE_COMMAND_PALETTE = False
 
+    quitting = var(False)  # the node was asked to stop; the dashboard shows it (and q again leaves at once)
+
     def __init__(self, factory: SettingsFactory, *, autostart: bool = False, rounds: int | None = None) -> None:
         super().__init__()
         self.factory = factory
@@ -42,9 +46,7 @@ class SwarmApp(App[Outcome]):
         self.rounds = rounds
         self.engine: Engine | None = None
         self.dashboard: DashboardScreen | None = None
-        self.quitting = False
         self.outcome = Outcome()
-        self._early_log: deque[tuple[str, int]] = deque(maxlen=200)
         self._log_handler: UILogHandler | None = None
         self._sigterm = False
         self._engine_logger = logging.getLogger("p2pswarm")
@@ -79,11 +81,14 @@ class SwarmApp(App[Outcome]):
 
     def start_engine(self, engine: Engine) -> None:
         self.engine = engine
+        # Made now, shown once the node is built: what the engine posts meanwhile (its log) waits in the
+        # screen's message queue, which Textual processes after the screen is mounted.
+        self.dashboard = DashboardScreen(engine)
         engine.start(self._post)
 
     # ---- engine messages ------------------------------------------------------------------------------
     def on_node_failed(self, message: NodeFailed) -> None:
-        self.engine = None
+        self.engine = self.dashboard = None
         self.outcome.error = message.reason
         if self.quitting:
             self.exit(self.outcome)
@@ -92,38 +97,27 @@ class SwarmApp(App[Outcome]):
             self.screen.failed(message.reason)
 
     async def on_node_built(self, message: NodeBuilt) -> None:
-        assert self.engine is not None
+        assert self.engine is not None and self.dashboard is not None
         self.outcome.started, self.outcome.error = True, None
         self.outcome.run_dir = str(self.engine.agent.run_dir.path)
-        self.dashboard = DashboardScreen(self.engine)
-        await self.switch_screen(self.dashboard)  # mounted before the next engine message is handled
-        for text, level in self._early_log:
-            self.dashboard.log_line(text, level)
-        self._early_log.clear()
-        if self.quitting:
-            self.dashboard.set_status("■ stopping: finishing the step, writing a checkpoint…", "bold yellow")
+        await self.switch_screen(self.dashboard)
 
-    def on_node_event(self, message: NodeEvent) -> None:
-        e = message.event
-        if e.kind == "checkpoint_saved":
-            self.outcome.checkpoint = e.data["path"]
-        elif e.kind == "node_stopped":
-            self.outcome.last_round = e.data["round"]
+    @on(Forwarded)
+    def _to_dashboard(self, message: Forwarded) -> None:
+        """The node's events, log lines and end: the dashboard shows them."""
         if self.dashboard is not None:
-            self.dashboard.consume(e)
+            self.dashboard.post_message(message)
 
-    def on_log_line(self, message: LogLine) -> None:
-        if self.dashboard is not None:
-            self.dashboard.log_line(message.text, message.level)
-        else:
-            self._early_log.append((message.text, message.level))
+    def on_checkpoint_saved(self, message: CheckpointSaved) -> None:
+        self.outcome.checkpoint = message.path
+
+    def on_node_stopped(self, message: NodeStopped) -> None:
+        self.outcome.last_round = message.round
 
     def on_engine_finished(self, message: EngineFinished) -> None:
         self.outcome.error = message.error
         if self.quitting:
             self.exit(self.outcome)
-        elif self.dashboard is not None:
-            self.dashboard.engine_finished(message.error)
 
     # ---- quit ------------------------------------------------------------------------------------------
     async def action_quit(self) -> None:
@@ -137,8 +131,5 @@ class SwarmApp(App[Outcome]):
             self.outcome.forced = True
             self.exit(self.outcome)
             return
-        self.quitting = True
         engine.stop()
-        if self.dashboard is not None:
-            self.dashboard.set_status("■ stopping: finishing the step, writing a checkpoint… (q again: now)",
-                                      "bold yellow")
+        self.quitting = True

@@ -6,44 +6,63 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
+from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Static
 
-from p2pswarm import events as ev
-from p2pswarm.events import Event
-
-from tui.widgets import (HeaderBar, LogPanel, PeersTable, RewardPlot, RolloutsBrowser, RolloutsTable, TrainingPanel,
-                         render_rollout)
+from tui.engine import (EngineFinished, LogLine, NodeError, NodeEvent, NodeStopped, Paused, Progress, RoundFinished,
+                        RoundStarted)
+from tui.widgets import (ERROR, FINISHED, PAUSED, PAUSING, RUNNING, STOPPED_BY_ERROR, STOPPING, STOPPING_NOW,
+                         HeaderBar, LogPanel, PeersTable, RewardPlot, RolloutsBrowser, RolloutsTable, Status,
+                         TrainingPanel, render_rollout)
 
 PANELS = ("swarm", "rollouts", "log")
 PANEL_TITLES = {"swarm": "swarm", "rollouts": "rollouts", "log": "log"}
+# The panels that show the node's events: each declares handlers for the message types it draws.
+FEEDS = "PeersTable, RewardPlot, TrainingPanel, RolloutsBrowser, LogPanel"
 
-HELP = """\
-[b]p2pswarm dashboard[/]
+# Keys of the focused panel (DataTable's and RichLog's own bindings), not of this screen.
+PANEL_KEYS = (("↑ ↓ pgup pgdn", "move in the focused table or log"), ("enter", "on a rollout: the whole group"))
 
-[b]p[/]          pause / resume training (after the current round)
-[b]q[/]          quit: finish the step, write a checkpoint, leave
-           (q again while stopping: leave at once)
-[b]1 2 3[/]      swarm · rollouts · log panel
-[b]tab[/]        next panel ([b]shift+tab[/]: previous)
-[b]↑ ↓ pgup pgdn[/]  move in the focused table or log
-[b]enter[/]      on a rollout: the whole group
-[b]?[/]          this help ([b]esc[/] closes)
-
+ABOUT_PANELS = """\
 [b]swarm[/]      peers (you first), reward per round, last update
 [b]rollouts[/]   recent groups, yours and the swarm's, scored here
 [b]log[/]        a line per round, and the node's log records
 
-A terminal of 140×36 or more shows every panel at once.
-"""
+A terminal of 140×36 or more shows every panel at once."""
+
+
+def help_text(bindings: list[Binding], key_display) -> str:
+    """The dashboard's keys, from its bindings: a binding's tooltip says what it does; a group of bindings
+    shares one line; a binding with neither (an alias such as ctrl+c) is left out."""
+    rows: dict[object, tuple[list[str], str]] = {}
+    for b in bindings:
+        if b.group is not None:
+            rows.setdefault(b.group, ([], b.group.description))[0].append(key_display(b))
+        elif b.tooltip:
+            rows[b] = ([key_display(b)], b.tooltip)
+    lines = [(" ".join(keys), text) for keys, text in rows.values()]
+    lines[-1:-1] = PANEL_KEYS  # before the help key itself, the last binding
+    width = max(len(keys) for keys, _ in lines) + 2
+    out = ["[b]p2pswarm dashboard[/]", ""]
+    for keys, text in lines:
+        first, *rest = text.split("\n")
+        out.append(f"[b]{escape(keys)}[/]{' ' * (width - len(keys))}{escape(first)}")
+        out += [" " * width + escape(line) for line in rest]
+    return "\n".join(out) + "\n\n" + ABOUT_PANELS + "\n"
 
 
 class HelpScreen(ModalScreen):
     BINDINGS = [Binding("escape,q,question_mark,enter", "dismiss", "Close")]
 
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-box"):
-            yield Static(HELP, id="help-text")
+            yield Static(self.text, id="help-text")
 
 
 class RolloutScreen(ModalScreen):
@@ -61,34 +80,45 @@ class RolloutScreen(ModalScreen):
         self.query_one("#rollout-box").focus()
 
 
+PANEL_KEY = Binding.Group("swarm · rollouts · log panel")
+
+
 class DashboardScreen(Screen):
+    """The watched node's state lives in reactives here; the header is bound to them, and the panels
+    handle the node's messages, which this screen hands on."""
+
     BINDINGS = [
-        Binding("p", "toggle_pause", "Pause/resume"),
-        Binding("q", "app.quit", "Quit"),
+        Binding("p", "toggle_pause", "Pause/resume", tooltip="pause / resume training (after the current round)"),
+        Binding("q", "app.quit", "Quit", tooltip="quit: finish the step, write a checkpoint, leave\n"
+                                                 "(q again while stopping: leave at once)"),
         Binding("ctrl+c", "app.quit", "Quit", show=False),
-        Binding("tab", "cycle_panel(1)", "Panels", priority=True),
+        Binding("1", "panel('swarm')", "Swarm", show=False, group=PANEL_KEY),
+        Binding("2", "panel('rollouts')", "Rollouts", show=False, group=PANEL_KEY),
+        Binding("3", "panel('log')", "Log", show=False, group=PANEL_KEY),
+        Binding("tab", "cycle_panel(1)", "Panels", priority=True, tooltip="next panel (shift+tab: previous)"),
         Binding("shift+tab", "cycle_panel(-1)", "Prev panel", show=False, priority=True),
-        Binding("1", "panel('swarm')", "Swarm", show=False),
-        Binding("2", "panel('rollouts')", "Rollouts", show=False),
-        Binding("3", "panel('log')", "Log", show=False),
-        Binding("question_mark", "help", "Help"),
+        Binding("question_mark", "help", "Help", tooltip="this help (esc closes)"),
     ]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (140, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
 
+    round = reactive(-1)  # -1: no round yet
+    stage = reactive(0)
+    phase = reactive("idle")  # generate, collect, train or idle
+    progress = reactive((0.0, 1.0))  # (done, total) of the phase in progress
+    status = reactive(RUNNING)
+    finished = reactive(False)  # the engine has stopped
+    # The panel shown (or focused, when all are); choosing it again focuses it again.
+    active = reactive("swarm", always_update=True)
+
     def __init__(self, engine) -> None:
         super().__init__()
         self.engine = engine
-        self.active = "swarm"
-        self.round = -1
-        self.stage = 0
-        self.phase = "idle"
-        self.finished = False
-        self.ready = False  # mounted; until then engine messages wait in _pending (in order)
-        self._pending: list[tuple] = []
 
     def compose(self) -> ComposeResult:
-        yield HeaderBar(id="header")
+        yield HeaderBar(self.engine, id="header").data_bind(
+            DashboardScreen.round, DashboardScreen.stage, DashboardScreen.phase, DashboardScreen.progress,
+            DashboardScreen.status)
         yield Static(id="panel-tabs")
         with Vertical(id="body"):
             with Vertical(id="swarm-panel", classes="panel"):
@@ -106,63 +136,59 @@ class DashboardScreen(Screen):
         self.query_one("#training").border_title = "training"
         self.query_one("#rollouts-panel").border_title = "rollouts"
         self.query_one("#log-panel").border_title = "log"
-        header = self.query_one(HeaderBar)
-        header.describe(self.engine)
-        header.set_status("● running", "bold green")
+        if self.engine.stopping:  # quit was asked for while the node was being built
+            self.status = STOPPING
+        self.watch(self.app, "quitting", self._quitting, init=False)
         a = self.engine.agent
         if a is not None:
             self.query_one(RewardPlot).prefill(a.run_dir.read_metrics())
         self.query_one(RewardPlot).replot()
-        self._show_panel("swarm")
         self.refresh_live()
         self.set_interval(1.0, self.refresh_live)
-        self.ready = True
-        for method, args in self._pending:
-            method(*args)
-        self._pending.clear()
 
-    # ---- rendering from the engine ------------------------------------------------------------------
-    def consume(self, e: Event) -> None:
-        """One event of the watched node: every panel takes what it shows."""
-        if not self.ready:
-            self._pending.append((self.consume, (e,)))
-            return
-        header = self.query_one(HeaderBar)
-        d = e.data
-        if e.kind == ev.ROUND_STARTED:
-            self.round, self.stage, self.phase = d["round"], 0, "generate"
-            header.set_progress(0, 1)
-        elif e.kind == ev.PROGRESS:
-            self.round, self.stage = d["round"], d.get("stage", self.stage)
-            self.phase = d["phase"]
-            if d["phase"] == "generate" and d["done"] >= d["total"]:
-                self.phase = "collect"
-            header.set_progress(d["done"], d["total"])
-        elif e.kind == ev.ROUND_FINISHED:
-            self.round, self.phase = d["round"], "idle"
-            header.set_progress(1, 1)
-        elif e.kind == ev.PAUSED:
-            if d["paused"]:
-                header.set_status("❚❚ paused (p resumes)", "bold yellow")
-            else:
-                header.set_status("● running", "bold green")
-        elif e.kind == ev.NODE_STOPPED:
-            self.phase = "idle"
-            header.set_status(f"■ stopped after round {d['round']}", "bold")
-        elif e.kind == ev.ERROR:
-            header.set_status("✖ error (see log)", "bold red")  # the message: in the log, and notified at the end
-        if e.kind in (ev.ROUND_STARTED, ev.PROGRESS, ev.ROUND_FINISHED):
-            stages = getattr(getattr(self.engine.agent, "data", None), "num_stages", 1)
-            header.set_round(max(self.round, 0), self.stage, stages, self.phase)
-        for widget in (self.query_one(PeersTable), self.query_one(RewardPlot), self.query_one(TrainingPanel),
-                       self.query_one(RolloutsBrowser), self.query_one(LogPanel)):
-            widget.consume(e)
+    # ---- the node's messages ------------------------------------------------------------------------
+    @on(NodeEvent)
+    @on(LogLine)
+    def _to_panels(self, message: NodeEvent | LogLine) -> None:
+        for panel in self.query(FEEDS):
+            panel.post_message(message)
 
-    def log_line(self, text: str, level: int) -> None:
-        if not self.ready:
-            self._pending.append((self.log_line, (text, level)))
-            return
-        self.query_one(LogPanel).add_line(text, level)
+    def on_round_started(self, message: RoundStarted) -> None:
+        self.round, self.stage, self.phase, self.progress = message.round, 0, "generate", (0, 1)
+
+    def on_progress(self, message: Progress) -> None:
+        self.round = message.round
+        if message.stage is not None:
+            self.stage = message.stage
+        # Generation done: the node is sharing its rollouts and waiting for the swarm's.
+        generated = message.phase == "generate" and message.done >= message.total
+        self.phase = "collect" if generated else message.phase
+        self.progress = (message.done, message.total)
+
+    def on_round_finished(self, message: RoundFinished) -> None:
+        self.round, self.phase, self.progress = message.round, "idle", (1, 1)
+
+    def on_paused(self, message: Paused) -> None:
+        self.status = PAUSED if message.paused else RUNNING
+
+    def on_node_stopped(self, message: NodeStopped) -> None:
+        self.phase = "idle"
+        self.status = Status(f"■ stopped after round {message.round}", "bold")
+
+    def on_node_error(self, message: NodeError) -> None:
+        self.status = ERROR  # the message: in the log, and notified when the engine has stopped
+
+    def on_engine_finished(self, message: EngineFinished) -> None:
+        self.finished = True
+        if message.error:
+            self.status = STOPPED_BY_ERROR
+            self.notify(message.error, title="the node stopped", severity="error", timeout=60, markup=False)
+        elif not self.engine.stopping:
+            self.status = FINISHED
+
+    def _quitting(self, quitting: bool) -> None:
+        if quitting:
+            self.status = STOPPING_NOW
 
     def refresh_live(self) -> None:
         """Live values the engine knows now: the peer list, last-seen times."""
@@ -170,45 +196,21 @@ class DashboardScreen(Screen):
         peers.refresh_from(self.engine)
         self.query_one(RolloutsBrowser).names = peers.names
 
-    def engine_finished(self, error: str | None) -> None:
-        if not self.ready:
-            self._pending.append((self.engine_finished, (error,)))
-            return
-        self.finished = True
-        header = self.query_one(HeaderBar)
-        if error:
-            header.set_status("✖ stopped: error", "bold red")
-            self.notify(error, title="the node stopped", severity="error", timeout=60, markup=False)
-        elif not self.engine.stopping:
-            header.set_status("■ finished (q quits)", "bold")
-
-    def set_status(self, text: str, style: str) -> None:
-        if not self.ready:
-            self._pending.append((self.set_status, (text, style)))
-            return
-        self.query_one(HeaderBar).set_status(text, style)
-
     # ---- keys -----------------------------------------------------------------------------------------
-    def check_action(self, action: str, parameters: tuple) -> bool | None:
-        """Keys act once the dashboard is mounted."""
-        return self.ready or action not in ("toggle_pause", "panel", "cycle_panel")
-
     def action_toggle_pause(self) -> None:
         if self.finished or self.engine.stopping or self.engine.agent is None:
             return
-        header = self.query_one(HeaderBar)
         if self.engine.paused:
             self.engine.resume()
-            header.set_status("● running", "bold green")
+            self.status = RUNNING
         else:
             self.engine.pause()
-            header.set_status("❚❚ pausing after this round…", "yellow")
+            self.status = PAUSING
 
     def action_panel(self, name: str) -> None:
-        self._show_panel(name)
-
-    def _show_panel(self, name: str) -> None:
         self.active = name
+
+    def watch_active(self, name: str) -> None:
         for p in PANELS:
             self.query_one(f"#{p}-panel").set_class(p == name, "-active")
         tabs = "  ".join(
@@ -220,10 +222,10 @@ class DashboardScreen(Screen):
         self.query_one(target).focus()
 
     def action_cycle_panel(self, step: int) -> None:
-        self.action_panel(PANELS[(PANELS.index(self.active) + step) % len(PANELS)])
+        self.active = PANELS[(PANELS.index(self.active) + step) % len(PANELS)]
 
     def action_help(self) -> None:
-        self.app.push_screen(HelpScreen())
+        self.app.push_screen(HelpScreen(help_text(self.BINDINGS, self.app.get_key_display)))
 
     @on(DataTable.RowSelected, "#rollouts-table")
     def _open_rollout(self) -> None:

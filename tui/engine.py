@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from textual.message import Message
 
@@ -42,27 +43,167 @@ class NodeFailed(Message):
         self.reason = reason
 
 
-class NodeEvent(Message):
-    """One event of the watched node's event stream."""
+class Forwarded(Message, bubble=False):
+    """A message the App hands to the dashboard, which hands it to its panels. Messages bubble up the DOM,
+    never down, so each delivery is a post of its own; one that bubbled back up would be forwarded again."""
 
-    def __init__(self, event: Event) -> None:
-        super().__init__()
-        self.event = event
+    def __init_subclass__(cls, bubble: bool | None = False, **kw) -> None:  # Message resets it to True
+        super().__init_subclass__(bubble=bubble, **kw)
 
 
-class LogLine(Message):
+class LogLine(Forwarded):
     def __init__(self, text: str, level: int = logging.INFO) -> None:
         super().__init__()
         self.text = text
         self.level = level
 
 
-class EngineFinished(Message):
+class EngineFinished(Forwarded):
     """Every agent has stopped (final checkpoints written); `error` is set if the run failed."""
 
     def __init__(self, error: str | None) -> None:
         super().__init__()
         self.error = error
+
+
+# ---- the watched node's events, one message type per kind (made in node_message) --------------------
+@dataclass(kw_only=True)
+class NodeEvent(Forwarded):
+    """An event of the watched node. `at` is when the node emitted it (Message.time is when it was posted)."""
+
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(kw_only=True)
+class NodeStarted(NodeEvent):
+    name: str
+    peer: str
+    first_round: int
+    model: str
+
+
+@dataclass(kw_only=True)
+class RoundStarted(NodeEvent):
+    round: int
+
+
+@dataclass(kw_only=True)
+class Progress(NodeEvent):
+    """A step of the phase in progress: generate, collect or train (`done` of `total`)."""
+
+    round: int
+    stage: int | None
+    phase: str
+    done: float
+    total: float
+
+
+@dataclass(kw_only=True)
+class RolloutsReceived(NodeEvent):
+    """The swarm's groups for a stage arrived; `peer_rewards`: each sender's mean, as this node scored it."""
+
+    round: int
+    stage: int
+    peer_rewards: dict[str, float]
+
+
+@dataclass(kw_only=True)
+class Rollouts(NodeEvent):
+    """A bounded sample of a stage's groups, local and from the swarm, with their texts."""
+
+    round: int
+    stage: int
+    local_groups: int
+    swarm_groups: int
+    samples: list[dict]
+
+
+@dataclass(kw_only=True)
+class RoundFinished(NodeEvent):
+    """A round is trained: its metrics, the row metrics.jsonl got."""
+
+    metrics: dict
+
+    @property
+    def round(self) -> int:
+        return self.metrics["round"]
+
+
+@dataclass(kw_only=True)
+class RoundsSkipped(NodeEvent):
+    skipped: list[int]
+
+
+@dataclass(kw_only=True)
+class CheckpointSaved(NodeEvent):
+    round: int
+    path: str
+
+
+@dataclass(kw_only=True)
+class Resumed(NodeEvent):
+    round: int
+    checkpoint: str
+
+
+@dataclass(kw_only=True)
+class Evaluated(NodeEvent):
+    round: int
+    scores: dict[str, float]
+
+
+@dataclass(kw_only=True)
+class Paused(NodeEvent):
+    round: int
+    paused: bool
+
+
+@dataclass(kw_only=True)
+class NodeStopped(NodeEvent):
+    round: int
+    clean: bool
+
+
+@dataclass(kw_only=True)
+class NodeError(NodeEvent):
+    message: str
+
+
+def node_message(e: Event) -> NodeEvent | None:
+    """The message for one of the node's events; None for a kind the UI does not show. The one place
+    that reads event kinds: everything past it dispatches on the message's type."""
+    d, at = e.data, e.time
+    match e.kind:
+        case ev.NODE_STARTED:
+            return NodeStarted(name=d["name"], peer=e.peer, first_round=d["first_round"], model=d["model"], at=at)
+        case ev.ROUND_STARTED:
+            return RoundStarted(round=d["round"], at=at)
+        case ev.PROGRESS:
+            return Progress(round=d["round"], stage=d.get("stage"), phase=d["phase"], done=d["done"],
+                            total=d["total"], at=at)
+        case ev.ROLLOUTS_RECEIVED:
+            return RolloutsReceived(round=d["round"], stage=d.get("stage", 0), peer_rewards=d.get("peer_rewards", {}),
+                                    at=at)
+        case ev.ROLLOUTS:
+            return Rollouts(round=d["round"], stage=d["stage"], local_groups=d["local_groups"],
+                            swarm_groups=d["swarm_groups"], samples=d["samples"], at=at)
+        case ev.ROUND_FINISHED:
+            return RoundFinished(metrics=d, at=at)
+        case ev.ROUNDS_SKIPPED:
+            return RoundsSkipped(skipped=d["skipped"], at=at)
+        case ev.CHECKPOINT_SAVED:
+            return CheckpointSaved(round=d["round"], path=d["path"], at=at)
+        case ev.RESUMED:
+            return Resumed(round=d["round"], checkpoint=d["checkpoint"], at=at)
+        case ev.EVALUATED:
+            return Evaluated(round=d["round"], scores={k: v for k, v in d.items() if k != "round"}, at=at)
+        case ev.PAUSED:
+            return Paused(round=d["round"], paused=d["paused"], at=at)
+        case ev.NODE_STOPPED:
+            return NodeStopped(round=d["round"], clean=d.get("clean", False), at=at)
+        case ev.ERROR:
+            return NodeError(message=d["message"], at=at)
+    return None
 
 
 Sink = Callable[[Message], None]
@@ -194,7 +335,13 @@ class Engine:
             if event.data.get("done") not in (0, event.data.get("total")) and now - self._last_progress < PROGRESS_INTERVAL:
                 return
             self._last_progress = now
-        self._post(NodeEvent(event))
+        try:
+            message = node_message(event)
+        except Exception:  # noqa: BLE001 - this runs in the agent's thread: the UI must never break training
+            log.exception("the UI could not read a %s event", event.kind)
+            return
+        if message is not None:
+            self._post(message)
 
     def _main(self) -> None:
         from p2pswarm.node import build_swarm, run_agents

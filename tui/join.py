@@ -4,7 +4,7 @@ default, so Enter starts a node."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, get_args
+from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -27,30 +27,29 @@ class JoinError(UserError, ValueError):
     """The form asks for something this build cannot do; the message says what to do instead."""
 
 
-# Join modes. `comm` is the transport the mode needs; a mode is offered as available once the Settings'
-# `comm` setting accepts it (the hivemind and Drive backends add theirs), and the swarm field's text goes
-# into `field` (the setting that holds bootstrap addresses or the shared folder).
+# Join modes: `comm` is the transport (Settings.comm) the mode runs, and `field` the setting that takes the
+# swarm field's text (bootstrap addresses, or the shared folder).
 MODES: dict[str, dict[str, Any]] = {
     "auto": {"label": "auto (from the swarm field)"},
     "local": {"label": "local: a swarm in this process", "comm": "inprocess"},
-    "dht": {"label": "DHT (hivemind)", "comm": "hivemind", "field": "initial_peers",
-            "later": "joining over the network arrives with the hivemind backend"},
-    "drive": {"label": "Drive folder", "comm": "drive", "field": "drive_path",
-              "later": "the shared-folder (Drive) backend has not landed yet"},
+    "dht": {"label": "DHT (hivemind)", "comm": "hivemind", "field": "initial_peers"},
+    "drive": {"label": "Drive folder", "comm": "drive", "field": "drive_path"},
 }
 
 
-def mode_available(mode: str) -> bool:
-    comm = MODES[mode].get("comm")
-    if comm is None:
-        return True
-    return comm in get_args(Settings.model_fields["comm"].annotation) and (
-        "field" not in MODES[mode] or MODES[mode]["field"] in Settings.model_fields)
+def mode_of(settings: Settings) -> str:
+    """The mode that settings made without the form run (the demo, `p2pswarm run` on a terminal): the
+    form's name for their transport, or the transport's own (auto, hybrid)."""
+    return next((m for m, spec in MODES.items() if spec.get("comm") == settings.comm), settings.comm)
 
 
-def mode_label(mode: str) -> str:
-    label = MODES[mode]["label"]
-    return label if mode_available(mode) else f"{label}: not available yet"
+def swarm_of(settings: Settings) -> str:
+    """The swarm field's text for settings made without the form."""
+    if settings.comm in ("hivemind", "auto", "hybrid") and settings.initial_peers:
+        return " ".join(settings.initial_peers)
+    if settings.comm in ("drive", "auto", "hybrid") and settings.drive_path:
+        return str(settings.drive_path)
+    return ""
 
 
 def looks_like_multiaddr(text: str) -> bool:
@@ -65,9 +64,6 @@ def resolve_mode(mode: str, swarm: str) -> str:
     if mode == "local" and swarm:
         raise JoinError("local mode starts a new swarm in this process: clear the swarm field, "
                         "or choose DHT or Drive to join an existing swarm")
-    if not mode_available(mode):
-        raise JoinError(f"{MODES[mode]['label']} is not available yet: {MODES[mode]['later']}. "
-                        "Choose auto or local with an empty swarm field to start a local swarm.")
     if mode == "drive" and not swarm:
         raise JoinError("Drive mode needs the shared folder in the swarm field")
     return mode  # DHT with an empty swarm field starts a new swarm that others can join
@@ -105,6 +101,10 @@ class JoinScreen(Screen):
         self.autostart = autostart
         self.rounds = rounds
         self.base = factory()
+        # Started at once (the demo, `run` on a terminal), the node runs the factory's settings as they are;
+        # the form shows them where it can, so that a second try after a failure starts the same kind of node.
+        mode = mode_of(self.base)
+        self.mode, self.swarm = (mode, swarm_of(self.base)) if autostart and mode in MODES else ("auto", "")
         self.starting = False
         self._creating_identity = False  # the first lookup creates the identity file: Start waits for it
         self._start_pending = False
@@ -115,10 +115,10 @@ class JoinScreen(Screen):
             yield Static("[b]p2pswarm[/] · join a swarm and watch it learn", id="join-title")
             with Grid(id="join-form"):
                 yield Label("Swarm", classes="field-label")
-                yield Input(placeholder="empty: start a new local swarm · multiaddrs (DHT) · folder (Drive)",
+                yield Input(self.swarm, placeholder="empty: start a new local swarm · multiaddrs (DHT) · folder (Drive)",
                             id="swarm", compact=True)
                 yield Label("Mode", classes="field-label")
-                yield Select([(mode_label(m), m) for m in MODES], value="auto", allow_blank=False, id="mode",
+                yield Select([(spec["label"], m) for m, spec in MODES.items()], value=self.mode, allow_blank=False, id="mode",
                              compact=True)
                 yield Label("", classes="field-label")
                 yield Static("", id="mode-hint")
@@ -149,7 +149,7 @@ class JoinScreen(Screen):
         self._update_hint()
         self.query_one("#swarm", Input).focus()
         if self.autostart:
-            self.action_start()
+            self._start(self.base, mode_of(self.base), swarm_of(self.base))
         else:
             self._update_node_placeholder(create=True)
 
@@ -234,7 +234,7 @@ class JoinScreen(Screen):
             overrides["comm"] = spec["comm"]
         if "field" in spec:
             overrides[spec["field"]] = swarm.split() if spec["field"] == "initial_peers" else swarm
-        return self.factory(**overrides), mode, swarm or "new local swarm"
+        return self.factory(**overrides), mode, swarm
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#start")
@@ -250,11 +250,14 @@ class JoinScreen(Screen):
         except (JoinError, SettingsError) as e:
             self.failed(str(e))
             return
+        self._start(settings, mode, swarm)
+
+    def _start(self, settings: Settings, mode: str, swarm: str) -> None:
         self.starting = True
         self.set_status(f"starting {settings.agents} agent(s): loading model {settings.model}…", "")
         for w in self.query("Input, Select, #start"):
             w.disabled = True
-        self.app.start_engine(Engine(settings, rounds=self.rounds, mode=mode, swarm=swarm))
+        self.app.start_engine(Engine(settings, rounds=self.rounds, mode=mode, swarm=swarm or "new local swarm"))
 
     @on(Button.Pressed, "#quit")
     def _quit(self) -> None:

@@ -1,64 +1,94 @@
-"""The dashboard's panels. Each renders from the node's events (`consume`) and, for live values such as
-the peer list, from queries of the running engine (`refresh_from`)."""
+"""The dashboard's panels. Each draws from the node's messages it declares handlers for (tui/engine.py)
+and, for live values such as the peer list, from queries of the running engine (`refresh_from`)."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
 from statistics import fmean
+from typing import NamedTuple
 
 from textual.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
 from textual.widgets import DataTable, ProgressBar, RichLog, Static
 from textual_plotext import PlotextPlot
 
-from p2pswarm import events as ev
-from p2pswarm.events import Event
 from p2pswarm.headless import round_line
 from p2pswarm.identity import friendly_name
 
+from tui.engine import (CheckpointSaved, Evaluated, LogLine, NodeError, NodeEvent, NodeStarted, NodeStopped, Paused,
+                        Resumed, RoundFinished, Rollouts, RolloutsReceived, RoundsSkipped)
 from tui.fmt import ago, num, rate, short_id
 
 PHASES = {"generate": "generating", "collect": "sharing rollouts", "train": "training", "idle": "between rounds"}
 
 
+class Status(NamedTuple):
+    """The node's state as the header shows it."""
+
+    text: str
+    style: str
+
+
+RUNNING = Status("● running", "bold green")
+PAUSING = Status("❚❚ pausing after this round…", "yellow")
+PAUSED = Status("❚❚ paused (p resumes)", "bold yellow")
+STOPPING = Status("■ stopping: finishing the step, writing a checkpoint…", "bold yellow")
+STOPPING_NOW = Status("■ stopping: finishing the step, writing a checkpoint… (q again: now)", "bold yellow")
+ERROR = Status("✖ error (see log)", "bold red")
+STOPPED_BY_ERROR = Status("✖ stopped: error", "bold red")
+FINISHED = Status("■ finished (q quits)", "bold")
+
+
 class HeaderBar(Vertical):
-    """Swarm, node, mode and model; the round and stage with a progress bar for the current phase."""
+    """Swarm, node, mode and model; the round and stage with a progress bar for the current phase, and the
+    node's state. The dashboard binds the reactives below to its own."""
+
+    round = reactive(-1)
+    stage = reactive(0)
+    phase = reactive("idle")
+    progress = reactive((0.0, 1.0))
+    status = reactive(Status("", ""))
+    round_text = reactive("starting…")
+
+    def __init__(self, engine, **kw) -> None:
+        super().__init__(**kw)
+        self.engine = engine
+        self.stages = getattr(getattr(engine.agent, "data", None), "num_stages", 1)
 
     def compose(self) -> ComposeResult:
-        yield Static(id="hdr-swarm")
-        yield Static(id="hdr-node")
+        engine, s, a = self.engine, self.engine.settings, self.engine.agent
+        yield Static(f"[b $accent]p2pswarm[/] · swarm [b]{escape(s.experiment)}[/] [dim]({escape(engine.swarm)})[/]"
+                     f" · mode [b]{engine.mode}[/] · model [b]{escape(s.model)}[/]", id="hdr-swarm")
+        if a is not None:
+            here = f" · {len(engine.agents)} agents in this process" if len(engine.agents) > 1 else ""
+            node = f"node [b $accent]{escape(a.name)}[/] · peer [b]{a.peer_id[:8]}…{a.peer_id[-6:]}[/]{here}"
+        else:
+            node = "node [dim]loading…[/]"
+        yield Static(node, id="hdr-node")
         with Horizontal(id="hdr-progress"):
             yield Static("starting…", id="hdr-round")
             yield ProgressBar(total=1, show_eta=False, id="hdr-bar")
             yield Static("", id="hdr-status")
 
-    def describe(self, engine) -> None:
-        s, a = engine.settings, engine.agent
-        self.query_one("#hdr-swarm", Static).update(
-            f"[b $accent]p2pswarm[/] · swarm [b]{escape(s.experiment)}[/] [dim]({escape(engine.swarm)})[/]"
-            f" · mode [b]{engine.mode}[/] · model [b]{escape(s.model)}[/]"
-        )
-        if a is not None:
-            here = f" · {len(engine.agents)} agents in this process" if len(engine.agents) > 1 else ""
-            self.query_one("#hdr-node", Static).update(
-                f"node [b $accent]{escape(a.name)}[/] · peer [b]{a.peer_id[:8]}…{a.peer_id[-6:]}[/]{here}"
-            )
-        else:
-            self.query_one("#hdr-node", Static).update("node [dim]loading…[/]")
+    def compute_round_text(self) -> str:
+        if self.round < 0:
+            return "starting…"
+        stage = f" · stage {self.stage + 1}/{self.stages}" if self.stages > 1 else ""
+        return f"round [b]{self.round}[/]{stage} · {PHASES.get(self.phase, self.phase)}"
 
-    def set_status(self, text: str, style: str = "") -> None:
-        status = self.query_one("#hdr-status", Static)
-        status.update(Text(text, style=style))
+    def watch_round_text(self, line: str) -> None:
+        self.query_one("#hdr-round", Static).update(line)
 
-    def set_round(self, round: int, stage: int, stages: int, phase: str) -> None:
-        stage_txt = f" · stage {stage + 1}/{stages}" if stages > 1 else ""
-        self.query_one("#hdr-round", Static).update(f"round [b]{round}[/]{stage_txt} · {PHASES.get(phase, phase)}")
-
-    def set_progress(self, done: float, total: float) -> None:
+    def watch_progress(self, progress: tuple[float, float]) -> None:
+        done, total = progress
         self.query_one("#hdr-bar", ProgressBar).update(total=max(total, 1), progress=done)
+
+    def watch_status(self, status: Status) -> None:
+        self.query_one("#hdr-status", Static).update(Text(status.text, style=status.style))
 
 
 class PeersTable(DataTable):
@@ -78,14 +108,15 @@ class PeersTable(DataTable):
         for key, label in self.COLUMNS:
             self.add_column(label, key=key)
 
-    def consume(self, e: Event) -> None:
-        if e.kind == ev.ROLLOUTS_RECEIVED:
-            self._reward.update(e.data.get("peer_rewards", {}))
-        elif e.kind == ev.ROLLOUTS:
-            self._shared += e.data["local_groups"]
-            self._received += e.data["swarm_groups"]
-        elif e.kind == ev.ROUND_FINISHED:
-            self._self_reward = e.data.get("reward_local_mean")
+    def on_rollouts_received(self, message: RolloutsReceived) -> None:
+        self._reward.update(message.peer_rewards)
+
+    def on_rollouts(self, message: Rollouts) -> None:
+        self._shared += message.local_groups
+        self._received += message.swarm_groups
+
+    def on_round_finished(self, message: RoundFinished) -> None:
+        self._self_reward = message.metrics.get("reward_local_mean")
 
     def refresh_from(self, engine) -> None:
         a = engine.agent
@@ -145,12 +176,13 @@ class RewardPlot(PlotextPlot):
         if m.get("reward_swarm_mean") is not None:
             self._swarm[r] = m["reward_swarm_mean"]
 
-    def consume(self, e: Event) -> None:
-        if e.kind == ev.ROUND_FINISHED:
-            self._add_round(e.data)
-            self.replot()
-        elif e.kind == ev.ROLLOUTS_RECEIVED and e.data.get("peer_rewards"):
-            r, best = e.data["round"], max(e.data["peer_rewards"].values())
+    def on_round_finished(self, message: RoundFinished) -> None:
+        self._add_round(message.metrics)
+        self.replot()
+
+    def on_rollouts_received(self, message: RolloutsReceived) -> None:
+        if message.peer_rewards:
+            r, best = message.round, max(message.peer_rewards.values())
             self._best[r] = max(best, self._best.get(r, best))
 
     SERIES = (("this node", "#33c3f0"), ("swarm mean", "#ff9f1c"), ("best peer", "#7bd389"))
@@ -193,17 +225,18 @@ class TrainingPanel(Static):
         self._checkpoint: int | None = None
         self._eval: float | None = None
 
-    def consume(self, e: Event) -> None:
-        if e.kind == ev.ROUND_FINISHED:
-            self._m = e.data
-            if "eval_reward" in e.data:
-                self._eval = e.data["eval_reward"]
-        elif e.kind == ev.CHECKPOINT_SAVED:
-            self._checkpoint = e.data["round"]
-        elif e.kind == ev.RESUMED:
-            self._checkpoint = e.data["round"]
-        else:
-            return
+    def on_round_finished(self, message: RoundFinished) -> None:
+        self._m = message.metrics
+        if "eval_reward" in self._m:
+            self._eval = self._m["eval_reward"]
+        self._redraw()
+
+    def on_checkpoint_saved(self, message: CheckpointSaved) -> None:
+        self._checkpoint = message.round
+        self._redraw()
+
+    def on_resumed(self, message: Resumed) -> None:
+        self._checkpoint = message.round
         self._redraw()
 
     def _redraw(self) -> None:
@@ -264,15 +297,13 @@ class RolloutsBrowser(Vertical):
     def peer_label(self, peer: str, local: bool) -> str:
         return "you" if local else self.names.get(peer) or friendly_name(peer)
 
-    def consume(self, e: Event) -> None:
-        if e.kind != ev.ROLLOUTS:
-            return
+    def on_rollouts(self, message: Rollouts) -> None:
         table = self.query_one(RolloutsTable)
         follow = table.row_count == 0 or table.cursor_row >= table.row_count - 1  # on the newest: keep following
-        for s in e.data["samples"]:
+        for s in message.samples:
             self._seq += 1
             key = str(self._seq)
-            s = {**s, "round": e.data["round"], "stage": e.data["stage"], "key": key}
+            s = {**s, "round": message.round, "stage": message.stage, "key": key}
             if len(self._samples) == self.KEEP:
                 old = self._samples.popleft()
                 if old["key"] in [k.value for k in table.rows]:
@@ -348,32 +379,39 @@ class LogPanel(RichLog):
             for line in self._kept:
                 self.write(line)
 
-    def consume(self, e: Event) -> None:
-        d = e.data
-        stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
-        line = None
-        if e.kind == ev.ROUND_FINISHED:
-            line = round_line(d)
-        elif e.kind == ev.NODE_STARTED:
-            line = f"node {d['name']} (peer {e.peer}) starting at round {d['first_round']} with model {d['model']}"
-        elif e.kind == ev.RESUMED:
-            line = f"resumed from {d['checkpoint']}"
-        elif e.kind == ev.ROUNDS_SKIPPED:
-            line = f"skipped round(s) {d['skipped']} to follow the swarm"
-        elif e.kind == ev.CHECKPOINT_SAVED:
-            line = f"checkpoint {d['path']}"
-        elif e.kind == ev.PAUSED:
-            line = "paused" if d["paused"] else "resumed training"
-        elif e.kind == ev.EVALUATED:
-            line = "eval " + " ".join(f"{k}={v:.3f}" for k, v in d.items() if isinstance(v, float))
-        elif e.kind == ev.NODE_STOPPED:
-            line = f"stopped after round {d['round']}" + ("" if d.get("clean") else " (interrupted)")
-        elif e.kind == ev.ERROR:
-            self._add(Text(f"{stamp} ERROR {d['message']}", style="bold red"))
-            return
-        if line is not None:
-            self._add(Text(f"{stamp} {line}"))
+    def _event_line(self, message: NodeEvent, line: str, style: str = "") -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(message.at))
+        self._add(Text(f"{stamp} {line}", style=style))
 
-    def add_line(self, text: str, level: int) -> None:
-        style = "bold red" if level >= 40 else ("yellow" if level >= 30 else "")
-        self._add(Text(text, style=style))
+    def on_round_finished(self, message: RoundFinished) -> None:
+        self._event_line(message, round_line(message.metrics))
+
+    def on_node_started(self, message: NodeStarted) -> None:
+        self._event_line(message, f"node {message.name} (peer {message.peer}) starting at round {message.first_round}"
+                                  f" with model {message.model}")
+
+    def on_resumed(self, message: Resumed) -> None:
+        self._event_line(message, f"resumed from {message.checkpoint}")
+
+    def on_rounds_skipped(self, message: RoundsSkipped) -> None:
+        self._event_line(message, f"skipped round(s) {message.skipped} to follow the swarm")
+
+    def on_checkpoint_saved(self, message: CheckpointSaved) -> None:
+        self._event_line(message, f"checkpoint {message.path}")
+
+    def on_paused(self, message: Paused) -> None:
+        self._event_line(message, "paused" if message.paused else "resumed training")
+
+    def on_evaluated(self, message: Evaluated) -> None:
+        scores = " ".join(f"{k}={v:.3f}" for k, v in message.scores.items() if isinstance(v, float))
+        self._event_line(message, f"eval {scores}")
+
+    def on_node_stopped(self, message: NodeStopped) -> None:
+        self._event_line(message, f"stopped after round {message.round}" + ("" if message.clean else " (interrupted)"))
+
+    def on_node_error(self, message: NodeError) -> None:
+        self._event_line(message, f"ERROR {message.message}", style="bold red")
+
+    def on_log_line(self, message: LogLine) -> None:
+        style = "bold red" if message.level >= 40 else ("yellow" if message.level >= 30 else "")
+        self._add(Text(message.text, style=style))

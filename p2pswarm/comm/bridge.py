@@ -58,6 +58,10 @@ class HybridComm(CommunicationManager):
         self.dht.check_tasks_with(check)
         self.folder.check_tasks_with(check)
 
+    def set_ban_policy(self, strikes: int, seconds: float) -> None:
+        self.dht.set_ban_policy(strikes, seconds)
+        self.folder.set_ban_policy(strikes, seconds)
+
     def note_exit(self, why: str) -> None:
         self.folder.note_exit(why)
         self.dht.note_exit(why)

@@ -6,6 +6,7 @@
     should_advance    when a round is over, for every round clock (DHT keeper, Drive coordinator,
                       torch rank 0, and any clock to come); `RoundRule` keeps its one piece of state
     MonotonicClock    a clock reading that never goes back
+    PeerLedger        strikes and back-off bans by authenticated peer id
 
 The rules are pure functions of plain values, pinned by table-driven tests (tests/test_rules.py), so
 that "enough peers delivered" and "the round is over" each have exactly one definition.
@@ -14,6 +15,7 @@ that "enough peers delivered" and "the round is over" each have exactly one defi
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Replays are remembered for the rounds a batch can still arrive for (the wire's round window).
 REPLAY_ROUNDS = 2
+# Distinct origins one bridge may relay per stage, whatever it declares: invented identities cost nothing,
+# so without a bound one relaying peer could hand a receiver hundreds of batches a round.
+MAX_RELAYED_ORIGINS = 64
 
 Relay = Callable[[int, int, str, bytes], None]  # (round, stage, origin peer id, signed wire bytes)
 TaskCheck = Callable[[Task], "Task | None"]  # DataManager.rederive, or a policy around it
@@ -82,21 +87,38 @@ def should_advance(clock: int, trainers: Mapping[str, Progress], *, quorum: int,
 
 
 class RoundRule:
-    """should_advance with the one piece of state it needs: when the first trainer finished the round."""
+    """should_advance with the state it needs: when the first trainer finished the round, and which
+    trainers held a round up until its deadline.
+
+    A trainer that says it plays a round but never finishes it makes every round wait `deadline` seconds;
+    one that did so is not waited for during the next 2**n rounds (n: how often it did), though it still
+    counts as done whenever it finishes. An honest straggler loses nothing: the round ended without it
+    anyway, and it catches up by jumping ahead.
+    """
 
     def __init__(self, *, quorum: int = 0, deadline: float = 300.0):
         self.quorum = quorum
         self.deadline = deadline
         self.first_done_at: float | None = None
+        self.stalls: Counter[str] = Counter()
+        self.excused_until: dict[str, int] = {}  # trainer -> first round it is waited for again
 
     def step(self, clock: int, trainers: Mapping[str, Progress], now: float | None = None) -> bool:
         """True when round `clock` is over; the caller then advances its clock by one."""
         now = time.time() if now is None else now
-        if self.first_done_at is None and any(p.finished >= clock for p in trainers.values()):
+        waited = {p: t for p, t in trainers.items()
+                  if t.finished >= clock or clock >= self.excused_until.get(p, -1)}
+        if self.first_done_at is None and any(p.finished >= clock for p in waited.values()):
             self.first_done_at = now
-        if not should_advance(clock, trainers, quorum=self.quorum, deadline=self.deadline,
+        if not should_advance(clock, waited, quorum=self.quorum, deadline=self.deadline,
                               first_done_at=self.first_done_at, now=now):
             return False
+        if not should_advance(clock, waited, quorum=self.quorum, deadline=self.deadline, first_done_at=None, now=now):
+            # The deadline ended it: remember who it waited for in vain.
+            for p, t in waited.items():
+                if t.finished < clock and max(t.round, t.finished) >= clock - 1:
+                    self.stalls[p] += 1
+                    self.excused_until[p] = clock + 1 + 2 ** self.stalls[p]
         self.first_done_at = None
         return True
 
@@ -116,6 +138,73 @@ class MonotonicClock:
     @property
     def known(self) -> bool:
         return self.round >= 0
+
+
+# ---- per-peer strikes and bans -----------------------------------------------------------------------------
+# Drop reasons that only a misbehaving (or broken) peer produces. Network trouble (unreachable, timeouts,
+# truncated streams, nothing served) and replays (a restarted honest peer republishes) are not offenses.
+OFFENSES = frozenset({
+    "bad_signature", "malformed", "schema", "bad_version", "wrong_peer", "wrong_swarm", "wrong_slot", "too_large",
+    "round_window", "digest_mismatch", "bad_task", "relay_limit", "relay_mismatch", "over_limit",
+})
+
+
+class PeerLedger:
+    """Strikes and back-off bans, keyed by the authenticated peer id (never by a name a peer gives itself).
+
+    `strikes` offenses (OFFENSES) without a valid batch in between ban a peer for `base` seconds, doubling
+    with each further ban up to `cap` (as Petals bans failing servers). A banned peer's announcements,
+    payloads and files are ignored (counted as `banned`) and it does not count toward any quorum; when the
+    ban ends it starts over with a clean slate of strikes, but its ban count stays, so a peer that keeps
+    misbehaving is ignored for longer and longer. Thread-safe enough for its use: each call is a few dict
+    operations from the transport's threads.
+    """
+
+    def __init__(self, *, strikes: int = 3, base: float = 30.0, cap: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_strikes = strikes
+        self.base = base
+        self.cap = cap
+        self.clock = clock
+        self.strikes: Counter[str] = Counter()
+        self.bans: Counter[str] = Counter()
+        self.until: dict[str, float] = {}
+        self.reason: dict[str, str] = {}
+
+    def banned(self, peer: str) -> bool:
+        until = self.until.get(peer)
+        if until is None:
+            return False
+        if self.clock() < until:
+            return True
+        del self.until[peer]
+        self.strikes.pop(peer, None)
+        return False
+
+    def offense(self, peer: str, reason: str) -> bool:
+        """Count an offense; True if it banned the peer (never with strikes=0)."""
+        if reason not in OFFENSES or self.max_strikes <= 0 or self.banned(peer):
+            return False
+        self.strikes[peer] += 1
+        if self.strikes[peer] < self.max_strikes:
+            return False
+        self.ban(peer, reason)
+        return True
+
+    def ban(self, peer: str, reason: str) -> float:
+        self.bans[peer] += 1
+        seconds = min(self.cap, self.base * 2 ** (self.bans[peer] - 1))
+        self.until[peer] = self.clock() + seconds
+        self.reason[peer] = reason
+        self.strikes.pop(peer, None)
+        log.info("ignoring peer %s for %.0f s (%s; ban %d)", peer[-8:], seconds, reason, self.bans[peer])
+        return seconds
+
+    def good(self, peer: str) -> None:
+        self.strikes.pop(peer, None)
+
+    def banned_now(self) -> list[str]:
+        return [p for p in list(self.until) if self.banned(p)]
 
 
 # ---- the transport core -----------------------------------------------------------------------------------
@@ -149,6 +238,8 @@ class SignedTransport(CommunicationManager):
         self.last_collect_seconds = 0.0
         self.collect_seconds_total = 0.0
         self.per_peer: dict[str, Counter[str]] = defaultdict(Counter)  # by authenticated peer id
+        self.ledger = PeerLedger()
+        self._accept_lock = threading.Lock()  # transports accept from several threads (pulls in executors)
         self.names: dict[str, str] = {}  # peer id -> display name, of every peer ever seen
         # Set by the game loop (check_tasks_with); a transport used on its own, without a game, keeps the
         # sender's tasks as they came.
@@ -175,6 +266,9 @@ class SignedTransport(CommunicationManager):
     def check_tasks_with(self, check: TaskCheck) -> None:
         self.task_check = check
 
+    def set_ban_policy(self, strikes: int, seconds: float) -> None:
+        self.ledger.max_strikes, self.ledger.base = strikes, seconds
+
     def begin_collect(self, round: int) -> float:
         self.inbox.forget_before(round - REPLAY_ROUNDS)
         return time.monotonic()
@@ -184,29 +278,44 @@ class SignedTransport(CommunicationManager):
         self.collect_seconds_total += self.last_collect_seconds
 
     def accept(self, data: bytes, *, round: int, stage: int, sender: str,
-               relayed: bool = False) -> wire.RolloutBatch | None:
-        """The batch if `data` is a valid batch signed by `sender` for (round, stage), else None, counted
-        under `sender` (the peer id the medium authenticated, or the one its file was registered to).
+               via: str | None = None) -> wire.RolloutBatch | None:
+        """The batch if `data` is a valid batch signed by `sender` for (round, stage), else None.
+
+        `sender` is the peer id the medium authenticated (or the one a file was registered to); `via` the
+        peer that served it on the sender's behalf (a bridge's relay). What fails is counted against
+        whoever handed it over — the relaying peer when there is one, since a relay can serve bytes the
+        origin never signed — and is an offense toward a ban. A banned peer's bytes are not even decoded.
 
         Each group's task is then replaced by the receiver's own copy (`task_check`): a group whose task
         does not re-derive is dropped (`bad_task`), and a batch left with no group is not a valid batch."""
+        with self._accept_lock:
+            return self._accept(data, round, stage, sender, via)
+
+    def _accept(self, data: bytes, round: int, stage: int, sender: str, via: str | None) -> wire.RolloutBatch | None:
+        culprit = via or sender
+        if self.ledger.banned(culprit) or self.ledger.banned(sender):
+            self.drop(culprit, "banned")
+            return None
         before = Counter(self.inbox.drops)
         batch = self.inbox.accept(data, current_round=round, expect_peer=sender, slot=(round, stage))
-        stats = self.per_peer[sender]
         if batch is None:
             for reason, n in (self.inbox.drops - before).items():
-                stats[f"dropped_{reason}"] += n
+                self.per_peer[culprit][f"dropped_{reason}"] += n
+                self.ledger.offense(culprit, reason)
             return None
-        if batch.groups and self.task_check is not None and self.check_groups(batch) == 0:
+        if batch.groups and self.task_check is not None and self.check_groups(batch, culprit) == 0:
             return None
+        stats = self.per_peer[sender]
         stats["batches"] += 1
         stats["groups"] += len(batch.groups)
         stats["bytes"] += len(data)
-        if relayed:
+        if via is not None:
             stats["relayed"] += 1
+            self.per_peer[via]["relays"] += 1
+        self.ledger.good(culprit)
         return batch
 
-    def check_groups(self, batch: wire.RolloutBatch) -> int:
+    def check_groups(self, batch: wire.RolloutBatch, culprit: str) -> int:
         """Keep the groups whose task re-derives, each with the receiver's own task; the count kept."""
         kept = []
         for g in batch.groups:
@@ -216,7 +325,7 @@ class SignedTransport(CommunicationManager):
                 log.debug("task check of %s's group: %s: %s", batch.peer[-8:], type(e).__name__, e)
                 own = None
             if own is None:
-                self.drop(batch.peer, "bad_task")
+                self.drop(culprit, "bad_task")
                 continue
             g.task = own
             kept.append(g)
@@ -225,9 +334,10 @@ class SignedTransport(CommunicationManager):
         return len(kept)
 
     def drop(self, sender: str, reason: str) -> None:
-        """Count a payload the transport refused before decoding it."""
+        """Count something `sender` handed over that was refused (an offense toward a ban if it is one)."""
         self.inbox.drops[reason] += 1
         self.per_peer[sender][f"dropped_{reason}"] += 1
+        self.ledger.offense(sender, reason)
 
     def pass_on(self, round: int, stage: int, batch: wire.RolloutBatch, data: bytes) -> None:
         """Hand a batch accepted directly from its origin to the bridge, if any. Relayed batches are never
@@ -247,6 +357,7 @@ class SignedTransport(CommunicationManager):
     def counters(self) -> dict[str, Any]:
         out: dict[str, Any] = {"batches_sent": self.sent, "bytes_sent": self.bytes_sent, **self.inbox.counters()}
         out["per_peer"] = self.per_peer_rows()
+        out["peers_banned"] = len(self.ledger.banned_now())
         return out
 
     def display_name(self, peer_id: str) -> str:
@@ -256,6 +367,11 @@ class SignedTransport(CommunicationManager):
         """Counters by authenticated peer id. A name is what a peer calls itself (display only): one that
         claims another's name is shown disambiguated by the tail of its peer id, never merged with it."""
         rows = {p: dict(c) for p, c in list(self.per_peer.items())}
+        for p in list(self.ledger.bans):
+            row = rows.setdefault(p, {})
+            row["bans"] = self.ledger.bans[p]
+            if self.ledger.banned(p):
+                row["banned"] = self.ledger.reason.get(p, "")
         names = {p: self.display_name(p) for p in rows}
         taken = Counter(names.values())
         for p, row in rows.items():

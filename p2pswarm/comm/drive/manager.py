@@ -21,7 +21,7 @@ from typing import Any
 
 from p2pswarm import validate as V
 from p2pswarm import wire
-from p2pswarm.comm.core import Progress, SignedTransport, collect_need
+from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, Progress, SignedTransport, collect_need
 from p2pswarm.comm.drive.records import Registration, parse_registration, registration_record
 from p2pswarm.comm.drive.store import FolderStore, safe_name
 from p2pswarm.components import PeerInfo
@@ -60,6 +60,7 @@ class FolderComm(SignedTransport):
         self.files_read = 0
         self.position = {"round": -1, "stage": 0, "finished": -1}
         self._cache: dict[str, tuple[int, Any]] = {}  # rollout path -> (size, mtime) already handled
+        self._relays: dict[tuple[int, int, str], set[str]] = {}  # (round, stage, bridge node) -> origins read
         self._regs: dict[str, Registration] = {}
         self._reg_keys: dict[str, tuple[int, Any]] = {}  # node -> (size, mtime) of the file last parsed
         self._pins: dict[str, str] = {}  # node -> peer id first seen (a later different key is refused)
@@ -155,6 +156,7 @@ class FolderComm(SignedTransport):
         deadline = t0 + self.timeout
         for path in [p for p in self._cache if f"/round_{round - 3}/" in p or f"/round_{round - 4}/" in p]:
             del self._cache[path]  # out of the round window: never read again
+        self._relays = {k: v for k, v in self._relays.items() if k[0] >= round - 2}
         valid: set[str] = set()
         groups: list[Group] = []
         delay = self.poll
@@ -163,7 +165,7 @@ class FolderComm(SignedTransport):
             if self._scan(round, stage, regs, valid, groups):
                 delay = self.poll
             # A live node already past this round (it joined late and skipped it) will not publish it.
-            live = [r for r in self.live(regs).values() if r.round <= round]
+            live = [r for r in self.live(regs).values() if r.round <= round and not self.ledger.banned(r.peer_id)]
             need = collect_need(want_peers=self.want_peers, live=len(live), bridged=sum(r.bridged for r in live))
             now = time.monotonic()
             if len(valid) >= need or now >= deadline:
@@ -198,16 +200,25 @@ class FolderComm(SignedTransport):
             if origin and not _is_peer_id(origin):  # a file name is anyone's to choose: never a per-peer key as is
                 self.drop(reg.peer_id, "bad_file_name")
                 continue
-            sender = origin or reg.peer_id
+            sender, via = (origin, reg.peer_id) if origin else (reg.peer_id, None)
+            if self.ledger.banned(reg.peer_id):
+                self.drop(reg.peer_id, "banned")
+                continue
+            if origin:  # a bridge's relay: bounded per bridge, whatever it writes
+                relays = self._relays.setdefault((round, stage, node), set())
+                if origin not in relays and len(relays) >= max(1, min(reg.bridged, MAX_RELAYED_ORIGINS)):
+                    self.drop(reg.peer_id, "relay_limit")
+                    continue
+                relays.add(origin)
             if size > self.limits.max_bytes:
-                self.drop(sender, "too_large")
+                self.drop(via or sender, "too_large")
                 continue
             data = self.store.read(path, self.limits.max_bytes)  # it may have grown since the listing
             if data is None:
                 self._cache.pop(path, None)  # vanished between listing and reading (or grew past the cap)
                 continue
             self.files_read += 1
-            batch = self.accept(data, round=round, stage=stage, sender=sender, relayed=bool(origin))
+            batch = self.accept(data, round=round, stage=stage, sender=sender, via=via)
             if batch is not None:
                 valid.add(stem)
                 groups.extend(batch.groups)

@@ -23,12 +23,13 @@ from p2pswarm import wire
 from p2pswarm.comm.hivemind import records
 from p2pswarm.comm.hivemind.node import HivemindNode
 from p2pswarm.comm.hivemind.payloads import PROTOCOL, PayloadServer, PullError, pull
-from p2pswarm.comm.core import SignedTransport, collect_need
+from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, SignedTransport, collect_need
 from p2pswarm.components import PeerInfo
 from p2pswarm.types import Group
 
 log = logging.getLogger(__name__)
 
+SILENT_ROUNDS = 2  # collects a live member may deliver nothing in before it is no longer waited for
 MEMBER_TTL = 15.0  # a SIGKILLed peer drops out of the member list this long after its last refresh
 MEMBER_REFRESH = 5.0
 
@@ -49,6 +50,7 @@ class HivemindComm(SignedTransport):
         self._bad_seen: set = set()
         self.members: dict[str, records.Member] = {}
         self.seen_peers: set[str] = set()
+        self.silent: Counter[str] = Counter()  # collects in a row each expected member delivered nothing in
         self.position = {"round": -1, "stage": 0, "finished": -1}
         self._closed = False
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
@@ -161,15 +163,29 @@ class HivemindComm(SignedTransport):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         self.latencies = []
-        tried: set[str] = {self.peer_id}
-        valid: set[str] = set()
-        failed: set[str] = set()
+        valid: set[str] = set()  # signers whose batch was accepted
+        failed: set[str] = set()  # signers whose own (direct) payload failed this round
         groups: list[Group] = []
         pending: set[asyncio.Task] = set()
         delay = self.poll
         key = records.rollouts_key(self.swarm, round, stage)
+        direct: dict[str, records.Announcement] = {}  # each signer's own announcement
+        tried_direct: set[str] = set()
         retried: set[str] = set()
-        announcements: dict[str, records.Announcement] = {}
+        relay_tried: set[tuple[str, str]] = set()  # (relaying peer, origin)
+        relaying: set[str] = set()  # origins with a relayed pull in flight
+        relays_by: Counter[str] = Counter()  # distinct origins each peer relayed this collect
+        refused: set[tuple[str, str, str]] = set()  # (peer, origin, reason) already counted
+        expected: set[str] = set()
+
+        def refuse(peer: str, origin: str, reason: str) -> None:
+            if (peer, origin, reason) not in refused:  # the same record comes back on every poll
+                refused.add((peer, origin, reason))
+                self.drop(peer, reason)
+
+        def start(a: records.Announcement) -> None:
+            pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))
+
         while True:
             remaining = max(0.05, deadline - loop.time())
             gets = [self.node.dht.get(key, latest=True)]
@@ -180,14 +196,40 @@ class HivemindComm(SignedTransport):
             except Exception as e:  # noqa: BLE001 - a DHT hiccup or the deadline; poll again or stop below
                 log.debug("DHT get failed: %s", e)
                 got = None
-            for a in self.parse_records(got, records.announcement, relays=True):
-                if a.signer not in tried and a.peer_id != self.peer_id:  # one copy per signer, direct or relayed
-                    tried.add(a.signer)
-                    announcements[a.signer] = a
-                    pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))
-            live = {p for p in self.live_trainers() if self.members[p].round <= round}
-            need = collect_need(want_peers=self.want_peers, live=len(live), failed=len(failed),
-                                bridged=sum(self.members[p].bridged for p in live if p in self.members))
+            announced = self.parse_records(got, records.announcement, relays=True)
+            # Origins' own announcements first: a relay claim never pre-empts or replaces the origin's copy.
+            for a in sorted(announced, key=lambda a: a.origin is not None):
+                server = a.peer_id
+                if server == self.peer_id or a.signer == self.peer_id:
+                    continue
+                if self.ledger.banned(server):
+                    refuse(server, a.signer, "banned")
+                    continue
+                if a.origin is None:
+                    direct[server] = a
+                    if server not in valid and server not in tried_direct:
+                        tried_direct.add(server)
+                        start(a)
+                    continue
+                origin = a.origin
+                if origin in direct:  # the origin serves it itself: a relay must be of exactly that batch
+                    if direct[origin].digest != a.digest:
+                        refuse(server, origin, "relay_mismatch")
+                    continue
+                if origin in valid or origin in relaying or (server, origin) in relay_tried:
+                    continue
+                if relays_by[server] >= self.relay_cap(server):
+                    refuse(server, origin, "relay_limit")  # invented origins flooding through one peer
+                    continue
+                relays_by[server] += 1
+                relay_tried.add((server, origin))
+                relaying.add(origin)
+                start(a)
+            expected = self.expected_peers(round)
+            bridged = sum(min(self.members[p].bridged, self.relay_cap(p)) for p in expected
+                          if p in self.members and self.per_peer[p]["relays"] > 0)  # bridges that relayed before
+            need = collect_need(want_peers=self.want_peers, live=len(expected), bridged=bridged,
+                                failed=len(failed & expected))
             remaining = deadline - loop.time()
             # With nobody expected (need 0), pulls already in flight still finish: an announcer that is not
             # (yet) in our member view is a peer too.
@@ -197,50 +239,68 @@ class HivemindComm(SignedTransport):
                 done, pending = await asyncio.wait(pending, timeout=min(delay, remaining),
                                                    return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    peer, batch, retry = task.result()
-                    if batch is None and retry and peer not in retried and deadline - loop.time() > 0.5:
-                        retried.add(peer)  # a reset stream or a peer busy for a moment: once more
-                        pending.add(asyncio.create_task(self._fetch(announcements[peer], round, stage, deadline)))
-                    elif batch is None:
-                        failed.add(peer)
-                    else:
-                        valid.add(peer)
+                    a, batch, retry = task.result()
+                    if batch is not None:
+                        valid.add(a.signer)
                         groups.extend(batch.groups)
+                    elif a.origin is not None:
+                        relaying.discard(a.origin)  # another relay, or the origin itself, may still come
+                    elif retry and a.signer not in retried and deadline - loop.time() > 0.5:
+                        retried.add(a.signer)  # a reset stream or a peer busy for a moment: once more
+                        start(a)
+                    else:
+                        failed.add(a.signer)
             else:
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 1.5, 0.3)  # bounds what polling adds to delivery latency
         for task in pending:
             task.cancel()
+        for p in expected:  # a member that never delivers stops being waited for (it is still pulled)
+            self.silent[p] = 0 if p in valid else self.silent[p] + 1
         return groups
 
+    def relay_cap(self, peer: str) -> int:
+        """Distinct origins one peer may relay per stage: what its member record declares, bounded."""
+        m = self.members.get(peer)
+        return max(1, min(m.bridged if m else 0, MAX_RELAYED_ORIGINS))
+
+    def expected_peers(self, round: int) -> set[str]:
+        """Live trainers a collect of `round` waits for: not banned, not already past the round (a peer that
+        joined late and skipped it will not publish it), and not silent for SILENT_ROUNDS collects in a
+        row (a member that only pretends to train would otherwise cost every stage its full timeout)."""
+        return {p for p in self.live_trainers() if self.members[p].round <= round and not self.ledger.banned(p)
+                and self.silent[p] < SILENT_ROUNDS}
+
     async def _fetch(self, a: records.Announcement, round: int, stage: int,
-                     deadline: float) -> tuple[str, wire.RolloutBatch | None, bool]:
-        """(signer, batch or None, whether another try could succeed)."""
+                     deadline: float) -> tuple[records.Announcement, wire.RolloutBatch | None, bool]:
+        """(the announcement, batch or None, whether another try could succeed)."""
         try:
-            return a.signer, await self._fetch_batch(a, round, stage, deadline), False
+            return a, await self._fetch_batch(a, round, stage, deadline), False
         except PullError:
-            return a.signer, None, True
+            return a, None, True
 
     async def _fetch_batch(self, a: records.Announcement, round: int, stage: int, deadline: float) -> wire.RolloutBatch | None:
+        server = a.peer_id  # who serves it: the origin itself, or a relaying peer, is who answers for it
         if a.size > self.limits.max_bytes:
-            self.drop(a.signer, "too_large")
+            self.drop(server, "too_large")
             return None
         remaining = deadline - asyncio.get_running_loop().time()
         try:
-            data = await pull(self.node.p2p, a.peer_id, round, stage, max_bytes=self.limits.max_bytes,
+            data = await pull(self.node.p2p, server, round, stage, max_bytes=self.limits.max_bytes,
                               timeout=max(0.5, remaining), origin=a.origin)
         except PullError as e:
-            self.drop(a.signer, e.reason)
+            self.drop(server, e.reason)
             if e.reason in ("truncated", "unreachable", "pull_timeout"):
                 raise
             return None
         if hashlib.sha256(data).digest() != a.digest:
-            self.drop(a.signer, "digest_mismatch")
+            self.drop(server, "digest_mismatch")
             return None
-        batch = self.accept(data, round=round, stage=stage, sender=a.signer, relayed=a.origin is not None)
+        batch = await asyncio.get_running_loop().run_in_executor(  # decoding and re-deriving tasks take CPU
+            None, lambda: self.accept(data, round=round, stage=stage, sender=a.signer, via=a.origin and server))
         if batch is None:
             return None
-        latency = max(0.0, time.time() - a.created)
+        latency = min(max(0.0, time.time() - a.created), self.timeout + 3600.0)
         self.latencies.append(latency)
         self.per_peer[a.signer]["latency_ms"] = int(latency * 1000)
         if a.origin is None:

@@ -1,0 +1,189 @@
+"""Adversaries for tests/test_trust.py, one process per class of attack, as a new attacker would try them:
+
+    python tests/attackers.py KIND KEY EXPERIMENT BOOTSTRAP_MADDR
+
+    numbers    well-signed member / announcement / clock records whose numbers are out of every range
+               (inf, nan, -1e308, 2**62, negative sizes), refreshed all the time
+    stall      a "trainer" whose member record always says it plays the current round and never finishes it
+    censor     announces a relay of every other peer's batch (garbage bytes, before and after they publish)
+    poison     real tasks whose answer was changed to match its wrong completions, properly signed
+    name       calls itself after an honest peer ("bob") and sends bad batches under that name
+    unsigned   records of unexpected types and without an owner marker under the swarm's keys
+    flood      declares it bridges 1024 peers and relays batches of hundreds of invented identities
+
+Each prints one line per attack and runs until killed. Every process is a real hivemind peer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import time
+
+from hivemind.utils import get_dht_time
+
+from p2pswarm import wire
+from p2pswarm.comm.hivemind import records
+from p2pswarm.comm.hivemind.manager import HivemindComm
+from p2pswarm.comm.hivemind.node import HivemindNode, NetConfig
+from p2pswarm.data.reasoning_gym import ReasoningGymData
+from p2pswarm.identity import Identity
+from p2pswarm.types import Group
+
+ROUNDS = 12  # rounds ahead to attack (the honest peers play fewer)
+
+
+def poisoned(identity: Identity, swarm: str, round: int, data: ReasoningGymData) -> bytes:
+    groups = []
+    for t in data.round_tasks(round)[:4]:
+        t.answer = "12345"  # the sender's "ground truth", changed to match its completions
+        groups.append(Group(t, ["<answer>12345</answer>"] * 4, identity.peer_id, rewards=[1.0] * 4))
+    return wire.encode(wire.RolloutBatch(swarm, round, 0, identity.peer_id, groups), identity)
+
+
+class Attacker:
+    def __init__(self, kind: str, key: str, swarm: str, boot: str):
+        self.kind, self.swarm = kind, swarm
+        self.identity = Identity.load_or_create(key)
+        self.node = HivemindNode(self.identity, key, NetConfig(initial_peers=[boot], host="127.0.0.1")).start()
+        name = "bob" if kind == "name" else kind
+        self.comm = HivemindComm(self.node, swarm, name=name, timeout=1.0)
+        self.comm._refresher.cancel()  # the attack writes this peer's member record itself
+        self.comm.server.keep_rounds = ROUNDS + 10
+        self.data = ReasoningGymData("easy", seed=666, tasks_per_round=8, peer=self.identity.peer_id)
+        self.marker = self.node.validator.marker
+
+    def say(self, line: str) -> None:
+        print(f"{self.kind}: {line}", flush=True)
+
+    async def store(self, key: str, value, subkey, ttl: float = 60.0) -> bool:
+        try:
+            return bool(await self.node.dht.store(key, value, get_dht_time() + ttl, subkey=subkey))
+        except Exception as e:  # noqa: BLE001 - an attacker shrugs
+            self.say(f"store failed: {type(e).__name__}")
+            return False
+
+    async def member(self, **fields) -> bool:
+        value = {"name": self.comm.name, "role": "trainer", "round": 0, "stage": 0, "finished": -1,
+                 "time": time.time(), "left": False, "bridged": 0, **fields}
+        return await self.store(records.members_key(self.swarm), value, self.marker, ttl=15)
+
+    async def announce(self, round: int, data: bytes, origin: str | None = None, **overrides) -> bool:
+        self.comm.server.put(round, 0, data, origin or "")
+        value = {"digest": hashlib.sha256(data).digest(), "size": len(data), "created": time.time(), **overrides}
+        sub = self.marker if origin is None else records.relay_subkey(self.marker, origin)
+        return await self.store(records.rollouts_key(self.swarm, round, 0), value, sub)
+
+    async def others(self) -> set[str]:
+        got = await self.node.dht.get(records.members_key(self.swarm), latest=True)
+        out = set()
+        if got is not None and isinstance(got.value, dict):
+            for subkey in got.value:
+                owner = records.owner_of(subkey)
+                if owner and owner[1] is None and owner[0] != self.identity.peer_id:
+                    out.add(owner[0])
+        return out
+
+    async def clock(self) -> int:
+        got = await self.node.dht.get(records.clock_key(self.swarm), latest=True)
+        best = 0
+        if got is not None and isinstance(got.value, dict):
+            for item in got.value.values():
+                try:
+                    v = item.value if isinstance(item.value, dict) else __import__("msgpack").unpackb(item.value)
+                    best = max(best, int(v["round"]))
+                except Exception:  # noqa: BLE001
+                    pass
+        return best
+
+    # ---- the attacks ---------------------------------------------------------------------------------------
+    async def numbers(self) -> None:
+        bad_members = [
+            {"bridged": float("inf")}, {"round": 2**62, "finished": 2**62}, {"time": float("nan")},
+            {"finished": float("-inf")}, {"stage": -7, "bridged": -1e308}, {"round": float("nan")},
+        ]
+        bad_announcements = [
+            {"created": -1e308}, {"created": float("nan")}, {"size": -5}, {"size": 2**63 - 1},
+            {"created": float("inf")}, {"digest": b"\x00" * 5},
+        ]
+        i = 0
+        while True:
+            await self.member(**bad_members[i % len(bad_members)])
+            for r in range(ROUNDS):
+                await self.announce(r, poisoned(self.identity, self.swarm, r, self.data),
+                                    **bad_announcements[(i + r) % len(bad_announcements)])
+            await self.store(records.clock_key(self.swarm), {"round": 2**62, "started": float("nan")}, self.marker)
+            self.say(f"wave {i}")
+            i += 1
+            await asyncio.sleep(1)
+
+    async def stall(self) -> None:
+        while True:
+            c = await self.clock()
+            await self.member(round=c, finished=c - 1)
+            self.say(f"playing round {c}, never finishing")
+            await asyncio.sleep(0.5)
+
+    async def censor(self) -> None:
+        garbage = b"\x92censored"
+        while True:
+            victims = await self.others()
+            await self.member(bridged=1)
+            for r in range(ROUNDS):
+                for v in victims:
+                    await self.announce(r, garbage + v.encode(), origin=v)
+            self.say(f"claimed relays of {len(victims)} peer(s)")
+            await asyncio.sleep(1)
+
+    async def poison(self) -> None:
+        await self.member()
+        for r in range(ROUNDS):
+            await self.announce(r, poisoned(self.identity, self.swarm, r, self.data))
+        self.say(f"announced {ROUNDS} poisoned rounds")
+        while True:
+            await self.member(round=await self.clock())
+            await asyncio.sleep(2)
+
+    async def name(self) -> None:
+        for r in range(ROUNDS):
+            await self.announce(r, b"\xc1" * 50)
+        self.say("calls itself bob")
+        while True:
+            await self.member(round=await self.clock())
+            await asyncio.sleep(2)
+
+    async def unsigned(self) -> None:
+        keys = [records.members_key(self.swarm), records.clock_key(self.swarm)]
+        keys += [records.rollouts_key(self.swarm, r, 0) for r in range(ROUNDS)]
+        while True:
+            for k in keys:
+                await self.store(k, b"\x00junk", None)  # a plain value where a dictionary lives
+                await self.store(k, {"not": "a record"}, b"plain-subkey")
+                await self.store(k, [1, 2, 3], 12345)  # a subkey that is not bytes
+                await self.store(k, 3.5, self.identity.peer_id)  # a bare peer id proves nothing
+            self.say("stored unsigned junk")
+            await asyncio.sleep(2)
+
+    async def flood(self) -> None:
+        await self.member(bridged=1024)
+        for r in range(ROUNDS):
+            stores = []
+            for _ in range(200):
+                fake = Identity.generate()
+                stores.append(self.announce(r, poisoned(fake, self.swarm, r, self.data), origin=fake.peer_id))
+            await asyncio.gather(*stores)
+            self.say(f"round {r}: relayed 200 invented peers")
+        while True:
+            await self.member(bridged=1024, round=await self.clock())
+            await asyncio.sleep(2)
+
+
+def main() -> None:
+    kind, key, swarm, boot = sys.argv[1:5]
+    a = Attacker(kind, key, swarm, boot)
+    a.say(f"up as {a.identity.peer_id}")
+    a.node.call(getattr(a, kind)(), timeout=None)
+
+
+if __name__ == "__main__":
+    main()
