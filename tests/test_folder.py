@@ -141,6 +141,9 @@ def test_hostile_files_are_skipped_and_counted(url, tmp_path):
         eve = Identity.generate()
         write(wire.encode(wire.RolloutBatch(EXP, 0, 0, eve.peer_id, [group()]), eve))
         assert mallory.collect(0, 0) == [] and mallory.inbox.drops["wrong_peer"] == 1
+        # a bridge-style file name whose origin is not a peer id: never a per-peer key, counted under alice
+        store.write_atomic(f"{store.stage_dir(0, 0)}/alice~not-a-peer.msgpack", good)
+        assert mallory.collect(0, 0) == []
         # a forged registration for alice is refused
         store.write_atomic(store.path("peers", "ghost.json"), b'{"peer_id": "12D3KooWx", "time": 1}')
         # and the honest file, arriving late, is still taken
@@ -152,6 +155,7 @@ def test_hostile_files_are_skipped_and_counted(url, tmp_path):
         per = c["per_peer"][alice.peer_id]  # rows are keyed by peer id; the name is display only
         assert per["name"] == "alice"
         assert per["batches"] == 1 and per["dropped_bad_signature"] >= 1 and per["dropped_wrong_peer"] == 1
+        assert per["dropped_bad_file_name"] == 1 and "not-a-peer" not in c["per_peer"]
         # read once: polling again does not re-read the file
         reads = c["files_read"]
         mallory.collect(0, 0)

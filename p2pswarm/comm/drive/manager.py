@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from p2pswarm import validate as V
 from p2pswarm import wire
 from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, Progress, SignedTransport, collect_need
 from p2pswarm.comm.drive.records import MAX_IGNORING, Registration, parse_registration, registration_record
@@ -28,6 +29,14 @@ from p2pswarm.identity import Identity
 from p2pswarm.types import Group
 
 log = logging.getLogger(__name__)
+
+
+def _is_peer_id(s: str) -> bool:
+    try:
+        V.peer_id(s, "origin")
+        return True
+    except V.Invalid:
+        return False
 
 
 class FolderComm(SignedTransport):
@@ -189,6 +198,9 @@ class FolderComm(SignedTransport):
                 continue
             found = True
             self._cache[path] = (size, mtime)
+            if origin and not _is_peer_id(origin):  # a file name is anyone's to choose: never a per-peer key as is
+                self.drop(reg.peer_id, "bad_file_name")
+                continue
             sender, via = (origin, reg.peer_id) if origin else (reg.peer_id, None)
             if self.ledger.banned(reg.peer_id):
                 self.drop(reg.peer_id, "banned")

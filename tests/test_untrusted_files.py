@@ -1,0 +1,66 @@
+"""Files in the shared folder are anyone's to write: what a hostile one does to the readers (nothing)."""
+
+import json
+import time
+
+from p2pswarm.analysis import format_status, get_experiment_status
+from p2pswarm.comm.drive.records import Registration, parse_registration, registration_record, signed_record
+from p2pswarm.comm.drive.store import FolderStore
+from p2pswarm.identity import Identity
+
+EXP = "untrusted"
+
+
+def register(store: FolderStore, ident: Identity, node: str, **fields) -> None:
+    body = {"name": node, "node": node, "role": "worker", "round": 1, "stage": 0, "time": time.time(), "left": False,
+            "finished": 0, "bridged": 0, **fields}
+    store.write_atomic(store.peer_path(node), signed_record(ident, body))
+
+
+def test_a_signed_registration_with_a_time_of_infinity_is_not_live_for_ever(tmp_path):
+    store = FolderStore(str(tmp_path), EXP)
+    honest = Identity.generate()
+    store.write_atomic(store.peer_path("ann"), registration_record(honest, Registration(
+        "ann", honest.peer_id, "ann", "worker", 2, 0, time.time(), False)))
+    mallory = Identity.generate()
+    # Python's json writes and reads Infinity and NaN; each of these is signed by its writer
+    register(store, mallory, "inf", time=float("inf"))
+    register(store, mallory, "nan", time=float("nan"))
+    register(store, mallory, "future", time=time.time() + 10 * 365 * 86400)
+    register(store, mallory, "esc", name="\x1b[2J\x1b[31mpwned")
+    register(store, mallory, "huge", round=10**30)
+    register(store, mallory, "role", role="admin")
+    register(store, mallory, "left", left="no")
+    for node in ("inf", "nan", "future", "esc", "huge", "role", "left"):
+        assert parse_registration(node, store.read_json(store.peer_path(node))) is None, node
+    status = get_experiment_status(str(tmp_path), EXP)
+    assert status["peer_ids"] == ["ann"] and status["invalid_peer_files"] == 7
+    text = format_status(status)
+    assert "\x1b" not in text
+
+
+def test_the_clock_file_reads_its_round_or_nothing(tmp_path):
+    store = FolderStore(str(tmp_path), EXP)
+    for raw, expected in [
+        (b'{"round": 3, "stage": 0, "updated": 1760000000.5, "coordinator_name": "keeper"}', 3),
+        (b'{"round": NaN}', None), (b'{"round": Infinity}', None), (b'{"round": 1e400}', None),
+        (b'{"round": 100000000000000000000000}', None), (b'{"round": -2}', None), (b'{"round": true}', None),
+        (b'[' * 100_000, None), (b'{"round": 1' + b"0" * 5000 + b"}", None),
+    ]:
+        store.write_atomic(store.state_path(), raw)
+        state = store.read_clock()
+        assert (state and state["round"]) == expected, raw[:40]
+    # the fork's optional fields: out of range reads as absent, the round still counts (NaN or Infinity anywhere
+    # in the file, though, and it is not JSON we read)
+    store.write_atomic(store.state_path(), json.dumps({"round": 4, "stage": "x", "updated": 1e300,
+                                                      "coordinator_name": "a\x1bb", "coordinator": "me"}).encode())
+    assert store.read_clock() == {"round": 4, "stage": 0, "started": None, "updated": None, "coordinator": None,
+                                  "coordinator_name": None}
+    status = get_experiment_status(str(tmp_path), EXP)
+    assert status["current_round"] == 4 and "\x1b" not in format_status(status)
+
+
+def test_a_json_file_over_the_cap_is_not_read(tmp_path):
+    store = FolderStore(str(tmp_path), EXP)
+    store.write_atomic(store.state_path(), b'{"round": 1, "pad": "' + b"x" * (2 << 20) + b'"}')
+    assert store.read_clock() is None
