@@ -94,7 +94,14 @@ class HivemindComm(SignedTransport):
         back on every poll)."""
         if len(self._bad_seen) > 100_000:  # bound the memory that remembering costs
             self._bad_seen.clear()
-        return records.parse_entries(result, self.record_drops, parse, self._bad_seen, relays=relays)
+        return records.parse_entries(result, self.record_drops, parse, self._bad_seen, relays=relays,
+                                     blame=self._blame_record)
+
+    def _blame_record(self, owner: str, reason: str) -> None:
+        """A record its owner signed but whose fields are bad: counted under the owner, a strike toward a ban
+        (the overall count is already in record_drops)."""
+        self.per_peer[owner][f"dropped_{reason}"] += 1
+        self.ledger.offense(owner, "malformed")
 
     def live_trainers(self) -> set[str]:
         return {p for p, m in self.members.items() if m.role == "trainer" and p != self.peer_id}
