@@ -330,16 +330,16 @@ class Engine:
                 pass
 
     def _listener(self, event: Event) -> None:
-        if event.kind == ev.PROGRESS:
-            now = time.monotonic()
-            if event.data.get("done") not in (0, event.data.get("total")) and now - self._last_progress < PROGRESS_INTERVAL:
-                return
-            self._last_progress = now
         try:
             message = node_message(event)
         except Exception:  # noqa: BLE001 - this runs in the agent's thread: the UI must never break training
             log.exception("the UI could not read a %s event", event.kind)
             return
+        if isinstance(message, Progress):  # the first and last tick of a phase always; between them, a few a second
+            now = time.monotonic()
+            if message.done not in (0, message.total) and now - self._last_progress < PROGRESS_INTERVAL:
+                return
+            self._last_progress = now
         if message is not None:
             self._post(message)
 
