@@ -87,6 +87,8 @@ class HivemindComm(SignedTransport):
         self.seen_peers.update(p for p in members if p != self.peer_id)
         self.names.update({p: m.name for p, m in members.items()})  # kept after they leave, for the counters
         self.members = {p: m for p, m in members.items() if not m.left}
+        for p in [p for p in self.silent if p not in self.members]:
+            del self.silent[p]  # a peer that left (or died) and comes back is waited for again
         return self.members
 
     def parse_records(self, result: Any, parse, relays: bool = False) -> list:
