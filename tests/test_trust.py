@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 
 import pytest
 
 from helpers import HM_EXP as EXP
-from helpers import ROOT, metrics, peer_cmd, start_bootstrap
+from helpers import ROOT, metrics, peer_cmd, start_bootstrap, wait_until
 
 ATTACKERS = str(ROOT / "tests" / "attackers.py")
 KINDS = ("numbers", "stall", "censor", "poison", "name", "unsigned", "flood")
@@ -54,7 +53,10 @@ def test_honest_peers_finish_every_round_whatever_the_attackers_do(procs, tmp_pa
         flood = per_peer[attackers["flood"]]
         assert flood.get("dropped_relay_limit", 0) + flood.get("dropped_banned", 0) > 0, flood
         assert not any(k.startswith("dropped_relay_mismatch") for k in per_peer.get(ids[other], {}))
+    # The round keeper was never frozen: its loop ran without an error line the whole time (a record it
+    # could not read used to raise there on every poll), and it still reports after the honest peers left.
+    seen = procs.log("boot").count("status:")
+    wait_until(lambda: procs.log("boot").count("status:") > seen, 120, "another bootstrap status line",
+               lambda: procs.log("boot"))
     boot_log = procs.log("boot")
-    assert "Traceback" not in boot_log, boot_log[-3000:]
-    clock = json.loads(next(tmp_path.glob("round_clock*.json")).read_text())
-    assert clock["round"] >= ROUNDS - 1  # the keeper kept advancing (the stalling "trainer" did not freeze it)
+    assert "Traceback" not in boot_log and "round clock:" not in boot_log, boot_log[-3000:]
