@@ -37,6 +37,18 @@ async def until(pilot, cond, what: str, timeout: float = WAIT, detail=lambda: ""
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{detail()}")
 
 
+async def dashboard_opens(pilot, app: SwarmApp) -> None:
+    """Until the node is built and its dashboard mounted; at once, with the reason, if the node cannot start."""
+    status = app.screen.query_one("#join-status") if isinstance(app.screen, JoinScreen) else None
+
+    def opened() -> bool:
+        if status is not None:
+            assert "✖" not in text_of(status), text_of(status)  # the join screen says why: no use waiting
+        return isinstance(app.screen, DashboardScreen) and app.screen.is_mounted
+
+    await until(pilot, opened, "the dashboard", SLOW, lambda: f"join screen: {text_of(status) if status else '?'}")
+
+
 @asynccontextmanager
 async def running(app: SwarmApp, size: tuple[int, int]):
     """The app under the pilot; whatever happens, its engine is stopped and joined afterwards."""
@@ -75,11 +87,10 @@ def test_enter_with_defaults_starts_a_node_and_the_dashboard_follows_it_at_80x24
         async with running(app, size) as pilot:
             join = app.screen
             assert isinstance(join, JoinScreen)
-            await until(pilot, lambda: "from your peer id" in join.query_one("#node_id").placeholder,
+            await until(pilot, lambda: "(from your peer id)" in join.query_one("#node_id").placeholder,
                         "the node id's default (the friendly name)", SLOW)
             await pilot.press("enter")  # every field has a default
-            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard",
-                        SLOW)
+            await dashboard_opens(pilot, app)
             dash = app.screen
             agent = app.engine.agent
             peers = dash.query_one(PeersTable)
@@ -140,8 +151,7 @@ def test_demo_on_a_large_terminal_shows_every_panel(tmp_path):
 
     async def scenario():
         async with running(app, size) as pilot:
-            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard",
-                        SLOW)
+            await dashboard_opens(pilot, app)
             dash = app.screen
             # the demo is a bootstrap peer and hivemind peers on this machine, and the header says so
             assert app.engine.agent.comm.__class__.__name__ == "HivemindComm"
@@ -186,6 +196,9 @@ def test_errors_are_messages_on_the_join_screen_not_tracebacks(tmp_path):
         async with running(app, (80, 24)) as pilot:
             join = app.screen
             status = join.query_one("#join-status")
+            # Until the first lookup has made this node's identity, Enter waits for it instead of checking the form.
+            await until(pilot, lambda: "(from your peer id)" in join.query_one("#node_id").placeholder,
+                        "the node id's default (the friendly name)", SLOW)
 
             # Drive mode without a folder: explained, and nothing starts
             join.query_one("#mode").value = "drive"
@@ -280,12 +293,11 @@ def test_an_engine_failure_mid_run_is_a_message_in_the_ui(tmp_path, monkeypatch)
         raise RuntimeError("the optimizer exploded")
 
     monkeypatch.setattr(GRPOTrainer, "train", broken_train)
-    app = SwarmApp(factory(tmp_path), autostart=True)
+    app = SwarmApp(factory(tmp_path, comm="inprocess"), autostart=True)  # about the UI, not the transport
 
     async def scenario():
         async with running(app, (80, 24)) as pilot:
-            await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted, "the dashboard",
-                        SLOW)
+            await dashboard_opens(pilot, app)
             dash = app.screen
             header = dash.query_one(HeaderBar)
             await until(pilot, lambda: "error" in text_of(header.query_one("#hdr-status")), "the error state")
@@ -330,13 +342,7 @@ def test_the_join_screen_joins_a_real_swarm_over_the_dht(tmp_path):
                 await pilot.pause()
                 assert "joins through the bootstrap peers" in text_of(join.query_one("#mode-hint"))
                 await pilot.press("enter")
-                status = join.query_one("#join-status")
-
-                def dashboard() -> bool:
-                    assert "✖" not in text_of(status), text_of(status)  # the node could not start: no use waiting
-                    return isinstance(app.screen, DashboardScreen) and app.screen.is_mounted
-
-                await until(pilot, dashboard, "the dashboard", SLOW, lambda: f"join screen: {text_of(status)}")
+                await dashboard_opens(pilot, app)
                 assert app.engine.agent.comm.__class__.__name__ == "HivemindComm"
                 assert "mode dht" in text_of(app.screen.query_one("#hdr-swarm"))
                 # Bob shows up in the peers panel, and his rollouts reach this node's training.
