@@ -1,9 +1,9 @@
 """The command line as a user meets it: help, clear errors, and a short headless run."""
 
-from helpers import cli, metrics, run_process
+from helpers import HANG, cli, metrics, run_process
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=HANG):
     return run_process(cli(*args), timeout)
 
 
