@@ -26,6 +26,12 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 HM_EXP = "hm-test"  # the experiment of the hivemind process tests (test_hivemind, test_bridge, test_tui)
 ENDLESS = 10_000  # rounds for a node the test stops itself (SIGTERM) once it has seen what it needs
+# A wait this long means a hang: the slowest step seen on a 2-core machine with two CPU burners beside the
+# tests (a node starting, a swarm playing a few rounds) took about 100 s. A test that starts processes
+# may take up to PROCESS_TEST_TIMEOUT (pytest-timeout) so that its own waits, which print the log tail of
+# what they waited for, run out first.
+HANG = 300
+PROCESS_TEST_TIMEOUT = 3 * HANG
 
 
 # ---- command lines ------------------------------------------------------------------------------------------
@@ -266,7 +272,7 @@ class Procs:
             assert got == rc, f"{name} exited with {got}; log:\n{self.log(name)[-3000:]}"
         return got
 
-    def stop(self, name: str, timeout: float = 120) -> None:
+    def stop(self, name: str, timeout: float = HANG) -> None:
         """SIGTERM (a node stops after its current step and saves a checkpoint), then a clean exit."""
         self.procs[name].send_signal(signal.SIGTERM)
         self.wait_exit(name, timeout)
@@ -282,4 +288,4 @@ def start_bootstrap(procs: Procs, name: str = "boot", *extra: str) -> str:
     """A bootstrap peer of HM_EXP on 127.0.0.1 (a free port, identity <name>.key); its first multiaddr."""
     procs.start(name, [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", "0", "--identity",
                        f"{name}.key", "--experiment", HM_EXP, "--status-every", "2", *extra])
-    return procs.wait_for(name, r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$", 180).group(1)
+    return procs.wait_for(name, r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$", HANG).group(1)

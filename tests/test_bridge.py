@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import HM_EXP, by_name, events, metrics, node_cmd, peer_id, sets, start_bootstrap, wait_until
+from helpers import HANG, HM_EXP, PROCESS_TEST_TIMEOUT, by_name, events, metrics, node_cmd, peer_id, sets, start_bootstrap, wait_until
 
+pytestmark = pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 EXP = HM_EXP
 
 
@@ -20,8 +21,8 @@ def node(tmp, name, rounds, *extra):
 def test_auto_falls_back_to_drive_when_the_bootstrap_is_unreachable(procs, tmp_path):
     dead = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
     procs.start("lonely", node(tmp_path, "lonely", 2, "--comm", "auto", "--initial-peers", dead))
-    procs.wait_for("lonely", r"the DHT is out of reach .*cannot reach any initial peer.*running in Drive mode", 300)
-    procs.wait_exit("lonely", 300)
+    procs.wait_for("lonely", r"the DHT is out of reach .*cannot reach any initial peer.*running in Drive mode", HANG)
+    procs.wait_exit("lonely", HANG)
     shared = tmp_path / "drive" / "experiments" / EXP
     assert (shared / "rollouts" / "round_1" / "stage_0" / "lonely.msgpack").exists()
     assert (shared / "peers" / "lonely.json").exists()
@@ -37,7 +38,7 @@ def test_hybrid_node_bridges_dht_and_drive_peers(procs, tmp_path):
     # the one it relays), so that it does not train alone before the others are up.
     procs.start("drive", node(tmp_path, "drive", 3, "--comm", "drive", *sets("collect_peers=2", "collect_timeout=240")))
     wait_until(lambda: (tmp_path / "drive" / "experiments" / EXP / "peers" / "drive.json").exists()
-               or procs["drive"].poll() is not None, 300, "the Drive-only peer's registration", lambda: procs.log("drive"))
+               or procs["drive"].poll() is not None, HANG, "the Drive-only peer's registration", lambda: procs.log("drive"))
     assert procs["drive"].poll() is None, procs.log("drive")[-3000:]
     # The DHT-only peer waits for two batches a round too: the bridge's own and the one it relays.
     procs.start("dht", node(tmp_path, "dht", 3, "--comm", "hivemind", "--initial-peers", boot,
@@ -46,7 +47,7 @@ def test_hybrid_node_bridges_dht_and_drive_peers(procs, tmp_path):
     procs.start("bridge", node(tmp_path, "bridge", 3, "--comm", "hybrid", "--initial-peers", boot,
                                *sets("collect_peers=1", "collect_timeout=240")))
     for n in ("dht", "bridge", "drive"):
-        procs.wait_exit(n, 600)
+        procs.wait_exit(n, HANG)
     ids = {n: peer_id(procs.log(n)) for n in ("dht", "bridge", "drive")}
     # The DHT-only peer got the Drive-only peer's batches, relayed by the bridge with their signature intact.
     per_peer = metrics(tmp_path, "dht")[-1]["comm"]["per_peer"]

@@ -3,10 +3,10 @@
 import subprocess
 import sys
 
-from helpers import cli, metrics, run_process
+from helpers import HANG, cli, metrics, run_process
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=HANG):
     return run_process(cli(*args), timeout)
 
 

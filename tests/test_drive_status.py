@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from helpers import ROOT, Procs, cli, drive_clock, drive_cmd, jsonl, run_process
+from helpers import HANG, PROCESS_TEST_TIMEOUT, ROOT, Procs, cli, drive_clock, drive_cmd, jsonl, run_process
 from p2pswarm.apps.cli import app
 
 EXP = "drive-status"
 ROUNDS = 8
 NAMES = ("coord", "w1", "w2")
+pytestmark = pytest.mark.timeout(PROCESS_TEST_TIMEOUT)  # the first test to use `swarm` runs it
 
 
 def node_cmd(base: Path, drive: Path, name: str, role: str, rounds: int, *settings: str) -> list[str]:
@@ -48,7 +49,7 @@ def swarm(tmp_path_factory):
             procs.start(n, node_cmd(base, drive, n, "coordinator" if n == "coord" else "worker", ROUNDS,
                                     "collect_peers=2", "collect_timeout=240"))
         live, before, after = None, -1, -1
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + HANG
         while time.monotonic() < deadline and all(p.poll() is None for p in procs.procs.values()):
             try:
                 st = get_experiment_status(str(drive), EXP, peer_timeout=4)
@@ -66,7 +67,7 @@ def swarm(tmp_path_factory):
                     break  # else a heartbeat went stale between the two reads on a busy machine: look again
             time.sleep(0.2)
         for n in NAMES:
-            procs.wait_exit(n, 600)
+            procs.wait_exit(n, HANG)
     finally:
         procs.kill_all()
     peer_ids = {n: json.loads((drive / "experiments" / EXP / "peers" / f"{n}.json").read_text())["peer_id"] for n in NAMES}
@@ -171,7 +172,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_report_writes_a_png_from_the_shared_folder_and_from_run_folders(swarm, tmp_path):
     out = tmp_path / "plots" / "drive.png"
     res = run_process(cli("report", "--drive-path", str(swarm["drive"]), "--experiment", EXP, "--out", str(out)),
-                      timeout=300)
+                      timeout=HANG)
     assert res.returncode == 0, res.stderr
     assert str(out) in res.stdout and "3 node(s)" in res.stdout and f"-{ROUNDS - 1})" in res.stdout
     assert out.stat().st_size > 10_000 and min(png_size(out)) >= 300
@@ -193,7 +194,7 @@ def test_a_node_that_lost_its_run_folder_resumes_from_the_shared_checkpoint(swar
     before = [r["round"] for r in jsonl(drive / "experiments" / EXP / "logs" / "w1" / "metrics.jsonl")]
     last, clock_then = before[-1], clock(drive)  # w1's final checkpoint is its last round played
     res = run_process(node_cmd(tmp_path, drive, "w1", "worker", ROUNDS + 2, "collect_peers=0", "collect_timeout=2"),
-                      timeout=600)
+                      timeout=HANG)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"restored the checkpoint of round {last}" in res.stdout
     events = jsonl(run / "events.jsonl")
@@ -266,10 +267,10 @@ def test_status_of_a_missing_experiment_names_the_ones_that_exist(tmp_path):
     for name in ("alpha", "beta"):
         (tmp_path / "drive" / "experiments" / name / "peers").mkdir(parents=True)
     env = {**os.environ, "GDRIVE_PATH": str(tmp_path / "drive"), "EXPERIMENT_NAME": "nope"}
-    res = run_process(cli("status"), timeout=300, env=env)
+    res = run_process(cli("status"), timeout=HANG, env=env)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "no experiment 'nope'" in res.stderr and "alpha, beta" in res.stderr
-    res = run_process(cli("status", "--drive-path", str(tmp_path / "unmounted"), "--experiment", "alpha"), timeout=300)
+    res = run_process(cli("status", "--drive-path", str(tmp_path / "unmounted"), "--experiment", "alpha"), timeout=HANG)
     assert res.returncode == 1 and "does not exist" in res.stderr and "Traceback" not in res.stderr
     with pytest.raises(ExperimentNotFound) as e:
         get_experiment_status(str(tmp_path / "drive"), "nope")
@@ -283,7 +284,7 @@ def test_status_of_a_missing_experiment_names_the_ones_that_exist(tmp_path):
 def test_importing_the_analysis_functions_does_not_load_pandas_or_torch():
     code = ("import sys; from p2pswarm import get_experiment_status, get_experiment_metrics; "
             "print(sorted(m for m in ('pandas', 'torch', 'matplotlib', 'transformers') if m in sys.modules))")
-    res = run_process([sys.executable, "-c", code], timeout=300)
+    res = run_process([sys.executable, "-c", code], timeout=HANG)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 
 

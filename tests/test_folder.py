@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import drive_clock, drive_cmd, events, kill_tree, metrics, wait_until
+from helpers import HANG, PROCESS_TEST_TIMEOUT, drive_clock, drive_cmd, events, kill_tree, metrics, wait_until
 from p2pswarm import wire
 from p2pswarm.comm.drive.coordinator import FolderCoordinator
 from p2pswarm.comm.drive.manager import FolderComm
@@ -48,13 +48,14 @@ def clock(tmp_path):
     return drive_clock(tmp_path / "drive", EXP)
 
 
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 def test_coordinator_and_three_workers_train_three_rounds_through_the_folder(tmp_path, procs):
     names = ["coord", "w1", "w2", "w3"]
     for n in names:  # each waits for all three others' batches, however late one of them starts
         procs.start(n, node_cmd(tmp_path, n, "coordinator" if n == "coord" else "worker", 3,
                                 "collect_peers=3", "collect_timeout=240", "keep_rounds=0"))
     for n in names:
-        procs.wait_exit(n, 600)
+        procs.wait_exit(n, HANG)
     ids = {}
     for n in names:
         ids[n] = json.loads((tmp_path / "drive" / "experiments" / EXP / "peers" / f"{n}.json").read_text())["peer_id"]
@@ -76,6 +77,7 @@ def test_coordinator_and_three_workers_train_three_rounds_through_the_folder(tmp
     assert not list(base.rglob("*.tmp"))
 
 
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 def test_a_killed_coordinator_restarts_without_rewinding_and_workers_finish(tmp_path, procs):
     """Each node waits for every live node's batch (collect_peers=0; a dead node's heartbeat goes stale in
     10 s), so the workers play in step whatever the machine's load: none races to the end while the other
@@ -85,7 +87,7 @@ def test_a_killed_coordinator_restarts_without_rewinding_and_workers_finish(tmp_
     procs.start("coord", node_cmd(tmp_path, "coord", "coordinator", rounds, *common))
     for n in ("w1", "w2"):
         procs.start(n, node_cmd(tmp_path, n, "worker", rounds, *common))
-    wait_until(lambda: clock(tmp_path) >= 2 or procs["coord"].poll() is not None, 300, "the clock at round 2",
+    wait_until(lambda: clock(tmp_path) >= 2 or procs["coord"].poll() is not None, HANG, "the clock at round 2",
                lambda: procs.log("coord"))
     before = clock(tmp_path)
     assert before >= 2, procs.log("coord")[-3000:]
@@ -93,7 +95,7 @@ def test_a_killed_coordinator_restarts_without_rewinding_and_workers_finish(tmp_
     assert clock(tmp_path) >= before
     procs.start("coord", node_cmd(tmp_path, "coord", "coordinator", rounds, *common))
     seen = [clock(tmp_path)]
-    end = time.monotonic() + 600
+    end = time.monotonic() + HANG
     while any(p.poll() is None for p in procs.procs.values()) and time.monotonic() < end:
         seen.append(clock(tmp_path))
         time.sleep(0.05)

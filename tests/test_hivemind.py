@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
-from helpers import (ENDLESS, HM_EXP, ROOT, alive, by_name, children, metrics, events, peer_cmd, peer_id, start_bootstrap,
-                     wait_until)
+from helpers import (ENDLESS, HANG, HM_EXP, PROCESS_TEST_TIMEOUT, ROOT, alive, by_name, children, events, metrics,
+                     peer_cmd, peer_id, start_bootstrap, wait_until)
 
+pytestmark = pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 EXP = HM_EXP
 ACTORS = str(ROOT / "tests" / "hivemind_actors.py")
 
@@ -27,7 +28,7 @@ def test_bootstrap_and_three_peers_one_in_client_mode(procs, tmp_path):
         procs.start(n, peer_cmd(tmp_path, n, boot, 3, "--set", "collect_peers=2", "--set", "collect_timeout=240",
                                 *(["--client-mode"] if n == "cat" else [])))
     for n in names:
-        procs.wait_exit(n, 600)
+        procs.wait_exit(n, HANG)
     peer_ids = {n: peer_id(procs.log(n)) for n in names}
     assert len(set(peer_ids.values())) == 3
     for n in names:
@@ -83,7 +84,7 @@ def test_killed_peer_does_not_stall_the_swarm_and_resumes_with_its_identity(proc
         rows = metrics(tmp_path, "bob")
         return len(rows) >= 2 and rows[-1]["round"] in checkpoint_rounds(bob_run)
 
-    wait_until(bob_checkpointed_two_rounds, 300, "two rounds played and checkpointed by bob", lambda: procs.log("bob"))
+    wait_until(bob_checkpointed_two_rounds, HANG, "two rounds played and checkpointed by bob", lambda: procs.log("bob"))
     bob_id = peer_id(procs.log("bob"))
     daemons = children(victim.pid)
     assert daemons, "the peer runs its p2pd as a child"
@@ -101,17 +102,17 @@ def test_killed_peer_does_not_stall_the_swarm_and_resumes_with_its_identity(proc
         gone = [i for i, r in enumerate(rows) if r["comm"]["peers_live"] == 0]
         return rows[gone[0] + 1:gone[0] + 3] if gone and len(rows) >= gone[0] + 3 else None
 
-    after = wait_until(ann_went_on_without_bob, 300, "two rounds of ann's after bob left her member list",
+    after = wait_until(ann_went_on_without_bob, HANG, "two rounds of ann's after bob left her member list",
                        lambda: procs.log("ann"))
     assert all(r["swarm_groups_received"] == 0 for r in after), after  # nothing from the dead peer
-    wait_until(lambda: clock_round(procs.log("boot")) > saved + 1, 120, "the clock moving on without bob",
+    wait_until(lambda: clock_round(procs.log("boot")) > saved + 1, HANG, "the clock moving on without bob",
                lambda: procs.log("boot"))
     clock_then = clock_round(procs.log("boot"))
     from_bob = groups_from(after[-1], "bob")  # what ann had from bob before he died
     # bob comes back with the same identity file: same peer id, resumes from his checkpoint, joins the swarm
     # at its round, and the two learn from each other again.
     procs.start("bob2", peer_cmd(tmp_path, "bob", boot, ENDLESS, *common))
-    procs.wait_for("bob2", rf"resumed from \S+round_{saved:06d}$", 300)
+    procs.wait_for("bob2", rf"resumed from \S+round_{saved:06d}$", HANG)
     assert peer_id(procs.log("bob2")) == bob_id
 
     def back_in_the_swarm():
@@ -119,7 +120,7 @@ def test_killed_peer_does_not_stall_the_swarm_and_resumes_with_its_identity(proc
         to_ann = groups_from(metrics(tmp_path, "ann")[-1], "bob")
         return len(new) >= 2 and any(r["swarm_groups_received"] > 0 for r in new) and to_ann > from_bob
 
-    wait_until(back_in_the_swarm, 300, "two rounds of bob's after his restart, with ann's rollouts and his reaching her",
+    wait_until(back_in_the_swarm, HANG, "two rounds of bob's after his restart, with ann's rollouts and his reaching her",
                lambda: procs.log("bob2") + procs.log("ann")[-1500:])
     procs.stop("bob2")
     procs.stop("ann")
@@ -140,14 +141,14 @@ def test_killed_peer_does_not_stall_the_swarm_and_resumes_with_its_identity(proc
 def test_hostile_peer_is_dropped_and_counted(procs, tmp_path):
     boot = start_bootstrap(procs, "boot", "--coordinator")
     procs.start("mallory", [sys.executable, ACTORS, "hostile", "mallory.key", EXP, "8", boot])
-    procs.wait_for("mallory", r"announced round 7", 180)
+    procs.wait_for("mallory", r"announced round 7", HANG)
     for n in ("ann", "bob"):
         # collect_peers=1: wait for one valid batch (the attacker's never count), so both play every round together
         # ban_strikes=0: every attack kind is seen and counted (a ban would stop looking after three)
         procs.start(n, peer_cmd(tmp_path, n, boot, 5, "--set", "collect_timeout=240", "--set", "collect_peers=1",
                                 "--set", "ban_strikes=0"))
     for n in ("ann", "bob"):
-        procs.wait_exit(n, 600)
+        procs.wait_exit(n, HANG)
     for n in ("ann", "bob"):  # mallory tried to overwrite both honest member records while they ran
         procs.wait_for("mallory", rf"^overwrite {peer_id(procs.log(n))}: forged stored=False", 60)
     for n, other in (("ann", "bob"), ("bob", "ann")):
@@ -165,7 +166,7 @@ def test_hostile_peer_is_dropped_and_counted(procs, tmp_path):
     assert "pwned" not in json.dumps(metrics(tmp_path, "ann")[-1]["comm"]["per_peer"])
 
 
-def one_line_error(procs, name: str, timeout: float = 300) -> str:
+def one_line_error(procs, name: str, timeout: float = HANG) -> str:
     """The one `error: ` line of a process that must fail at start (no traceback)."""
     assert procs.wait_exit(name, timeout, rc=None) != 0, procs.log(name)[-3000:]
     log = procs.log(name)
@@ -191,7 +192,7 @@ def test_startup_errors_are_one_line(procs, tmp_path):
     assert "already used by a running peer" in one_line_error(procs, "twin")
     # A bootstrap whose clock is 30 s ahead (measured over a round trip: within half of it on a busy machine).
     procs.start("skewed", [sys.executable, ACTORS, "skewed", "skewed.key", "30"])
-    skewed = procs.wait_for("skewed", r"^(/ip4/\S+)$", 180).group(1)
+    skewed = procs.wait_for("skewed", r"^(/ip4/\S+)$", HANG).group(1)
     procs.start("late", peer_cmd(tmp_path, "late", skewed, 1))
     off = re.search(r"this machine's clock is ([-+]\d+\.\d) s off the bootstrap peer's", one_line_error(procs, "late"))
     assert off and -40 < float(off.group(1)) < -20, off

@@ -1,8 +1,9 @@
 """Checkpoints: a restarted run resumes where its last checkpoint left off, even after SIGKILL."""
 
+import pytest
 import torch
 
-from helpers import cli, events, kill_tree, make_settings, metrics, run_process, wait_until
+from helpers import HANG, PROCESS_TEST_TIMEOUT, cli, events, kill_tree, make_settings, metrics, run_process, wait_until
 from p2pswarm.node import build_agent, run_agents
 
 
@@ -26,6 +27,7 @@ def test_stop_and_start_again_resumes_and_appends(tmp_path):
         assert torch.equal(restored[k], last[k]), k
 
 
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 def test_sigkill_loses_at_most_k_rounds(tmp_path, procs):
     runs = tmp_path / "runs"
     # A node on its own (in a hivemind swarm a restarted node follows the swarm's clock instead of replaying
@@ -34,7 +36,7 @@ def test_sigkill_loses_at_most_k_rounds(tmp_path, procs):
                "--set", f"runs_dir={runs}", "--set", "eval_every=0")
     out = runs / "default" / "victim"
     victim = procs.start("victim", args + ["--rounds", "500"])
-    wait_until(lambda: len(metrics(out)) >= 7 or victim.poll() is not None, 600, "7 rounds played",
+    wait_until(lambda: len(metrics(out)) >= 7 or victim.poll() is not None, HANG, "7 rounds played",
                lambda: procs.log("victim"))
     assert victim.poll() is None, procs.log("victim")[-3000:]
     kill_tree(victim)
@@ -43,7 +45,7 @@ def test_sigkill_loses_at_most_k_rounds(tmp_path, procs):
     last = int(checkpoints[-1].split("_")[1])
     assert done_before - 1 - last <= 2  # at most K=2 rounds lost
     target = done_before + 2
-    res = run_process(args + ["--rounds", str(target)], timeout=600)
+    res = run_process(args + ["--rounds", str(target)], timeout=HANG)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"resumed from {out / 'checkpoints' / checkpoints[-1]}" in res.stdout
     rounds = [r["round"] for r in metrics(out)]

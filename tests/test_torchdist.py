@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, jsonl, make_settings, run_process, wait_until
+from helpers import HANG, PROCESS_TEST_TIMEOUT, ROOT, jsonl, make_settings, run_process, wait_until
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo process tests run on Linux")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo process tests run on Linux"),
+              pytest.mark.timeout(PROCESS_TEST_TIMEOUT)]
 
 # dist_timeout: how long a rank waits in a collective for the slowest; generous, as ranks start unevenly on a
 # busy machine (it delays nothing when all arrive).
@@ -38,14 +39,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(tmp_path: Path, nproc: int, *args: str, env: dict[str, str] | None = None, timeout: float = 600):
+def torchrun(tmp_path: Path, nproc: int, *args: str, env: dict[str, str] | None = None, timeout: float = HANG):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "p2pswarm", *args]
     res = run_process(cmd, timeout, cwd=tmp_path, env=env or clean_env(), stderr=subprocess.STDOUT)
     return res.returncode, res.stdout
 
 
-def train_script(tmp_path: Path, nproc: int, *args: str, env: dict[str, str], timeout: float = 600):
+def train_script(tmp_path: Path, nproc: int, *args: str, env: dict[str, str], timeout: float = HANG):
     """scripts/train_torch.sh 1 N ... (the launcher users run) on 127.0.0.1 with a free port."""
     env = {**env, "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
     res = run_process(["bash", str(ROOT / "scripts" / "train_torch.sh"), "1", str(nproc), *args], timeout, cwd=tmp_path,
@@ -122,11 +123,11 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_message(tmp_path, procs)
     def both_finished_a_round():  # (or one of them exited: the assertion below says why)
         return sum(len(jsonl(p)) for p in runs.glob("default/*/metrics.jsonl")) >= 2 or any(p.poll() is not None for p in ranks)
 
-    wait_until(both_finished_a_round, 300, "round finished by both ranks", lambda: procs.log("rank0"))
+    wait_until(both_finished_a_round, HANG, "round finished by both ranks", lambda: procs.log("rank0"))
     assert all(p.poll() is None for p in ranks), procs.log("rank0")[-3000:] + procs.log("rank1")[-3000:]
     ranks[1].kill()
     # Within a bound only a hang reaches (dist_timeout is 20 s), rank 0 stops with one line naming rank 1.
-    assert procs.wait_exit("rank0", 300, rc=None) != 0
+    assert procs.wait_exit("rank0", HANG, rc=None) != 0
     out = procs.log("rank0")
     lines = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, out[-3000:]
@@ -215,7 +216,7 @@ def test_bad_bytes_clock_stop_and_slow_ranks_over_gloo(tmp_path, procs):
     launch_ranks(procs, 2, lambda r: [sys.executable, "worker.py", str(timeout)])
     res = []
     for r in range(2):
-        procs.wait_exit(f"rank{r}", 300, rc=None)
+        procs.wait_exit(f"rank{r}", HANG, rc=None)
         found = [json.loads(line[7:]) for line in procs.log(f"rank{r}").splitlines() if line.startswith("RESULT ")]
         assert found, procs.log(f"rank{r}")[-3000:]
         res.append(found[-1])
