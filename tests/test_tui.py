@@ -15,8 +15,10 @@ from tui.dashboard import DashboardScreen, HelpScreen, RolloutScreen
 from tui.join import JoinScreen
 from tui.widgets import HeaderBar, LogPanel, PeersTable, RewardPlot, RolloutsBrowser, RolloutsTable, TrainingPanel
 
-WAIT = 90.0  # seconds: the bound on any one wait (a round takes about a second on 2 cores)
-SLOW = 300.0  # the bound on a wait for a model to load or another process to start: minutes on a loaded machine
+# Seconds: the bound on any one wait. Every wait is on a condition, so it costs nothing on an idle machine,
+# where a round takes about a second on 2 cores; on a loaded one a round can take half a minute, and loading
+# a model or starting a process minutes.
+WAIT = 300.0
 
 
 def factory(tmp_path: Path, **base):
@@ -46,7 +48,7 @@ async def dashboard_opens(pilot, app: SwarmApp) -> None:
             assert "✖" not in text_of(status), text_of(status)  # the join screen says why: no use waiting
         return isinstance(app.screen, DashboardScreen) and app.screen.is_mounted
 
-    await until(pilot, opened, "the dashboard", SLOW, lambda: f"join screen: {text_of(status) if status else '?'}")
+    await until(pilot, opened, "the dashboard", detail=lambda: f"join screen: {text_of(status) if status else '?'}")
 
 
 @asynccontextmanager
@@ -88,7 +90,7 @@ def test_enter_with_defaults_starts_a_node_and_the_dashboard_follows_it_at_80x24
             join = app.screen
             assert isinstance(join, JoinScreen)
             await until(pilot, lambda: "(from your peer id)" in join.query_one("#node_id").placeholder,
-                        "the node id's default (the friendly name)", SLOW)
+                        "the node id's default (the friendly name)")
             await pilot.press("enter")  # every field has a default
             await dashboard_opens(pilot, app)
             dash = app.screen
@@ -198,7 +200,7 @@ def test_errors_are_messages_on_the_join_screen_not_tracebacks(tmp_path):
             status = join.query_one("#join-status")
             # Until the first lookup has made this node's identity, Enter waits for it instead of checking the form.
             await until(pilot, lambda: "(from your peer id)" in join.query_one("#node_id").placeholder,
-                        "the node id's default (the friendly name)", SLOW)
+                        "the node id's default (the friendly name)")
 
             # Drive mode without a folder: explained, and nothing starts
             join.query_one("#mode").value = "drive"
@@ -221,7 +223,7 @@ def test_errors_are_messages_on_the_join_screen_not_tracebacks(tmp_path):
             # a model that does not exist: the engine reports it, the form stays to fix it
             join.query_one("#model").value = str(tmp_path / "no-such-model")
             await pilot.press("enter")
-            await until(pilot, lambda: "cannot load model" in text_of(status), "the model error", SLOW)
+            await until(pilot, lambda: "cannot load model" in text_of(status), "the model error")
             assert isinstance(app.screen, JoinScreen) and "Traceback" not in text_of(status)
             assert not join.query_one("#model").disabled  # editable again
             await pilot.press("escape")
@@ -326,14 +328,15 @@ def test_the_join_screen_joins_a_real_swarm_over_the_dht(tmp_path):
     try:
         boot = start_bootstrap(procs, "boot", "--coordinator")
         procs.start("bob", peer_cmd(tmp_path, "bob", boot, 1_000_000, "--set", "collect_timeout=30"))
-        procs.wait_for("bob", r"node bob \(peer \w+\) starting at round", SLOW)
-        deadline = time.monotonic() + SLOW
+        procs.wait_for("bob", r"node bob \(peer \w+\) starting at round", WAIT)
+        deadline = time.monotonic() + WAIT
         while not peer_metrics(tmp_path, "bob"):  # a round played: Bob is in the swarm, publishing
             assert procs.procs["bob"].poll() is None and time.monotonic() < deadline, procs.log("bob")[-3000:]
             time.sleep(0.5)
         # This node waits long for Bob's batch (it stops waiting as soon as the batch is in): on a loaded
         # machine his generation can take longer than a normal collect_timeout.
-        app = SwarmApp(factory(tmp_path, experiment="hm-test", host="127.0.0.1", tasks_per_round=4, collect_timeout=120))
+        app = SwarmApp(factory(tmp_path, experiment="hm-test", host="127.0.0.1", tasks_per_round=4,
+                               collect_timeout=120))
 
         async def scenario():
             async with running(app, (100, 30)) as pilot:
@@ -346,14 +349,12 @@ def test_the_join_screen_joins_a_real_swarm_over_the_dht(tmp_path):
                 assert app.engine.agent.comm.__class__.__name__ == "HivemindComm"
                 assert "mode dht" in text_of(app.screen.query_one("#hdr-swarm"))
                 # Bob shows up in the peers panel, and his rollouts reach this node's training.
-                await until(pilot, lambda: any(p.name == "bob" for p in app.engine.agent.comm.peers()), "bob as a peer",
-                            SLOW)
-                await until(pilot, lambda: any(r["swarm_groups_received"] > 0 for r in metrics(app)), "bob's rollouts",
-                            SLOW)
+                await until(pilot, lambda: any(p.name == "bob" for p in app.engine.agent.comm.peers()), "bob as a peer")
+                await until(pilot, lambda: any(r["swarm_groups_received"] > 0 for r in metrics(app)), "bob's rollouts")
                 table = app.screen.query_one(PeersTable)
-                await until(pilot, lambda: "bob" in table.names.values(), "bob in the peers table", SLOW)
+                await until(pilot, lambda: "bob" in table.names.values(), "bob in the peers table")
                 await pilot.press("q")
-                await until(pilot, lambda: app.return_value is not None, "the app to exit", SLOW)
+                await until(pilot, lambda: app.return_value is not None, "the app to exit")
 
         asyncio.run(scenario())
     finally:

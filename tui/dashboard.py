@@ -150,6 +150,7 @@ class DashboardScreen(Screen):
     @on(NodeEvent)
     @on(LogLine)
     def _to_panels(self, message: NodeEvent | LogLine) -> None:
+        # Messages bubble up the DOM, never down: each panel gets a post of its own (none bubbles back up).
         for panel in self.query(FEEDS):
             panel.post_message(message)
 

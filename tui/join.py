@@ -115,11 +115,11 @@ class JoinScreen(Screen):
             yield Static("[b]p2pswarm[/] · join a swarm and watch it learn", id="join-title")
             with Grid(id="join-form"):
                 yield Label("Swarm", classes="field-label")
-                yield Input(self.swarm, placeholder="empty: start a new local swarm · multiaddrs (DHT) · folder (Drive)",
-                            id="swarm", compact=True)
+                yield Input(self.swarm, id="swarm", compact=True,
+                            placeholder="empty: start a new local swarm · multiaddrs (DHT) · folder (Drive)")
                 yield Label("Mode", classes="field-label")
-                yield Select([(spec["label"], m) for m, spec in MODES.items()], value=self.mode, allow_blank=False, id="mode",
-                             compact=True)
+                yield Select([(spec["label"], m) for m, spec in MODES.items()], value=self.mode, allow_blank=False,
+                             id="mode", compact=True)
                 yield Label("", classes="field-label")
                 yield Static("", id="mode-hint")
                 yield Label("Experiment", classes="field-label")
@@ -225,7 +225,7 @@ class JoinScreen(Screen):
         return out
 
     def settings(self) -> tuple[Settings, str, str]:
-        """(settings, mode, swarm description) from the form; JoinError or SettingsError if it can't start."""
+        """(settings, mode, swarm field) from the form; JoinError or SettingsError if it can't start."""
         swarm = self._field("swarm")
         mode = resolve_mode(str(self.query_one("#mode", Select).value), swarm)
         overrides = self._overrides()
