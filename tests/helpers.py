@@ -114,13 +114,6 @@ def drive_clock(drive: Path, experiment: str) -> int:
         return -1
 
 
-def peer_id(log: str) -> str:
-    """The peer id a node printed when it started."""
-    m = re.search(r"\(peer (\w+)\)", log)
-    assert m, log[-3000:]
-    return m.group(1)
-
-
 # ---- waiting -------------------------------------------------------------------------------------------------
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, log: Callable[[], str] | None = None,
                poll: float = 0.2) -> Any:
@@ -260,6 +253,10 @@ class Procs:
             if time.monotonic() >= deadline:
                 raise AssertionError(f"{name}: no {pattern!r} within {timeout:.0f} s; log:\n{self.log(name)[-3000:]}")
             time.sleep(0.2)
+
+    def peer_id(self, name: str, timeout: float = HANG) -> str:
+        """The peer id a node prints when it starts (`node NAME (peer ID) starting at round R ...`)."""
+        return self.wait_for(name, r"\(peer (\w+)\)", timeout).group(1)
 
     def wait_exit(self, name: str, timeout: float, rc: int | None = 0) -> int:
         """Its exit status (asserted to be `rc` unless None), failing with its log if it still runs after

@@ -12,12 +12,23 @@ import sys
 
 import pytest
 
-from helpers import (ENDLESS, HANG, HM_EXP, PROCESS_TEST_TIMEOUT, ROOT, alive, by_name, children, events, metrics,
-                     peer_cmd, peer_id, start_bootstrap, wait_until)
+from helpers import (ENDLESS, HANG, HM_EXP, PROCESS_TEST_TIMEOUT, ROOT, alive, by_name, children, events, kill_tree,
+                     metrics, peer_cmd, start_bootstrap, wait_until)
 
 pytestmark = pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 EXP = HM_EXP
 ACTORS = str(ROOT / "tests" / "hivemind_actors.py")
+
+
+def play_until(procs, tmp_path, names, rounds: int) -> dict[str, list[dict]]:
+    """Wait until each node has played `rounds` rounds, then kill them; their first `rounds` metrics rows.
+    The nodes were started with more rounds than that: a node that ends its run closes its payload server at
+    once, so a peer that had not fetched its last batch yet would wait out its collect timeout without it."""
+    wait_until(lambda: all(len(metrics(tmp_path, n)) >= rounds for n in names), HANG, f"{rounds} rounds played by each",
+               lambda: "".join(f"--- {n}\n{procs.log(n)[-1500:]}" for n in names))
+    for n in names:
+        kill_tree(procs[n])
+    return {n: metrics(tmp_path, n)[:rounds] for n in names}
 
 
 @pytest.mark.slow
@@ -25,14 +36,13 @@ def test_bootstrap_and_three_peers_one_in_client_mode(procs, tmp_path):
     boot = start_bootstrap(procs, "boot", "--coordinator")
     names = ["ann", "bob", "cat"]
     for n in names:  # each waits for both others' batches (so a slow starter does not miss round 0)
-        procs.start(n, peer_cmd(tmp_path, n, boot, 3, "--set", "collect_peers=2", "--set", "collect_timeout=240",
+        procs.start(n, peer_cmd(tmp_path, n, boot, ENDLESS, "--set", "collect_peers=2", "--set", "collect_timeout=240",
                                 *(["--client-mode"] if n == "cat" else [])))
-    for n in names:
-        procs.wait_exit(n, HANG)
-    peer_ids = {n: peer_id(procs.log(n)) for n in names}
+    played = play_until(procs, tmp_path, names, 3)
+    peer_ids = {n: procs.peer_id(n) for n in names}
     assert len(set(peer_ids.values())) == 3
     for n in names:
-        rows = metrics(tmp_path, n)
+        rows = played[n]
         assert [r["round"] for r in rows] == [0, 1, 2], (n, procs.log(n)[-2000:])  # the clock advanced together
         per_peer = rows[-1]["comm"]["per_peer"]
         others = {m for m in names if m != n}
@@ -85,7 +95,7 @@ def test_killed_peer_does_not_stall_the_swarm_and_resumes_with_its_identity(proc
         return len(rows) >= 2 and rows[-1]["round"] in checkpoint_rounds(bob_run)
 
     wait_until(bob_checkpointed_two_rounds, HANG, "two rounds played and checkpointed by bob", lambda: procs.log("bob"))
-    bob_id = peer_id(procs.log("bob"))
+    bob_id = procs.peer_id("bob")
     daemons = children(victim.pid)
     assert daemons, "the peer runs its p2pd as a child"
     victim.send_signal(signal.SIGKILL)
@@ -113,7 +123,7 @@ def test_killed_peer_does_not_stall_the_swarm_and_resumes_with_its_identity(proc
     # at its round, and the two learn from each other again.
     procs.start("bob2", peer_cmd(tmp_path, "bob", boot, ENDLESS, *common))
     procs.wait_for("bob2", rf"resumed from \S+round_{saved:06d}$", HANG)
-    assert peer_id(procs.log("bob2")) == bob_id
+    assert procs.peer_id("bob2") == bob_id
 
     def back_in_the_swarm():
         new = [r for r in metrics(tmp_path, "bob") if r["round"] > saved]
@@ -145,16 +155,15 @@ def test_hostile_peer_is_dropped_and_counted(procs, tmp_path):
     for n in ("ann", "bob"):
         # collect_peers=1: wait for one valid batch (the attacker's never count), so both play every round together
         # ban_strikes=0: every attack kind is seen and counted (a ban would stop looking after three)
-        procs.start(n, peer_cmd(tmp_path, n, boot, 5, "--set", "collect_timeout=240", "--set", "collect_peers=1",
+        procs.start(n, peer_cmd(tmp_path, n, boot, ENDLESS, "--set", "collect_timeout=240", "--set", "collect_peers=1",
                                 "--set", "ban_strikes=0"))
-    for n in ("ann", "bob"):
-        procs.wait_exit(n, HANG)
-    for n in ("ann", "bob"):  # mallory tried to overwrite both honest member records while they ran
-        procs.wait_for("mallory", rf"^overwrite {peer_id(procs.log(n))}: forged stored=False", 60)
+    for n in ("ann", "bob"):  # mallory tries to overwrite both honest member records while they run
+        procs.wait_for("mallory", rf"^overwrite {procs.peer_id(n)}: forged stored=False", HANG)
+    played = play_until(procs, tmp_path, ("ann", "bob"), 5)
     for n, other in (("ann", "bob"), ("bob", "ann")):
-        rows = metrics(tmp_path, n)
+        rows = played[n]
         assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
-        comm = rows[-1]["comm"]
+        comm = metrics(tmp_path, n)[-1]["comm"]  # the last round played: the drops of mallory's last batch counted
         per_peer = by_name(comm["per_peer"])
         assert per_peer[other]["groups"] >= 5 * 4  # the honest peer's groups, every round
         assert per_peer["mallory"].get("groups", 0) == 0  # nothing of the attacker's reached the trainer
