@@ -80,14 +80,20 @@ class InProcessComm(SignedTransport):
         deadline = t0 + self.timeout
         seen: set[str] = {self.peer_id}
         valid: set[str] = set()
+        failed: set[str] = set()  # refused this round: they no longer hold the collect up
         groups: list[Group] = []
-        while not quorum_reached(len(valid), want_peers=self.want_peers, live=len(self.hub.others(self.peer_id))):
+        while True:
+            live = {p for p in self.hub.others(self.peer_id) if not self.ledger.banned(p)}
+            if quorum_reached(len(valid), want_peers=self.want_peers, live=len(live), failed=len(failed & live)):
+                break
             if time.monotonic() >= deadline:
                 break
             for sender, data in self.hub.wait(round, stage, seen, deadline).items():
                 seen.add(sender)
                 batch = self.accept(data, round=round, stage=stage, sender=sender)
-                if batch is not None:
+                if batch is None:
+                    failed.add(sender)
+                else:
                     valid.add(sender)
                     groups.extend(batch.groups)
         self.end_collect(t0)
