@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 HM_EXP = "hm-test"  # the experiment of the hivemind process tests (test_hivemind, test_bridge, test_tui)
-ENDLESS = 10_000  # rounds for a node the test stops itself (SIGTERM) once it has seen what it needs
+ENDLESS = 10_000  # rounds for a node the test stops or kills itself once it has seen what it needs
 # A wait this long means a hang: the slowest step seen on a 2-core machine with two CPU burners beside the
 # tests (a node starting, a swarm playing a few rounds) took about 100 s. A test that starts processes
 # may take up to PROCESS_TEST_TIMEOUT (pytest-timeout) so that its own waits, which print the log tail of
