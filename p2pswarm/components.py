@@ -205,6 +205,9 @@ class Coordinator(ABC):
     def next_round(self, finished: int) -> int:
         """The round to play after `finished`; may jump ahead (the node skipped rounds), never back."""
 
+    def interrupt(self) -> None:
+        """A stop request arrived (any thread): a wait inside next_round returns at once. Default: no waits."""
+
     def bind_stop(self, wants_stop, stop) -> None:
         """For clocks that share stop requests between lockstep peers: `wants_stop()` says whether this node
         wants to stop; `stop()` stops it when any peer did."""

@@ -79,6 +79,7 @@ class GameManager:
     def request_stop(self) -> None:
         self._stop.set()
         self._running.set()
+        self.coordinator.interrupt()
 
     @property
     def stopping(self) -> bool:
@@ -140,6 +141,8 @@ class GameManager:
                 self.coordinator.report_finished(r)
                 if (r + 1) % self.s.checkpoint_every == 0:
                     self.checkpoint(r)
+                if self.stopping or (rounds is not None and r + 1 >= rounds):
+                    break  # no next round: do not wait for the swarm's clock to end this one
                 nxt = self.coordinator.next_round(r)
                 if nxt > r + 1:
                     self.events.emit(ev.ROUNDS_SKIPPED, skipped=list(range(r + 1, nxt)))

@@ -58,6 +58,6 @@ def connect(settings: Settings, identity: Identity, key_path: str | Path, *, nam
         log.info("started a new swarm; others join it with --initial-peers %s", " ".join(node.maddrs) or "(client mode: none)")
     trusted = {settings.coordinator_peer} if settings.coordinator_peer else {peer_id_of(m) for m in net.initial_peers}
     coordinator = DHTCoordinator(comm, trusted=trusted, keeper=keeper, round_seconds=settings.round_seconds,
-                                 genesis=settings.genesis)
+                                 genesis=settings.genesis, hold=settings.round_deadline + settings.collect_timeout)
     comm.add_close_callback(coordinator.close)
     return comm, coordinator

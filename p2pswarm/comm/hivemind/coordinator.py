@@ -7,8 +7,12 @@ the round, each saying so in its member record, or `deadline` seconds after the 
 
 Every other peer follows records signed by a peer it trusts (its initial peers, or `coordinator_peer`):
 it plays max(its next round, the clock), so it joins late by jumping forward ("skipped rounds") and
-never goes back. With no keeper, a time clock from config (round = (now - genesis) // round_seconds)
-serves, and without that each peer paces itself.
+never goes back. It also does not run ahead: after finishing round r it waits until the clock says r is
+over (at most `hold` seconds; not at all when no live clock record answers), so peers stay on the same
+round and a fast peer cannot drift away from a slower one, or from one that restarted, for good. The
+keeper moves on at most `deadline` seconds after the first trainer finished, so the wait is bounded by
+what the slowest trainer in good standing takes. With no keeper, a time clock from config
+(round = (now - genesis) // round_seconds) serves, and without that each peer paces itself.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CLOCK_TTL = 30.0
 CLOCK_REFRESH = 5.0
+CATCH_UP = 10_000  # rounds one keeper poll may advance over (all of them over already)
 
 
 def read_round(path: Path | None) -> int | None:
@@ -80,7 +85,8 @@ class RoundKeeper:
                                        get_dht_time() + CLOCK_TTL, subkey=self.comm.node.validator.marker)
 
     def step(self, members: dict[str, records.Member]) -> bool:
-        """Advance once if the round rule says the current round is over."""
+        """Advance once if the round rule says the current round is over (the loop calls it again at once,
+        so a clock that fell behind the trainers, e.g. while one played alone, catches up in one poll)."""
         trainers = {p: Progress(m.round, m.finished) for p, m in members.items() if m.role == "trainer"}
         if not self.rule.step(self.round, trainers):
             return False
@@ -98,7 +104,10 @@ class RoundKeeper:
         while not self._stopped:
             await asyncio.sleep(self.poll)
             try:
-                moved = self.step(await self.comm.fetch_members())
+                members = await self.comm.fetch_members()
+                moved = 0
+                while moved < CATCH_UP and self.step(members):
+                    moved += 1
                 if moved or time.monotonic() - last_publish > CLOCK_REFRESH:
                     await self._publish()
                     last_publish = time.monotonic()
@@ -111,8 +120,11 @@ class RoundKeeper:
 
 class DHTCoordinator(Coordinator):
     def __init__(self, comm: HivemindComm, *, trusted: set[str], keeper: RoundKeeper | None = None,
-                 round_seconds: float = 0.0, genesis: float = 0.0):
+                 round_seconds: float = 0.0, genesis: float = 0.0, hold: float = 300.0, poll: float = 0.3):
         self.comm = comm
+        self.hold = hold  # the longest wait for the clock to end a round this node finished
+        self.poll = poll
+        self.live = False  # whether the last read found a trusted clock record (the keeper is alive)
         self.trusted = set(trusted) | ({comm.peer_id} if keeper else set())
         self.keeper = keeper
         self.round_seconds = round_seconds
@@ -128,13 +140,16 @@ class DHTCoordinator(Coordinator):
     def current(self) -> int | None:
         """The swarm's round: the keeper's record (never lower than one seen before), the time clock, or None."""
         if self.keeper is not None:
+            self.live = True
             return self.seen.see([self.keeper.round])
         try:
             got = self.comm.node.call(self.comm.node.dht.get(records.clock_key(self.comm.swarm), latest=True), timeout=10)
         except Exception as e:  # noqa: BLE001 - the DHT did not answer: the last reading stands
             log.debug("clock read failed: %s", e)
             got = None
-        self.seen.see(c.round for c in self.comm.parse_records(got, records.clock) if c.peer_id in self.trusted)
+        readings = [c.round for c in self.comm.parse_records(got, records.clock) if c.peer_id in self.trusted]
+        self.live = bool(readings)
+        self.seen.see(readings)
         if self.seen.known:
             return self.seen.round
         if self.round_seconds > 0:
@@ -153,6 +168,8 @@ class DHTCoordinator(Coordinator):
 
     def next_round(self, finished: int) -> int:
         cur = self.current()
+        if cur is not None and cur <= finished and self.live:
+            cur = self._hold(finished)
         target = finished + 1 if cur is None else max(finished + 1, cur)
         if self.keeper is None and not self.seen.known and self.round_seconds > 0:
             # The time clock: wait for the round to start (others play it then), never past a stop request.
@@ -160,6 +177,28 @@ class DHTCoordinator(Coordinator):
             while not self._stop.is_set() and time.time() < start:
                 self._stop.wait(min(0.5, start - time.time()))
         return target
+
+    def _hold(self, finished: int) -> int:
+        """Wait until the clock is past `finished` (the swarm finished the round too), a stop request, the
+        clock record expiring (its keeper is gone), or `hold` seconds; the clock as last read."""
+        t0 = time.monotonic()
+        told = False
+        cur = self.seen.round
+        while not self._stop.is_set() and self.live and cur <= finished:
+            waited = time.monotonic() - t0
+            if waited >= self.hold:
+                log.info("the round clock did not end round %d within %.0f s; going on", finished, self.hold)
+                break
+            if waited >= 10 and not told:
+                log.info("waiting for the swarm to finish round %d (the clock moves on when the live trainers "
+                         "have, or round_deadline after the first did)", finished)
+                told = True
+            self._stop.wait(self.poll)
+            cur = self.current()
+        return cur
+
+    def interrupt(self) -> None:
+        self._stop.set()
 
     def close(self) -> None:
         self._stop.set()

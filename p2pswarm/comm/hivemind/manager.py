@@ -264,8 +264,10 @@ class HivemindComm(SignedTransport):
                 delay = min(delay * 1.5, 0.3)  # bounds what polling adds to delivery latency
         for task in pending:
             task.cancel()
-        for p in expected:  # a member that never delivers stops being waited for (it is still pulled)
-            self.silent[p] = 0 if p in valid else self.silent[p] + 1
+        for p in expected - valid:  # a member that never delivers stops being waited for (it is still pulled)
+            self.silent[p] += 1
+        for p in valid:  # ... until it delivers again, waited for or not
+            self.silent.pop(p, None)
         return groups
 
     def relay_cap(self, peer: str) -> int:
