@@ -7,12 +7,13 @@ the round, each saying so in its member record, or `deadline` seconds after the 
 
 Every other peer follows records signed by a peer it trusts (its initial peers, or `coordinator_peer`):
 it plays max(its next round, the clock), so it joins late by jumping forward ("skipped rounds") and
-never goes back. It also does not run ahead: after finishing round r it waits until the clock says r is
-over (at most `hold` seconds; not at all when no live clock record answers), so peers stay on the same
-round and a fast peer cannot drift away from a slower one, or from one that restarted, for good. The
-keeper moves on at most `deadline` seconds after the first trainer finished, so the wait is bounded by
-what the slowest trainer in good standing takes. With no keeper, a time clock from config
-(round = (now - genesis) // round_seconds) serves, and without that each peer paces itself.
+never goes back. Nor does it run away from the others: after finishing round r it waits while live
+trainers in good standing (HivemindComm.behind: they delivered valid batches before) still play r or
+an earlier round, until they finish it or the clock says r is over (at most `hold` seconds). A fast peer
+thus stays on the round of a slower one, or of one that restarted, instead of drifting rounds away for
+good; a peer that only claims to play holds nobody up, and the keeper's round_deadline bounds the rest.
+With no keeper, a time clock from config (round = (now - genesis) // round_seconds) serves, and without
+that each peer paces itself (holding for the others all the same).
 """
 
 from __future__ import annotations
@@ -122,9 +123,8 @@ class DHTCoordinator(Coordinator):
     def __init__(self, comm: HivemindComm, *, trusted: set[str], keeper: RoundKeeper | None = None,
                  round_seconds: float = 0.0, genesis: float = 0.0, hold: float = 300.0, poll: float = 0.3):
         self.comm = comm
-        self.hold = hold  # the longest wait for the clock to end a round this node finished
+        self.hold = hold  # the longest wait for peers behind the round this node finished
         self.poll = poll
-        self.live = False  # whether the last read found a trusted clock record (the keeper is alive)
         self.trusted = set(trusted) | ({comm.peer_id} if keeper else set())
         self.keeper = keeper
         self.round_seconds = round_seconds
@@ -140,16 +140,13 @@ class DHTCoordinator(Coordinator):
     def current(self) -> int | None:
         """The swarm's round: the keeper's record (never lower than one seen before), the time clock, or None."""
         if self.keeper is not None:
-            self.live = True
             return self.seen.see([self.keeper.round])
         try:
             got = self.comm.node.call(self.comm.node.dht.get(records.clock_key(self.comm.swarm), latest=True), timeout=10)
         except Exception as e:  # noqa: BLE001 - the DHT did not answer: the last reading stands
             log.debug("clock read failed: %s", e)
             got = None
-        readings = [c.round for c in self.comm.parse_records(got, records.clock) if c.peer_id in self.trusted]
-        self.live = bool(readings)
-        self.seen.see(readings)
+        self.seen.see(c.round for c in self.comm.parse_records(got, records.clock) if c.peer_id in self.trusted)
         if self.seen.known:
             return self.seen.round
         if self.round_seconds > 0:
@@ -168,8 +165,8 @@ class DHTCoordinator(Coordinator):
 
     def next_round(self, finished: int) -> int:
         cur = self.current()
-        if cur is not None and cur <= finished and self.live:
-            cur = self._hold(finished)
+        if not (self.keeper is None and not self.seen.known and self.round_seconds > 0):  # not on a time clock
+            cur = self._hold(finished, cur)
         target = finished + 1 if cur is None else max(finished + 1, cur)
         if self.keeper is None and not self.seen.known and self.round_seconds > 0:
             # The time clock: wait for the round to start (others play it then), never past a stop request.
@@ -178,23 +175,35 @@ class DHTCoordinator(Coordinator):
                 self._stop.wait(min(0.5, start - time.time()))
         return target
 
-    def _hold(self, finished: int) -> int:
-        """Wait until the clock is past `finished` (the swarm finished the round too), a stop request, the
-        clock record expiring (its keeper is gone), or `hold` seconds; the clock as last read."""
+    def _hold(self, finished: int, cur: int | None) -> int | None:
+        """Wait until no peer in good standing is behind `finished`, the clock is past it, a stop request, or
+        `hold` seconds; the clock as last read."""
         t0 = time.monotonic()
         told = False
-        cur = self.seen.round
-        while not self._stop.is_set() and self.live and cur <= finished:
+        held: set[str] = set()
+        while not self._stop.is_set() and (cur is None or cur <= finished):
+            if not self.comm.behind(finished):  # as last seen: most rounds, nobody is behind
+                break
+            try:
+                self.comm.node.call(self.comm.fetch_members(), timeout=10)
+            except Exception as e:  # noqa: BLE001 - the last member view stands
+                log.debug("member read failed: %s", e)
+            waiting = self.comm.behind(finished)
+            held |= waiting
+            if not waiting:
+                break
             waited = time.monotonic() - t0
             if waited >= self.hold:
-                log.info("the round clock did not end round %d within %.0f s; going on", finished, self.hold)
+                log.info("round %d: still no word from %s after %.0f s; going on", finished,
+                         ", ".join(sorted(self.comm.display_name(p) for p in waiting)), waited)
                 break
             if waited >= 10 and not told:
-                log.info("waiting for the swarm to finish round %d (the clock moves on when the live trainers "
-                         "have, or round_deadline after the first did)", finished)
+                log.info("round %d: waiting for %s to finish it (at most round_deadline)", finished,
+                         ", ".join(sorted(self.comm.display_name(p) for p in waiting)))
                 told = True
             self._stop.wait(self.poll)
             cur = self.current()
+        self.comm.caught_up(held, finished)
         return cur
 
     def interrupt(self) -> None:

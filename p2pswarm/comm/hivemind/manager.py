@@ -270,6 +270,22 @@ class HivemindComm(SignedTransport):
             self.silent.pop(p, None)
         return groups
 
+    def behind(self, finished: int) -> set[str]:
+        """Live trainers in good standing still playing round `finished` or an earlier one: the peers a node
+        that finished it waits for before the next round, so that fast and slow (or restarted) peers stay on
+        one round. Good standing: not banned and has delivered valid batches before; a fresh identity that
+        never did (a Sybil claiming to play) holds nobody up, and the keeper's round deadline bounds the rest."""
+        return {p for p in self.live_trainers()
+                if self.members[p].round <= finished and self.members[p].finished < finished
+                and (stats := self.per_peer.get(p)) is not None and stats["batches"] > 0 and not self.ledger.banned(p)}
+
+    def caught_up(self, peers: set[str], finished: int) -> None:
+        """`peers` were waited for and have now finished round `finished`: they play along again, so collects
+        wait for them again even if they were silent while behind."""
+        for p in peers:
+            if p in self.members and self.members[p].finished >= finished:
+                self.silent.pop(p, None)
+
     def relay_cap(self, peer: str) -> int:
         """Distinct origins one peer may relay per stage: what its member record declares, bounded."""
         m = self.members.get(peer)
