@@ -176,6 +176,10 @@ class CommunicationManager(ABC):
     def set_ban_policy(self, strikes: int, seconds: float) -> None:
         """How many offenses ban a peer, and for how long at first (comm/core.py PeerLedger)."""
 
+    def set_paused(self, paused: bool) -> None:
+        """The node's user paused it (True, between rounds) or resumed it (False): a transport whose peers
+        wait for each other tells them not to wait for this one meanwhile."""
+
     def note_exit(self, why: str) -> None:
         """The node is going down for `why` (a crash): a transport whose peers wait in lockstep tells them."""
 

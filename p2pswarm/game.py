@@ -132,7 +132,9 @@ class GameManager:
             while not self.stopping and (rounds is None or r < rounds):
                 if self.paused:
                     self.events.emit(ev.PAUSED, round=r, paused=True)
+                    self.comm.set_paused(True)
                     self._running.wait()
+                    self.comm.set_paused(False)
                     self.events.emit(ev.PAUSED, round=r, paused=False)
                     continue
                 if self.play_round(r) is None:

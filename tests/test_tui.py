@@ -353,6 +353,14 @@ def test_the_join_screen_joins_a_real_swarm_over_the_dht(tmp_path):
                 await until(pilot, lambda: any(r["swarm_groups_received"] > 0 for r in metrics(app)), "bob's rollouts")
                 table = app.screen.query_one(PeersTable)
                 await until(pilot, lambda: "bob" in table.names.values(), "bob in the peers table")
+                # Paused here, this node holds nobody up: Bob plays on at his own pace (no wait for it in
+                # his collects, his holds, or the clock's quorum) until it plays again.
+                await pilot.press("p")
+                status = app.screen.query_one(HeaderBar).query_one("#hdr-status")
+                await until(pilot, lambda: "paused" in text_of(status), "the paused state")
+                played = len(peer_metrics(tmp_path, "bob"))
+                await until(pilot, lambda: len(peer_metrics(tmp_path, "bob")) >= played + 4, "bob playing on meanwhile")
+                await pilot.press("p")
                 await pilot.press("q")
                 await until(pilot, lambda: app.return_value is not None, "the app to exit")
 

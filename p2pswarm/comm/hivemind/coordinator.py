@@ -88,7 +88,7 @@ class RoundKeeper:
     def step(self, members: dict[str, records.Member]) -> bool:
         """Advance once if the round rule says the current round is over (the loop calls it again at once,
         so a clock that fell behind the trainers, e.g. while one played alone, catches up in one poll)."""
-        trainers = {p: Progress(m.round, m.finished) for p, m in members.items() if m.role == "trainer"}
+        trainers = {p: Progress(m.round, m.finished) for p, m in members.items() if m.role == "trainer" and not m.paused}
         if not self.rule.step(self.round, trainers):
             return False
         done = sum(1 for p in trainers.values() if p.finished >= self.round)

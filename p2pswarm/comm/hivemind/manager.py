@@ -52,6 +52,7 @@ class HivemindComm(SignedTransport):
         self.seen_peers: set[str] = set()
         self.silent: Counter[str] = Counter()  # collects in a row each expected member delivered nothing in
         self.position = {"round": -1, "stage": 0, "finished": -1}
+        self.paused = False
         self._closed = False
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
         node.call(self._store_member(), timeout=30)
@@ -63,7 +64,7 @@ class HivemindComm(SignedTransport):
         from hivemind.utils import get_dht_time
 
         value = {"name": self.name, "role": self.role, **self.position, "time": time.time(), "left": left,
-                 "bridged": self.bridged}
+                 "bridged": self.bridged, "paused": self.paused}
         return await self.node.dht.store(records.members_key(self.swarm), value, get_dht_time() + MEMBER_TTL,
                                          subkey=self.node.validator.marker)
 
@@ -106,10 +107,15 @@ class HivemindComm(SignedTransport):
         self.ledger.offense(owner, "malformed")
 
     def live_trainers(self) -> set[str]:
-        return {p for p, m in self.members.items() if m.role == "trainer" and p != self.peer_id}
+        """Other members that train and play now (a paused one is waited for by nobody)."""
+        return {p for p, m in self.members.items() if m.role == "trainer" and not m.paused and p != self.peer_id}
 
     def live_peers(self) -> set[str]:
         return self.live_trainers()
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.set_position()
 
     def set_position(self, **fields: int) -> None:
         """Update this peer's member record now (round, stage, finished)."""

@@ -233,6 +233,7 @@ class Member:
     left: bool
     expires: float
     bridged: int = 0  # peers on the other side of a bridge (comm=hybrid) whose batches this one relays
+    paused: bool = False  # paused by its user: nobody waits for it until it plays again
 
 
 @dataclasses.dataclass
@@ -271,7 +272,8 @@ def member(owner: str, v: dict, expires: float, now: float | None = None) -> Mem
                   V.field(v, "round", V.integer), V.field(v, "stage", V.integer, 0),
                   V.field(v, "finished", V.integer), V.field(v, "time", V.timestamp, now),
                   V.field(v, "left", V.flag, default=False), _expiration(expires, "member", now),
-                  min(V.field(v, "bridged", V.integer, 0, default=0), MAX_BRIDGED))
+                  min(V.field(v, "bridged", V.integer, 0, default=0), MAX_BRIDGED),
+                  V.field(v, "paused", V.flag, default=False))
 
 
 def announcement(owner: str, v: dict, expires: float, now: float | None = None) -> Announcement:
