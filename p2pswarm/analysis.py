@@ -13,7 +13,6 @@ matplotlib until a function that needs it is called.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from helpers import HANG, PROCESS_TEST_TIMEOUT, Procs, drive_cmd, jsonl, run_process, cli
+from helpers import HANG, PROCESS_TEST_TIMEOUT, Procs, drive_cmd, jsonl
 from p2pswarm.apps.cli import app
 
 FORK_EXP = "sapo_fork_4loc4ext"

@@ -34,13 +34,14 @@ import time
 from typing import Any
 
 from p2pswarm import validate as V
-from p2pswarm.comm.drive.store import parse_json
+from p2pswarm.comm.drive.store import parse_json, round_of
 
 METRICS = "metrics.jsonl"
 CUMULATIVE = "cumulative_metrics.jsonl"
 TRAINING_EVENTS = "training_events.jsonl"
 REWARD = "reward_local_mean"  # what our rows call the fork's my_reward
 MAX_ROW_BYTES = 64 << 10  # one line of a log; the fork's are ~500 bytes, ours ~3 KB
+MAX_LOG_BYTES = 256 << 20  # a whole log file
 MAX_REWARD = 1e12
 
 # ---- row kinds (a column of get_experiment_metrics) -----------------------------------------------------------
@@ -189,8 +190,6 @@ def submitted_at(store, round: int, node: str, now: float | None = None) -> floa
 
 def fork_checkpoints(store) -> dict[str, list[int]]:
     """The fork's checkpoints/round_R/<node>.pt, as node -> rounds (sorted)."""
-    from p2pswarm.comm.drive.store import round_of
-
     out: dict[str, list[int]] = {}
     folder = store.path("checkpoints")
     for sub in store.subfolders(folder):
@@ -202,8 +201,6 @@ def fork_checkpoints(store) -> dict[str, list[int]]:
                 out.setdefault(fname[: -len(".pt")], []).append(r)
     return {n: sorted(rs) for n, rs in out.items()}
 
-
-MAX_LOG_BYTES = 256 << 20
 
 
 # ---- writing: our run folder's logs in the fork's shapes -------------------------------------------------------
