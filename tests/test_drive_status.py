@@ -122,8 +122,10 @@ def test_logs_and_checkpoints_are_mirrored_into_the_shared_folder(swarm):
     from p2pswarm.comm.drive.records import check_record
 
     for n in NAMES:
-        for f in ("metrics.jsonl", "events.jsonl"):  # complete: the last events (node stopped) included
-            assert shared(swarm, "logs", n, f).read_bytes() == (local(swarm, n) / f).read_bytes()
+        # complete: the last events (node stopped) included
+        assert shared(swarm, "logs", n, "events.jsonl").read_bytes() == (local(swarm, n) / "events.jsonl").read_bytes()
+        rows, theirs = jsonl(local(swarm, n) / "metrics.jsonl"), jsonl(shared(swarm, "logs", n, "metrics.jsonl"))
+        assert [{k: t[k] for k in r} for r, t in zip(rows, theirs)] == rows and len(theirs) == len(rows)  # + the fork's fields
         mine = sorted(p.name for p in (local(swarm, n) / "checkpoints").iterdir())
         theirs = sorted(p.name for p in shared(swarm, "checkpoints", n).iterdir())
         last = jsonl(local(swarm, n) / "metrics.jsonl")[-1]["round"]

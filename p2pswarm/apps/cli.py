@@ -293,7 +293,7 @@ def report(
     experiment: ExperimentOpt = None,
     runs_dir: Annotated[Optional[Path], typer.Option(help="read local run folders <runs-dir>/<experiment>/<node>/ instead")] = None,
     out: Annotated[Optional[Path], typer.Option(help="the PNG to write (default <experiment>-rewards.png)")] = None,
-    metric: Annotated[str, typer.Option(help="the metrics.jsonl column to plot")] = "reward_local_mean",
+    metric: Annotated[Optional[str], typer.Option(help="the metrics.jsonl column to plot (default reward_local_mean, or the fork's my_reward where a node has none)")] = None,
     window: Annotated[int, typer.Option(help="rounds in the rolling mean", min=1)] = 5,
 ) -> None:
     """A PNG of reward per round per node, from the shared folder's logs or local run folders."""
@@ -306,6 +306,9 @@ def report(
     else:
         source = drive_path
         df = get_experiment_metrics(drive_path, experiment)
+    if metric is None:  # an experiment of the rl-swarm fork's nodes only logs my_reward
+        has = lambda col: col in df and not df[col].isna().all()  # noqa: E731
+        metric = "reward_local_mean" if has("reward_local_mean") or not has("my_reward") else "my_reward"
     if df.empty or metric not in df or df[metric].isna().all():
         _fail(f"no {metric} values yet for experiment {experiment!r} in {source}", 1)
     path = plot_rewards(df, out or Path(f"{experiment}-rewards.png"), title=f"{experiment}: {metric} per round", metric=metric,

@@ -8,6 +8,7 @@ desktop, an rclone mount, NFS, any fsspec URL).
     coordinator.py  FolderCoordinator: follows the round clock, or keeps it (the round rule) and retires
                     old rounds
     mirror.py       DriveMirror: a node's logs and checkpoints in the folder, and resuming from them
+    forkfiles.py    the rl-swarm Drive fork's monitoring files: written for its readers, read (validated) by ours
 
 The folder (the rl-swarm Drive fork's layout; every file has one writer):
 
@@ -18,6 +19,8 @@ The folder (the rl-swarm Drive fork's layout; every file has one writer):
                                                                        a batch a bridge (comm=hybrid) relays
     <root>/experiments/<name>/archive/rollouts/round_R/                old rounds, when archiving is on
     <root>/experiments/<name>/logs/<node>/metrics.jsonl, events.jsonl   copies of the node's run-folder logs
+    <root>/experiments/<name>/logs/<node>/cumulative_metrics.jsonl, training_events.jsonl,
+    <root>/experiments/<name>/progress_<node>.json, rewards/round_R/stage_0/<node>.json   for the fork's readers
     <root>/experiments/<name>/checkpoints/<node>/round_NNNNNN/         its last checkpoints, signed manifest
 
 Readers distrust whatever they find: a rollout file is accepted only through the core's Inbox, signed by

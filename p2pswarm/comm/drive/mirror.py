@@ -1,6 +1,10 @@
 """Drive mode: a node's logs and checkpoints in the shared folder, and resuming from them.
 
     <root>/experiments/<name>/logs/<node>/metrics.jsonl, events.jsonl        copies of the run folder's files
+                                  (metrics rows with the fork's fields added: forkfiles.py)
+    <root>/experiments/<name>/logs/<node>/cumulative_metrics.jsonl, training_events.jsonl,
+    <root>/experiments/<name>/progress_<node>.json, rewards/round_R/stage_0/<node>.json
+                                                                             what the fork's readers need
     <root>/experiments/<name>/checkpoints/<node>/round_NNNNNN/              model/, trainer.pt, state.json,
                                                                              manifest.json (signed, written last)
 
@@ -29,6 +33,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 from p2pswarm import events as ev
+from p2pswarm.comm.drive import forkfiles as fork
 from p2pswarm.comm.drive.manager import FolderComm
 from p2pswarm.comm.drive.records import manifest_record, parse_manifest
 from p2pswarm.comm.drive.store import FolderStore, round_of, safe_name
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOG_FILES = ("metrics.jsonl", "events.jsonl")
+SUBMIT_BACK = 50  # rounds a restarted node still submits its reward for (the fork only reads the current one)
 
 
 def logs_dir(store: FolderStore, node: str) -> str:
@@ -79,7 +85,9 @@ class DriveMirror:
         self.logs = logs_dir(store, node)
         self.checkpoints = checkpoints_dir(store, node)
         self.uploaded_checkpoints: list[int] = []
-        self._sent: dict[str, bytes] = {}  # file name -> digest of the content last uploaded
+        self._sent: dict[str, bytes] = {}  # shared path -> digest of the content last uploaded
+        self._submitted: set[int] = set()  # rounds whose reward submission is in the folder
+        self.experiment = store.base.rsplit("/", 1)[-1]
         self._cond = threading.Condition()
         self._want_logs = False
         self._want_ckpt: tuple[int, Path] | None = None
@@ -142,17 +150,46 @@ class DriveMirror:
 
     # ---- uploads ------------------------------------------------------------------------------------------
     def upload_logs(self) -> None:
+        """The run folder's logs, and what the fork's readers need beside them (forkfiles.py): every file
+        rewritten whole and atomically when its content changed, only under this node's own names."""
+        raw = {}
         for name in LOG_FILES:
-            path = self.run.path / name
             try:
-                data = path.read_bytes()
+                raw[name] = (self.run.path / name).read_bytes()
             except FileNotFoundError:
                 continue
-            digest = hashlib.sha256(data).digest()
-            if self._sent.get(name) == digest:
+        rows, events = fork.own_rows(raw.get("metrics.jsonl")), fork.own_rows(raw.get("events.jsonl"))
+        metrics, cumulative = fork.for_fork(rows, self.node, self.experiment)
+        training, progress = fork.events_for_fork(events, self.node, self.experiment)
+        files = {f"{self.logs}/events.jsonl": raw.get("events.jsonl")}
+        if "metrics.jsonl" in raw:
+            files.update({f"{self.logs}/{fork.METRICS}": fork.jsonl(metrics),
+                          f"{self.logs}/{fork.CUMULATIVE}": fork.jsonl(cumulative)})
+        if events:
+            files.update({f"{self.logs}/{fork.TRAINING_EVENTS}": fork.jsonl(training),
+                          fork.progress_path(self.store, self.node): fork.jsonl(progress)})
+        for path, data in files.items():
+            if data is None:
                 continue
-            self.store.write_atomic(f"{self.logs}/{name}", data)
-            self._sent[name] = digest
+            digest = hashlib.sha256(data).digest()
+            if self._sent.get(path) == digest:
+                continue
+            self.store.write_atomic(path, data)
+            self._sent[path] = digest
+        self._submit_rewards(metrics)
+
+    def _submit_rewards(self, metrics: list[dict]) -> None:
+        """rewards/round_R/stage_0/<node>.json for the rounds played (the last SUBMIT_BACK of them after a
+        restart), as the fork's nodes submit them: its coordinator counts these. Written once, never over an
+        existing file."""
+        for row in metrics[-SUBMIT_BACK:]:
+            r, reward = row["round"], row.get("my_reward")
+            if r in self._submitted or reward is None:
+                continue
+            path = fork.reward_path(self.store, r, 0, self.node)
+            if not self.store.fs.exists(path):
+                self.store.write_atomic(path, fork.reward_submission(r, reward, self.node, row.get("timestamp")))
+            self._submitted.add(r)
 
     def upload_checkpoint(self, round: int, local: Path) -> bool:
         """Copy a local checkpoint folder to checkpoints/<node>/round_NNNNNN/; False if it vanished first
