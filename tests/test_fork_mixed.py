@@ -256,3 +256,88 @@ def test_the_keeper_waits_for_a_live_fork_worker_until_it_submitted_the_round(tm
         assert json.loads((exp / "state" / "current_state.json").read_text())["round"] == 1  # what the fork reads
     finally:
         c.close()
+
+
+# ---- end to end: two node processes of ours and a fork worker -----------------------------------------------
+class ForkWorker(threading.Thread):
+    """The fork's worker loop (SwarmGameManager.run_game_round + agent_block) on files: registered once; then, for
+    each round the state file shows beyond the last it played, it publishes its `.json` rollouts, fetches the
+    swarm's of that round, submits its reward once it has everyone's (`peers`), and trains (here: nothing)."""
+
+    def __init__(self, exp: Path, node: str, rounds: int, peers: set[str]):
+        super().__init__(name=f"fork-{node}", daemon=True)
+        self.exp, self.node, self.rounds, self.peers = exp, node, rounds, peers
+        self.fetched: dict[int, dict[str, int]] = {}  # round -> peer -> payloads the fork can train on
+        self.clock_at_submit: dict[int, int] = {}
+        self.stop = threading.Event()
+        fork_register(exp, node)
+
+    def run(self) -> None:
+        done = -1
+        while done < self.rounds - 1 and not self.stop.is_set():
+            r = drive_clock(self.exp.parent.parent, self.exp.name)
+            if r <= done:
+                self.stop.wait(0.1)
+                continue
+            fork_publish(self.exp, self.node, r, tasks(2, start=10 * r))
+            while not self.stop.is_set():
+                got = fork_fetch(self.exp, r, self.node)
+                if self.peers <= set(got):
+                    self.fetched[r] = {p: sum(map(len, b.values())) for p, b in got.items()}
+                    break
+                self.stop.wait(0.1)
+            self.clock_at_submit[r] = drive_clock(self.exp.parent.parent, self.exp.name)
+            fork_submit(self.exp, self.node, r)
+            done = r
+
+
+def node_cmd(tmp_path, name, role, rounds, *settings):
+    return drive_cmd(tmp_path / "drive", tmp_path / "runs" / name, name, role, rounds, "collect_timeout=240",
+                     "round_deadline=240", *settings, experiment=EXP)
+
+
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
+def test_a_fork_worker_and_two_of_ours_learn_from_each_other(tmp_path, procs):
+    """drive_trust_folder on: every round each of ours trains on the fork worker's groups as well as the other's
+    (the collect waits for the fork node as for a member), the fork worker parses both of ours' `.json` copies,
+    and our coordinator's clock waits for the fork worker's submission before it moves on."""
+    rounds = 3
+    exp = tmp_path / "drive" / "experiments" / EXP
+    fork = ForkWorker(exp, "fork_1", rounds, {"coord", "w1"})
+    fork.start()
+    try:
+        for n in ("coord", "w1"):
+            procs.start(n, node_cmd(tmp_path, n, "coordinator" if n == "coord" else "worker", rounds,
+                                    "drive_trust_folder=true"))
+        for n in ("coord", "w1"):
+            procs.wait_exit(n, HANG)
+        fork.join(HANG)
+    finally:
+        fork.stop.set()
+    assert not fork.is_alive()
+    for n in ("coord", "w1"):
+        rows = metrics(tmp_path, n)
+        assert [m["round"] for m in rows] == list(range(rounds))
+        assert [m["swarm_groups_received"] for m in rows] == [4 + 2] * rounds, n  # the other's 4 tasks, the fork's 2
+        fork_row = by_name(rows[-1]["comm"]["per_peer"])["fork_1"]
+        assert (fork_row["batches"], fork_row["groups"]) == (rounds, 2 * rounds)
+        assert "ignoring rl-swarm fork node" not in procs.log(n)
+    assert fork.fetched == {r: {"coord": 4, "w1": 4} for r in range(rounds)}
+    assert fork.clock_at_submit == {r: r for r in range(rounds)}  # no round ended before the fork node finished it
+
+
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
+def test_without_the_setting_a_forks_files_are_dropped_and_the_node_trains_on(tmp_path, procs):
+    exp = tmp_path / "drive" / "experiments" / EXP
+    fork_register(exp, "fork_1")
+    for r in range(2):
+        fork_publish(exp, "fork_1", r, tasks(2, start=10 * r))
+    procs.start("coord", node_cmd(tmp_path, "coord", "coordinator", 2))
+    procs.wait_exit("coord", HANG)
+    rows = metrics(tmp_path, "coord")
+    assert [m["swarm_groups_received"] for m in rows] == [0, 0]
+    comm_counters = rows[-1]["comm"]
+    assert comm_counters["dropped_unsigned_fork"] == 3  # its registration and both rollout files
+    assert by_name(comm_counters["per_peer"])["fork_1"]["dropped_unsigned_fork"] == 3
+    assert procs.log("coord").count("ignoring rl-swarm fork node fork_1") == 1
+    assert not list(exp.glob("rollouts/*/stage_0/coord.json"))
