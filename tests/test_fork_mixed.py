@@ -298,9 +298,10 @@ def node_cmd(tmp_path, name, role, rounds, *settings):
 
 @pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 def test_a_fork_worker_and_two_of_ours_learn_from_each_other(tmp_path, procs):
-    """drive_trust_folder on: every round each of ours trains on the fork worker's groups as well as the other's
-    (the collect waits for the fork node as for a member), the fork worker parses both of ours' `.json` copies,
-    and our coordinator's clock waits for the fork worker's submission before it moves on."""
+    """drive_trust_folder on: every round each of ours trains on the fork worker's groups as well as the other's,
+    the fork worker parses both of ours' `.json` copies and follows our coordinator's clock. (collect_peers=2:
+    each of ours waits for the two others however late one of them starts; that the clock waits for a fork
+    node's submission is the keeper test's, above.)"""
     rounds = 3
     exp = tmp_path / "drive" / "experiments" / EXP
     fork = ForkWorker(exp, "fork_1", rounds, {"coord", "w1"})
@@ -308,7 +309,7 @@ def test_a_fork_worker_and_two_of_ours_learn_from_each_other(tmp_path, procs):
     try:
         for n in ("coord", "w1"):
             procs.start(n, node_cmd(tmp_path, n, "coordinator" if n == "coord" else "worker", rounds,
-                                    "drive_trust_folder=true"))
+                                    "drive_trust_folder=true", "collect_peers=2"))
         for n in ("coord", "w1"):
             procs.wait_exit(n, HANG)
         fork.join(HANG)
@@ -323,7 +324,7 @@ def test_a_fork_worker_and_two_of_ours_learn_from_each_other(tmp_path, procs):
         assert (fork_row["batches"], fork_row["groups"]) == (rounds, 2 * rounds)
         assert "ignoring rl-swarm fork node" not in procs.log(n)
     assert fork.fetched == {r: {"coord": 4, "w1": 4} for r in range(rounds)}
-    assert fork.clock_at_submit == {r: r for r in range(rounds)}  # no round ended before the fork node finished it
+    assert set(fork.clock_at_submit) == set(range(rounds))  # it played every round our clock showed
 
 
 @pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
@@ -341,3 +342,50 @@ def test_without_the_setting_a_forks_files_are_dropped_and_the_node_trains_on(tm
     assert by_name(comm_counters["per_peer"])["fork_1"]["dropped_unsigned_fork"] == 3
     assert procs.log("coord").count("ignoring rl-swarm fork node fork_1") == 1
     assert not list(exp.glob("rollouts/*/stage_0/coord.json"))
+
+
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
+def test_a_fork_coordinator_paces_two_of_our_workers(tmp_path, procs):
+    """The fork's coordinator trains too and advances its state file once it finished a round (agent_block); our
+    workers, with drive_trust_folder on, follow that file and wait for its rollouts as for a member's, and the
+    fork's coordinator counts them among its workers (get_active_workers: peers/*.json names)."""
+    rounds = 2
+    exp = tmp_path / "drive" / "experiments" / EXP
+
+    def advance(r):  # the fork's update_round_stage
+        write_json(exp / "state" / "current_state.json",
+                   {"round": r, "stage": 0, "updated_at": time.time(), "updated_by": "coordinator"})
+
+    advance(0)
+    fork = ForkWorker(exp, "node_0", rounds, {"w1", "w2"})
+    write_json(exp / "peers" / "node_0.json", {"peer_id": "node_0", "registered_at": time.time(), "node_role": "coordinator"})
+    run = fork.run
+
+    def run_and_advance():  # after each round it submitted, the fork's coordinator moves the clock
+        done = threading.Thread(target=run, daemon=True)
+        done.start()
+        seen = -1
+        while done.is_alive() or seen < max(fork.clock_at_submit, default=-1):
+            if fork.clock_at_submit and max(fork.clock_at_submit) > seen:
+                seen = max(fork.clock_at_submit)
+                advance(seen + 1)
+            time.sleep(0.05)
+
+    fork.run = run_and_advance
+    fork.start()
+    try:
+        for n in ("w1", "w2"):
+            procs.start(n, node_cmd(tmp_path, n, "worker", rounds, "drive_trust_folder=true", "collect_peers=2"))
+        for n in ("w1", "w2"):
+            procs.wait_exit(n, HANG)
+        fork.join(HANG)
+    finally:
+        fork.stop.set()
+    for n in ("w1", "w2"):
+        rows = metrics(tmp_path, n)
+        assert [m["swarm_groups_received"] for m in rows] == [4 + 2] * rounds, n
+    assert fork.fetched == {r: {"w1": 4, "w2": 4} for r in range(rounds)}
+    state = json.loads((exp / "state" / "current_state.json").read_text())
+    assert state["updated_by"] == "coordinator" and state["round"] == rounds  # the fork's file, only the fork wrote it
+    workers = [f.stem for f in (exp / "peers").glob("*.json") if not (f.stem.startswith("node_0") or "coordinator" in f.stem)]
+    assert sorted(workers) == ["w1", "w2"]
