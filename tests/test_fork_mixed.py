@@ -264,13 +264,13 @@ class ForkWorker(threading.Thread):
     each round the state file shows beyond the last it played, it publishes its `.json` rollouts, fetches the
     swarm's of that round, submits its reward once it has everyone's (`peers`), and trains (here: nothing)."""
 
-    def __init__(self, exp: Path, node: str, rounds: int, peers: set[str]):
+    def __init__(self, exp: Path, node: str, rounds: int, peers: set[str], role: str = "worker"):
         super().__init__(name=f"fork-{node}", daemon=True)
-        self.exp, self.node, self.rounds, self.peers = exp, node, rounds, peers
+        self.exp, self.node, self.rounds, self.peers, self.role = exp, node, rounds, peers, role
         self.fetched: dict[int, dict[str, int]] = {}  # round -> peer -> payloads the fork can train on
         self.clock_at_submit: dict[int, int] = {}
         self.stop = threading.Event()
-        fork_register(exp, node)
+        fork_register(exp, node, role)
 
     def run(self) -> None:
         done = -1
@@ -288,6 +288,9 @@ class ForkWorker(threading.Thread):
                 self.stop.wait(0.1)
             self.clock_at_submit[r] = drive_clock(self.exp.parent.parent, self.exp.name)
             fork_submit(self.exp, self.node, r)
+            if self.role == "coordinator":  # it trains, then advances the swarm's round (agent_block)
+                write_json(self.exp / "state" / "current_state.json",
+                           {"round": r + 1, "stage": 0, "updated_at": time.time(), "updated_by": "coordinator"})
             done = r
 
 
@@ -352,26 +355,9 @@ def test_a_fork_coordinator_paces_two_of_our_workers(tmp_path, procs):
     rounds = 2
     exp = tmp_path / "drive" / "experiments" / EXP
 
-    def advance(r):  # the fork's update_round_stage
-        write_json(exp / "state" / "current_state.json",
-                   {"round": r, "stage": 0, "updated_at": time.time(), "updated_by": "coordinator"})
-
-    advance(0)
-    fork = ForkWorker(exp, "node_0", rounds, {"w1", "w2"})
-    write_json(exp / "peers" / "node_0.json", {"peer_id": "node_0", "registered_at": time.time(), "node_role": "coordinator"})
-    run = fork.run
-
-    def run_and_advance():  # after each round it submitted, the fork's coordinator moves the clock
-        done = threading.Thread(target=run, daemon=True)
-        done.start()
-        seen = -1
-        while done.is_alive() or seen < max(fork.clock_at_submit, default=-1):
-            if fork.clock_at_submit and max(fork.clock_at_submit) > seen:
-                seen = max(fork.clock_at_submit)
-                advance(seen + 1)
-            time.sleep(0.05)
-
-    fork.run = run_and_advance
+    write_json(exp / "state" / "current_state.json",  # the fork's init_experiment
+               {"round": 0, "stage": 0, "created_at": time.time(), "experiment_name": EXP, "config_overrides": {}})
+    fork = ForkWorker(exp, "node_0", rounds, {"w1", "w2"}, role="coordinator")
     fork.start()
     try:
         for n in ("w1", "w2"):
