@@ -108,7 +108,8 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
 
         comm = FolderComm(settings.drive_path, identity, settings.experiment, name=name or identity.name,
                           timeout=settings.collect_timeout, want_peers=settings.collect_peers,
-                          poll=settings.drive_poll_interval, peer_timeout=settings.drive_peer_timeout, role=settings.role)
+                          poll=settings.drive_poll_interval, peer_timeout=settings.drive_peer_timeout, role=settings.role,
+                          trust_folder=settings.drive_trust_folder)
         return comm, FolderCoordinator(comm, role=settings.role,
                                        quorum=settings.collect_peers, deadline=settings.round_deadline,
                                        keep_rounds=settings.keep_rounds, archive=settings.archive_rollouts)

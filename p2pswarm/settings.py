@@ -124,6 +124,11 @@ class Settings(BaseSettings):
                                        description="comm=drive: seconds between folder polls (backs off up to 4x)")
     drive_peer_timeout: float = Field(60.0, validation_alias=_env("drive_peer_timeout"), gt=0,
                                       description="comm=drive: a peer whose heartbeat is older than this is not live")
+    drive_trust_folder: bool = Field(
+        False, validation_alias=_env("drive_trust_folder"),
+        description="comm=drive: everyone who writes to the shared folder is trusted: train on the unsigned .json "
+                    "rollouts of rl-swarm Drive-fork nodes (their answers taken as given) and publish a .json copy "
+                    "of ours for them (docs/drive-mode.md, mixed experiments)")
     round_deadline: float = Field(300.0, validation_alias=_env("round_deadline"), gt=0,
                                   description="the coordinator advances the round this many seconds after the first "
                                               "node finished it, without waiting for a quorum")

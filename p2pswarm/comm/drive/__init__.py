@@ -4,6 +4,8 @@ desktop, an rclone mount, NFS, any fsspec URL).
     store.py        FolderStore: the folder through fsspec (atomic writes, listings, bounded reads, the
                     clock file); safe_name, the one mapping from a node name to its file names
     records.py      signed JSON records: registrations (+ heartbeats) and checkpoint manifests
+    fork.py         the rl-swarm fork's unsigned files (registrations, .json rollouts, reward submissions),
+                    read and written only with drive_trust_folder (mixed experiments)
     manager.py      FolderComm: heartbeat, registrations, publish / relay, collect, counters
     coordinator.py  FolderCoordinator: follows the round clock, or keeps it (the round rule) and retires
                     old rounds

@@ -16,6 +16,7 @@ from typing import Any
 
 from p2pswarm import validate as V
 from p2pswarm.comm.core import Progress
+from p2pswarm.comm.drive.fork import FORK_PEER_TIMEOUT
 from p2pswarm.comm.drive.store import safe_name
 from p2pswarm.identity import Identity, peer_id_from_public, verify
 
@@ -63,12 +64,15 @@ class Registration:
     finished: int = -1  # the last round the node trained (the clock waits for this, not for publishing)
     bridged: int = 0  # peers on the other side of a bridge (comm=hybrid) whose batches this node relays
     ignoring: tuple[str, ...] = ()  # peer ids this node bans for now (sent it invalid data): `p2pswarm status`
+    fork: bool = False  # an unsigned node of the rl-swarm fork (comm/drive/fork.py), seen from its files
 
     @property
     def progress(self) -> Progress:
         return Progress(self.round, self.finished)
 
     def is_live(self, now: float, peer_timeout: float) -> bool:
+        if self.fork:  # no heartbeat: `time` is its last file's, and a round of a real model takes minutes
+            peer_timeout = max(peer_timeout, FORK_PEER_TIMEOUT)
         return not self.left and now - self.time <= peer_timeout
 
 
@@ -87,7 +91,8 @@ def parse_registration(node: str, obj: Any, now: float | None = None) -> Registr
     """The registration in peers/<node>.json if it is signed, names the node its file is named after, and
     every field is in range (validate.py: name printable, role worker|coordinator, rounds in [-1, 2**31),
     left a bool, bridged in [0, 2**31) and counted at most MAX_BRIDGED); else None. Never raises.
-    The fork's registrations lack our optional fields (finished, bridged, left): defaults stand in."""
+    Registrations lacking our optional fields (finished, bridged, left) read with defaults; the fork's own,
+    unsigned registrations are not read here (comm/drive/fork.py)."""
     rec = check_record(obj, now)
     if rec is None:
         return None
