@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pswarm import validate as V
-from p2pswarm.comm.drive import forkfiles as fork
+from p2pswarm.comm.drive import forkfiles
+from p2pswarm.comm.drive.fork import FORK_PEER_TIMEOUT, looks_like_fork_peer, parse_fork_peer
 from p2pswarm.comm.drive.records import parse_registration
 from p2pswarm.comm.drive.store import FolderStore
 from p2pswarm.errors import UserError
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 REWARD = "reward_local_mean"  # the reward of a node's own rollouts: how well its policy does
 RECENT = 10  # rounds in the "recent reward" mean
 MAX_METRICS_BYTES = 256 << 20  # a node's metrics.jsonl in the shared folder (~3 KB a round)
-FORK_LIVE_S = 600.0  # a fork node writes no heartbeat, only a few files a round (a round can take minutes)
 
 
 class ExperimentNotFound(UserError, FileNotFoundError):
@@ -65,14 +65,14 @@ def _open(root: str, name: str) -> FolderStore:
 
 def _rows(data: bytes | str | None) -> list[dict]:
     """A node's metrics rows, ours deduplicated by round, the fork's all kept (forkfiles.py)."""
-    return _keep(fork.parse_rows(data)[0])
+    return _keep(forkfiles.parse_rows(data)[0])
 
 
 def _keep(rows: list[dict]) -> list[dict]:
     """Ours: one row per round, the last one written (a resumed node replays the rounds after its checkpoint).
     The fork's: every row (it writes several kinds a round), in the order written."""
-    ours = {r["round"]: r for r in rows if fork.row_kind(r) == fork.ROUND}
-    theirs = [r for r in rows if fork.row_kind(r) != fork.ROUND]
+    ours = {r["round"]: r for r in rows if forkfiles.row_kind(r) == forkfiles.ROUND}
+    theirs = [r for r in rows if forkfiles.row_kind(r) != forkfiles.ROUND]
     return sorted([ours[k] for k in ours] + theirs, key=lambda r: r["round"])
 
 
@@ -81,10 +81,10 @@ def _per_round(rows: list[dict]) -> list[tuple[int, float | None]]:
     the my_reward of its last summary row of the round."""
     out: dict[int, float | None] = {}
     for r in rows:
-        kind = fork.row_kind(r)
-        if kind == fork.ROUND:
+        kind = forkfiles.row_kind(r)
+        if kind == forkfiles.ROUND:
             out[r["round"]] = _finite(r.get(REWARD))
-        elif kind == fork.SUMMARY:
+        elif kind == forkfiles.SUMMARY:
             out[r["round"]] = _finite(r.get("my_reward"))
         else:
             out.setdefault(r["round"], None)
@@ -110,7 +110,7 @@ def _node_metrics(store: FolderStore) -> tuple[dict[str, list[dict]], int]:
     for node in store.subfolders(logs):
         if node.startswith("."):
             continue
-        rows, dropped = fork.parse_rows(store.read(f"{logs}/{node}/metrics.jsonl", MAX_METRICS_BYTES))
+        rows, dropped = forkfiles.parse_rows(store.read(f"{logs}/{node}/metrics.jsonl", MAX_METRICS_BYTES))
         bad += dropped
         if rows:
             out[node] = _keep(rows)
@@ -121,7 +121,7 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
     played = _per_round(rows)
     rewards = [v for _, v in played if v is not None]
     recent = rewards[-RECENT:]
-    last = next((r for r in reversed(rows) if fork.row_kind(r) == fork.ROUND), None)
+    last = next((r for r in reversed(rows) if forkfiles.row_kind(r) == forkfiles.ROUND), None)
     return {
         "rounds_done": len(played),
         "last_round": played[-1][0] if played else None,
@@ -142,19 +142,19 @@ def _fork_state(entry: dict, store: FolderStore, rows: list[dict], clock_round: 
                 peer_timeout: float) -> None:
     """A fork node has no heartbeat: it is live while its newest sign of life (registration, metrics row,
     progress line, reward submission for the clock's round or the one before) is younger than peer_timeout
-    or FORK_LIVE_S, whichever is longer, until its progress file says it completed."""
+    or FORK_PEER_TIMEOUT, whichever is longer, until its progress file says it completed."""
     node = entry["node"]
     signs = [entry["registered_at"], _last_time(rows)]
-    progress = fork.last_progress(store, node, now)
+    progress = forkfiles.last_progress(store, node, now)
     if progress:
         signs.append(progress["timestamp"])
     if clock_round is not None:
-        signs += [fork.submitted_at(store, r, node, now) for r in (clock_round, clock_round - 1) if r >= 0]
+        signs += [forkfiles.submitted_at(store, r, node, now) for r in (clock_round, clock_round - 1) if r >= 0]
     seen = max(t for t in signs if t is not None)
     age = max(0.0, now - seen)
     done = progress is not None and progress["event"] == "training_complete"
     entry.update(last_heartbeat=seen, heartbeat_age_s=round(age, 1),
-                 state="left" if done else ("live" if age <= max(peer_timeout, FORK_LIVE_S) else "stale"))
+                 state="left" if done else ("live" if age <= max(peer_timeout, FORK_PEER_TIMEOUT) else "stale"))
     played = [r["round"] for r in rows]
     entry["round"] = max(played) if played else (progress or {}).get("round")
 
@@ -200,12 +200,15 @@ def get_experiment_status(root: str, name: str, *, peer_timeout: float = 60.0) -
         obj = store.read_json(f"{folder}/{fname}")
         reg = parse_registration(node, obj, now)
         if reg is None:
-            theirs = fork.parse_fork_registration(node, obj, now)
+            try:
+                theirs = parse_fork_peer(node, obj, now) if looks_like_fork_peer(obj) else None
+            except Exception:  # noqa: BLE001 - a fork registration with a field out of range
+                theirs = None
             if theirs is None:  # a forged or broken signed record, a field out of range (a heartbeat from the future, NaN...)
                 invalid += 1
             else:
-                peers[node] = {"node": node, "name": theirs["name"], "kind": "fork", "peer_id": None,
-                               "role": theirs["role"], "registered_at": theirs["registered_at"], "stage": None,
+                peers[node] = {"node": node, "name": theirs.node, "kind": "fork", "peer_id": None,
+                               "role": theirs.role, "registered_at": theirs.registered_at, "stage": None,
                                "ignoring": []}
             continue
         age = max(0.0, now - reg.time)
@@ -220,12 +223,12 @@ def get_experiment_status(root: str, name: str, *, peer_timeout: float = 60.0) -
     for node, rows in metrics.items():
         last = rows[-1]
         entry = peers.setdefault(node, {"node": node, "name": _opt(V.name, last.get("node")) or node,
-                                        "kind": "p2pswarm" if fork.row_kind(last) == fork.ROUND else "fork",
+                                        "kind": "p2pswarm" if forkfiles.row_kind(last) == forkfiles.ROUND else "fork",
                                         "peer_id": _opt(V.peer_id, last.get("peer")),
                                         "role": "", "state": "unregistered", "round": None, "stage": None,
                                         "last_heartbeat": None, "heartbeat_age_s": None, "ignoring": []})
         entry.update(_summary(rows))
-    theirs_ckpt = fork.fork_checkpoints(store)
+    theirs_ckpt = forkfiles.fork_checkpoints(store)
     cumulative = {}
     for node, entry in peers.items():
         entry.pop("registered_at", None)
@@ -233,7 +236,7 @@ def get_experiment_status(root: str, name: str, *, peer_timeout: float = 60.0) -
             entry.update(_summary([]))
         ckpts = shared_checkpoints(store, node) + theirs_ckpt.get(node, [])
         entry["latest_checkpoint"] = max(ckpts) if ckpts else None
-        entry["cumulative_reward"] = fork.last_cumulative(store, node, now)
+        entry["cumulative_reward"] = forkfiles.last_cumulative(store, node, now)
         if entry["cumulative_reward"] is not None:
             cumulative[node] = entry["cumulative_reward"]
     by_id = {p["peer_id"]: p for p in peers.values() if p["peer_id"]}
@@ -267,9 +270,9 @@ def _frame(by_node: dict[str, list[dict]]) -> pd.DataFrame:
     rows = []
     for folder, node_rows in by_node.items():
         for r in node_rows:
-            kind = fork.row_kind(r)
+            kind = forkfiles.row_kind(r)
             node = _opt(V.name, r.get("node")) or _opt(V.name, r.get("node_id")) or folder
-            reward = r.get("my_reward") if "my_reward" in r else (r.get(REWARD) if kind == fork.ROUND else None)
+            reward = r.get("my_reward") if "my_reward" in r else (r.get(REWARD) if kind == forkfiles.ROUND else None)
             stamp = r.get("timestamp") if r.get("timestamp") is not None else r.get("time")
             # the fork's names, taken from the row when it has them (its own rows, our shared copies)
             rows.append({**r, "node": node, "node_id": r.get("node_id") or node, "my_reward": reward,

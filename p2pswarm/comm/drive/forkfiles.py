@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from p2pswarm import validate as V
+from p2pswarm.comm.drive.fork import parse_fork_submission
 from p2pswarm.comm.drive.store import parse_json, round_of
 
 METRICS = "metrics.jsonl"
@@ -121,25 +122,7 @@ def parse_rows(data: bytes | str | None, now: float | None = None) -> tuple[list
     return rows, bad
 
 
-# ---- peers/<node>.json ------------------------------------------------------------------------------------------
-FORK_ROLES = ("worker", "coordinator")
-
-
-def parse_fork_registration(node: str, obj: Any, now: float | None = None) -> dict | None:
-    """The fork's unsigned registration {peer_id, registered_at, node_role} as {name, role, registered_at},
-    or None: not the fork's shape (a signed record is ours and never read as the fork's), a field out of range,
-    or a peer_id that is not the file's name (the fork names the file after it). Never raises."""
-    try:
-        V.mapping(obj, "registration")
-        if "sig" in obj or "key" in obj:
-            return None
-        name = V.field(obj, "peer_id", V.name)
-        if name != node:
-            return None
-        return {"name": name, "registered_at": V.field(obj, "registered_at", V.timestamp, now),
-                "role": V.field(obj, "node_role", V.choice, FORK_ROLES, default="worker")}
-    except Exception:  # noqa: BLE001
-        return None
+# ---- peers/<node>.json: parsed in fork.py (parse_fork_peer), the one place for the fork's registrations -------
 
 
 # ---- progress_<node>.json, cumulative_metrics.jsonl, rewards/ --------------------------------------------------
@@ -178,13 +161,9 @@ def reward_path(store, round: int, stage: int, node: str) -> str:
 
 def submitted_at(store, round: int, node: str, now: float | None = None) -> float | None:
     """When the node submitted its reward for `round` (stage 0, where the fork submits), or None."""
-    obj = store.read_json(reward_path(store, round, 0, node))
     try:
-        if V.field(obj, "round", V.integer, 0) != round:
-            return None
-        V.field(obj, "reward", V.real, -MAX_REWARD, MAX_REWARD)
-        return V.field(obj, "submitted_at", V.timestamp, now)
-    except Exception:  # noqa: BLE001
+        return parse_fork_submission(node, round, store.read_json(reward_path(store, round, 0, node)), now)
+    except Exception:  # noqa: BLE001 - absent, or not a valid submission
         return None
 
 

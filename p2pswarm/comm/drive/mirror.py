@@ -33,7 +33,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 from p2pswarm import events as ev
-from p2pswarm.comm.drive import forkfiles as fork
+from p2pswarm.comm.drive import forkfiles
 from p2pswarm.comm.drive.manager import FolderComm
 from p2pswarm.comm.drive.records import manifest_record, parse_manifest
 from p2pswarm.comm.drive.store import FolderStore, round_of, safe_name
@@ -158,16 +158,16 @@ class DriveMirror:
                 raw[name] = (self.run.path / name).read_bytes()
             except FileNotFoundError:
                 continue
-        rows, events = fork.own_rows(raw.get("metrics.jsonl")), fork.own_rows(raw.get("events.jsonl"))
-        metrics, cumulative = fork.for_fork(rows, self.node, self.experiment)
-        training, progress = fork.events_for_fork(events, self.node, self.experiment)
+        rows, events = forkfiles.own_rows(raw.get("metrics.jsonl")), forkfiles.own_rows(raw.get("events.jsonl"))
+        metrics, cumulative = forkfiles.for_fork(rows, self.node, self.experiment)
+        training, progress = forkfiles.events_for_fork(events, self.node, self.experiment)
         files = {f"{self.logs}/events.jsonl": raw.get("events.jsonl")}
         if "metrics.jsonl" in raw:
-            files.update({f"{self.logs}/{fork.METRICS}": fork.jsonl(metrics),
-                          f"{self.logs}/{fork.CUMULATIVE}": fork.jsonl(cumulative)})
+            files.update({f"{self.logs}/{forkfiles.METRICS}": forkfiles.jsonl(metrics),
+                          f"{self.logs}/{forkfiles.CUMULATIVE}": forkfiles.jsonl(cumulative)})
         if events:
-            files.update({f"{self.logs}/{fork.TRAINING_EVENTS}": fork.jsonl(training),
-                          fork.progress_path(self.store, self.node): fork.jsonl(progress)})
+            files.update({f"{self.logs}/{forkfiles.TRAINING_EVENTS}": forkfiles.jsonl(training),
+                          forkfiles.progress_path(self.store, self.node): forkfiles.jsonl(progress)})
         for path, data in files.items():
             if data is None:
                 continue
@@ -186,9 +186,9 @@ class DriveMirror:
             r, reward = row["round"], row.get("my_reward")
             if r in self._submitted or reward is None:
                 continue
-            path = fork.reward_path(self.store, r, 0, self.node)
+            path = forkfiles.reward_path(self.store, r, 0, self.node)
             if not self.store.fs.exists(path):
-                self.store.write_atomic(path, fork.reward_submission(r, reward, self.node, row.get("timestamp")))
+                self.store.write_atomic(path, forkfiles.reward_submission(r, reward, self.node, row.get("timestamp")))
             self._submitted.add(r)
 
     def upload_checkpoint(self, round: int, local: Path) -> bool:
