@@ -51,14 +51,14 @@ def _hub_name(part: str) -> bool:
 
 # The Drive fork's variables that have no meaning here, and why (one warning names those set: build_swarm).
 FORK_IGNORED = {
-    "MAX_STAGES": "the game sets its stages (--game revise has two)",
-    "ADAPTIVE_IJ_ENABLED": "I and J are fixed (local_groups, swarm_groups)",
+    "MAX_STAGES": "the game sets its stages",
+    "ADAPTIVE_IJ_ENABLED": "I and J are fixed: local_groups, swarm_groups",
     "ADAPTIVE_IJ_ALPHA": "I and J are fixed",
     "ADAPTIVE_IJ_BASELINE_ALPHA": "I and J are fixed",
     "ADAPTIVE_IJ_INITIAL_J": "I and J are fixed: set swarm_groups",
     "SUBMIT_PERIOD_HOURS": "rewards are logged every round",
     "LOG_FLUSH_INTERVAL": "logs are mirrored to the folder every few polls",
-    "COORDINATOR_ROUND_INTERVAL": "the coordinator trains too and ends a round on a quorum or round_deadline",
+    "COORDINATOR_ROUND_INTERVAL": "the coordinator trains too, and ends a round on a quorum or round_deadline",
     "CACHE_ROLLOUTS": "rollouts are not cached locally",
 }
 
@@ -359,7 +359,7 @@ def ignored_fork_variables(environ: Mapping[str, str] | None = None) -> str | No
     set_ = [f"{k} ({why})" for k, why in FORK_IGNORED.items() if environ.get(k, "") != ""]
     if not set_:
         return None
-    return "ignoring the rl-swarm Drive fork's " + "; ".join(set_)
+    return "ignoring the rl-swarm Drive fork's variables that mean nothing here: " + "; ".join(set_)
 
 
 class _Environment(PydanticBaseSettingsSource):
