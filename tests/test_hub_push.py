@@ -27,17 +27,21 @@ def closed_port() -> int:
 
 
 class RefusingHub(ThreadingHTTPServer):
-    """Answers 500 to every request; keeps the Authorization header of each."""
+    """Answers 500 to every request (once `gate` is set, if it has one); keeps the path and Authorization
+    header of each."""
 
-    def __init__(self):
+    def __init__(self, gate: threading.Event | None = None):
         self.auth: list[str] = []
         self.paths: list[str] = []
+        self.gate = gate
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
             def _refuse(self):
                 hub.auth.append(self.headers.get("Authorization", ""))
                 hub.paths.append(f"{self.command} {self.path}")
+                if hub.gate is not None:
+                    hub.gate.wait(HANG)
                 body = b'{"error": "internal error"}'
                 self.send_response(500)
                 self.send_header("Content-Type", "application/json")
@@ -89,3 +93,47 @@ def test_a_failing_hub_is_one_warning_and_training_goes_on(procs, tmp_path, hub)
         if p.is_file() and p != tmp_path / "node.log":
             assert TOKEN.encode() not in p.read_bytes(), p
     assert not (out / ".hub-push").exists()  # the staged copies are gone
+
+
+def test_a_push_still_running_skips_the_next_one_and_the_last_checkpoint_waits(tmp_path, monkeypatch, caplog):
+    """In-process, against a hub that holds each request until the test lets it answer 500."""
+    import huggingface_hub.constants
+
+    from helpers import wait_until
+    from p2pswarm import events as ev
+    from p2pswarm.hub import attach_hub_push
+    from p2pswarm.run import RunDir
+    from p2pswarm.settings import load_settings
+
+    release = threading.Event()
+    server = RefusingHub(gate=release)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    run = RunDir(tmp_path / "run")
+
+    def checkpoint(r: int) -> str:
+        model = run.checkpoint_path(r) / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+        return str(model.parent)
+
+    def whoamis() -> int:
+        return sum("whoami" in p for p in server.paths)
+
+    bus = ev.EventBus("peer")
+    attach_hub_push(load_settings(hub_token=TOKEN, hub_push_every=2), run, bus, "n1")
+    try:
+        with caplog.at_level("INFO"):
+            bus.emit(ev.CHECKPOINT_SAVED, round=1, path=checkpoint(1))  # due: pushed
+            wait_until(lambda: whoamis() == 1, HANG, "the first push at the hub")
+            bus.emit(ev.CHECKPOINT_SAVED, round=3, path=checkpoint(3))  # due, but the first still runs: skipped
+            assert "push of round 1 is still running: round 3 is not pushed" in caplog.text
+            release.set()
+            bus.emit(ev.NODE_STOPPED, round=3, clean=True)  # the last checkpoint: pushed, waited for
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert whoamis() == 2, server.paths
+    assert "pushing the last checkpoint (round 3)" in caplog.text
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    assert TOKEN not in caplog.text
