@@ -19,10 +19,11 @@ from p2pswarm.data.revise import ReviseData
 from p2pswarm.errors import UserError
 from p2pswarm.events import EventBus, JsonlEventLog
 from p2pswarm.game import GameManager, LockstepGameManager
+from p2pswarm.hub import attach_hub_push
 from p2pswarm.identity import Identity
 from p2pswarm.rewards import ReasoningGymRewards
 from p2pswarm.run import RunDir
-from p2pswarm.settings import Settings
+from p2pswarm.settings import Settings, ignored_fork_variables
 from p2pswarm.trainer import GRPOTrainer
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
         folder = comm if isinstance(comm, FolderComm) else getattr(comm, "folder", None)
         if isinstance(folder, FolderComm):
             attach_mirror(folder, run, events, keep=settings.keep_checkpoints)
+    attach_hub_push(settings, run, events, name)
     game_cls = LockstepGameManager if torch_rank else GameManager
     return game_cls(
         data=data,
@@ -170,6 +172,9 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
 def build_swarm(settings: Settings) -> list[GameManager]:
     """`settings.agents` agents: sharing one in-process hub, or each its own hivemind peer. Several hivemind
     agents with no initial peers get a local bootstrap peer (keeping the round clock) to join."""
+    ignored = ignored_fork_variables()
+    if ignored:
+        log.warning(ignored)
     if settings.comm == "hivemind" and settings.agents > 1 and not settings.initial_peers:
         from p2pswarm.comm.hivemind.bootstrap import BootstrapPeer
 

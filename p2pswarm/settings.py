@@ -1,17 +1,25 @@
 """The one settings object. Precedence: defaults < TOML file (--config) < environment < CLI flags.
 
-Environment variables are P2PSWARM_<NAME> (e.g. P2PSWARM_NUM_GENERATIONS=8), plus the names RL Swarm
-users know: MODEL_NAME, EXPERIMENT_NAME, NODE_ID, SEED, IDENTITY_PATH, INITIAL_PEERS, GDRIVE_PATH, NODE_ROLE.
+A setting's bare name (`seed`) is read from the TOML file, `--set` and keyword arguments only. The
+environment is read for P2PSWARM_<NAME> (e.g. P2PSWARM_NUM_GENERATIONS=8) and for the names RL Swarm and
+its Google-Drive fork use (MODEL_NAME, EXPERIMENT_NAME, NODE_ID, SEED, IDENTITY_PATH, INITIAL_PEERS,
+GDRIVE_PATH, NODE_ROLE, NUM_TRAIN_SAMPLES, MAX_ROUNDS...): each is an extra alias of its field (`_env`), and
+`environment_names()` gathers them all. A bare PORT, HOST or DEVICE set for another program never reaches
+a node; an unknown P2PSWARM_* name is an error; the fork's variables that mean nothing here are named in
+one warning (`ignored_fork_variables`).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from p2pswarm.errors import UserError
@@ -20,12 +28,39 @@ from p2pswarm.grpo import LOSS_TYPES
 _config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
 
 
+ENV_PREFIX = "P2PSWARM_"
+
+
 def _env(name: str, *also: str) -> Any:
-    return AliasChoices(name, f"P2PSWARM_{name.upper()}", *also)
+    """The names of setting `name`: itself (TOML file, --set, keyword arguments), and in the environment
+    P2PSWARM_<NAME> and `also` (RL Swarm's and the Drive fork's names), first set first."""
+    return AliasChoices(name, f"{ENV_PREFIX}{name.upper()}", *also)
 
 
 class SettingsError(UserError, ValueError):
     """A setting has an invalid value; the message names it."""
+
+
+# A Hub repository's user or name part (the Hub refuses others; "--" and ".." are reserved).
+_HUB_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+def _hub_name(part: str) -> bool:
+    return bool(_HUB_NAME.fullmatch(part)) and "--" not in part and ".." not in part
+
+
+# The Drive fork's variables that have no meaning here, and why (one warning names those set: build_swarm).
+FORK_IGNORED = {
+    "MAX_STAGES": "the game sets its stages",
+    "ADAPTIVE_IJ_ENABLED": "I and J are fixed: local_groups, swarm_groups",
+    "ADAPTIVE_IJ_ALPHA": "I and J are fixed",
+    "ADAPTIVE_IJ_BASELINE_ALPHA": "I and J are fixed",
+    "ADAPTIVE_IJ_INITIAL_J": "I and J are fixed: set swarm_groups",
+    "SUBMIT_PERIOD_HOURS": "rewards are logged every round",
+    "LOG_FLUSH_INTERVAL": "logs are mirrored to the folder every few polls",
+    "COORDINATOR_ROUND_INTERVAL": "the coordinator trains too, and ends a round on a quorum or round_deadline",
+    "CACHE_ROLLOUTS": "rollouts are not cached locally",
+}
 
 
 class Settings(BaseSettings):
@@ -42,7 +77,7 @@ class Settings(BaseSettings):
     output_dir: Path | None = Field(None, validation_alias=_env("output_dir"),
                                     description="default: <runs_dir>/<experiment>/<node_id>")
     seed: int = Field(42, validation_alias=_env("seed", "SEED"))
-    rounds: int | None = Field(None, validation_alias=_env("rounds"), ge=1,
+    rounds: int | None = Field(None, validation_alias=_env("rounds", "MAX_ROUNDS"), ge=1,
                                description="stop after this round count (default: run until stopped)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=_env("log_level"))
 
@@ -77,9 +112,9 @@ class Settings(BaseSettings):
                     "calls; later stages then see only local answers)")
     agents: int = Field(1, validation_alias=_env("agents"), ge=1, le=64,
                         description="agents in this process (in-process swarm)")
-    collect_timeout: float = Field(10.0, validation_alias=_env("collect_timeout"), gt=0,
+    collect_timeout: float = Field(10.0, validation_alias=_env("collect_timeout", "FETCH_TIMEOUT_SECONDS"), gt=0,
                                    description="seconds to wait for other peers' rollouts in a stage")
-    collect_peers: int = Field(0, validation_alias=_env("collect_peers"), ge=0,
+    collect_peers: int = Field(0, validation_alias=_env("collect_peers", "FETCH_MAX_PEERS"), ge=0,
                                description="stop waiting once this many peers have published (0: all known)")
     accept_unverified_tasks: bool = Field(
         False, validation_alias=_env("accept_unverified_tasks"),
@@ -141,9 +176,9 @@ class Settings(BaseSettings):
                                             "before the run fails (0: max(60, 6 x collect_timeout))")
 
     # --- GRPO / SAPO -----------------------------------------------------------------------------
-    num_generations: int = Field(4, validation_alias=_env("num_generations"), ge=2, description="G, completions per task")
-    local_groups: int = Field(4, validation_alias=_env("local_groups"), ge=0, description="I, local groups per update")
-    swarm_groups: int = Field(4, validation_alias=_env("swarm_groups"), ge=0, description="J, swarm groups per update (0: plain GRPO)")
+    num_generations: int = Field(4, validation_alias=_env("num_generations", "NUM_GENERATIONS"), ge=2, description="G, completions per task")
+    local_groups: int = Field(4, validation_alias=_env("local_groups", "NUM_TRAIN_SAMPLES"), ge=0, description="I, local groups per update")
+    swarm_groups: int = Field(4, validation_alias=_env("swarm_groups", "NUM_TRANSPLANT_TREES"), ge=0, description="J, swarm groups per update (0: plain GRPO)")
     max_new_tokens: int = Field(32, validation_alias=_env("max_new_tokens"), ge=1)
     max_prompt_tokens: int = Field(1024, validation_alias=_env("max_prompt_tokens"), ge=8)
     temperature: float = Field(1.0, validation_alias=_env("temperature"), gt=0)
@@ -162,8 +197,22 @@ class Settings(BaseSettings):
     gradient_checkpointing: bool = Field(False, validation_alias=_env("gradient_checkpointing"))
 
     # --- checkpoints -----------------------------------------------------------------------------
-    checkpoint_every: int = Field(5, validation_alias=_env("checkpoint_every"), ge=1)
+    checkpoint_every: int = Field(5, validation_alias=_env("checkpoint_every", "CHECKPOINT_INTERVAL"), ge=1)
     keep_checkpoints: int = Field(3, validation_alias=_env("keep_checkpoints"), ge=1)
+
+    # --- Hugging Face Hub push (p2pswarm/hub.py) ------------------------------------------------
+    hub_token: SecretStr | None = Field(
+        None, validation_alias=_env("hub_token", "HUGGINGFACE_ACCESS_TOKEN"),
+        description="a Hugging Face write token: push the policy to the Hub every hub_push_every rounds "
+                    "(never logged, never stored)")
+    hub_repo: str | None = Field(
+        None, validation_alias=_env("hub_repo"),
+        description="the Hub repository ('user/name', or 'name' under the token's user); setting it also turns "
+                    "pushing on with HF_TOKEN or a saved `hf auth login`. Default: "
+                    "<token's user>/<model>-Gensyn-Swarm-<node name>, as RL Swarm names it")
+    hub_push_every: int = Field(20, validation_alias=_env("hub_push_every"), ge=0,
+                                description="rounds between Hub pushes, at the first checkpoint after each "
+                                            "(RL Swarm's 20); the last checkpoint is pushed at a clean stop (0: never push)")
 
     @field_validator("loss_type")
     @classmethod
@@ -187,6 +236,22 @@ class Settings(BaseSettings):
         for m in v:
             if not m.startswith(("/ip4/", "/ip6/", "/dns", "/p2p/")):
                 raise ValueError(f"{m!r} is not a multiaddr (like /ip4/203.0.113.5/tcp/38331/p2p/12D3KooW...)")
+        return v
+
+    @field_validator("hub_token", mode="before")
+    @classmethod
+    def _hub_token(cls, v: Any) -> Any:
+        # RL Swarm's launch script exports HUGGINGFACE_ACCESS_TOKEN=None when the user declines to push.
+        if isinstance(v, str) and v.strip() in ("", "None"):
+            return None
+        return v
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _hub_repo(cls, v: str | None) -> str | None:
+        parts = v.split("/") if v is not None else []
+        if v is not None and not (len(parts) <= 2 and all(_hub_name(p) for p in parts)):
+            raise ValueError("must be 'user/name' or 'name': letters, digits, '-', '_', '.' (at most 96 each)")
         return v
 
     @field_validator("node_id")
@@ -242,7 +307,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _Environment(settings_cls)]
         path = _config_file.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
@@ -253,28 +318,95 @@ class Settings(BaseSettings):
 
 
 def env_name(field: str) -> str:
-    return f"P2PSWARM_{field.upper()}"
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _names(field: str) -> list[str]:
+    alias = Settings.model_fields[field].validation_alias
+    return [n for n in alias.choices if isinstance(n, str)] if isinstance(alias, AliasChoices) else [field]
+
+
+def environment_names() -> dict[str, str]:
+    """Every environment variable a node reads -> its setting: the fields' aliases but their bare names, so
+    that a name added to a field (`_env(..., "NAME")`) is known here without more code."""
+    return {n: field for field in Settings.model_fields for n in _names(field) if n != field}
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The settings the environment gives ({setting: value}) and the variable each came from ({setting:
+    name}): for each setting its first name that is set, P2PSWARM_<NAME> before the others. An empty value
+    counts as unset (notebooks write '' for "no value"). SettingsError, one line, for a P2PSWARM_* name that
+    is no setting's, with the closest known name."""
+    environ = os.environ if environ is None else environ
+    known = environment_names()
+    unknown = [k for k in environ if k.upper().startswith(ENV_PREFIX) and k not in known]
+    if unknown:
+        ours = [n for n in known if n.startswith(ENV_PREFIX)]
+        hints = []
+        for k in sorted(unknown):
+            close = difflib.get_close_matches(k.upper(), ours, n=1, cutoff=0.6)
+            hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
+        raise SettingsError(f"unknown environment variable {', '.join(hints)}: p2pswarm reads P2PSWARM_<SETTING> "
+                            "for its settings only (see `p2pswarm run --help` and README's Configuration)")
+    values: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    for field in Settings.model_fields:
+        for n in _names(field):
+            if n != field and environ.get(n, "") != "":
+                values[field], origin[field] = environ[n], n
+                break
+    return values, origin
+
+
+def ignored_fork_variables(environ: Mapping[str, str] | None = None) -> str | None:
+    """One warning line naming the Drive fork's variables that are set and mean nothing here, or None."""
+    environ = os.environ if environ is None else environ
+    set_ = [f"{k} ({why})" for k, why in FORK_IGNORED.items() if environ.get(k, "") != ""]
+    if not set_:
+        return None
+    return "ignoring the rl-swarm Drive fork's variables that mean nothing here: " + "; ".join(set_)
+
+
+class _Environment(PydanticBaseSettingsSource):
+    """The environment source: exactly the names of `read_environment`, case-sensitive (pydantic-settings'
+    own would also read every bare setting name, in any case: PORT, host, Device...)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every name at once
+
+    def __call__(self) -> dict[str, Any]:
+        return read_environment()[0]
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from all sources; raises SettingsError naming the offending setting(s)."""
+    """Settings from all sources; raises SettingsError naming the offending setting(s), or the environment
+    variable the user set when the bad value came from there."""
     if config is not None and not Path(config).is_file():
         raise SettingsError(f"config file {config} does not exist")
+    by_alias = {n: field for field in Settings.model_fields for n in _names(field)}
+    # --set MODEL_NAME=x and --set model=x name one setting: by its field name it outranks the environment's.
+    given = {by_alias.get(k, k): v for k, v in overrides.items() if v is not None}
+    _, origin = read_environment()
     token = _config_file.set(Path(config) if config else None)
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             name = ".".join(str(x) for x in err["loc"])
+            field = by_alias.get(name, name)
             msg = err["msg"].removeprefix("Value error, ")
             if not name:
                 lines.append(f"invalid settings: {msg}")
             elif err["type"] == "extra_forbidden":
                 lines.append(f"unknown setting '{name}'")
+            elif field in origin and field not in given:
+                lines.append(f"setting '{field}' (environment variable {origin[field]}): {msg}")
             else:
-                lines.append(f"setting '{name}' ({env_name(name)}): {msg}")
+                lines.append(f"setting '{field}' ({env_name(field)}): {msg}")
         raise SettingsError("; ".join(lines)) from None
+    except SettingsError:
+        raise
     except ValueError as e:  # a TOML syntax error, for instance
         raise SettingsError(f"{config}: {e}") from None
     finally:
