@@ -139,6 +139,10 @@ class FolderMissing(UserError, FileNotFoundError):
     """The shared folder is not there, for a node that may not create it; the message names it."""
 
 
+class NameTaken(UserError, FileExistsError):
+    """A node name whose files in the folder another node wrote; the message names it and the way out."""
+
+
 class FolderStore:
     """One experiment's folder (`<root>/experiments/<name>`): its paths, atomic writes, listings with
     size and modification time, bounded reads, and the round clock as last written.
@@ -179,6 +183,34 @@ class FolderStore:
             names = sorted(n for n in self.subfolders(f"{self.root}/experiments") if not n.startswith("."))
             log.warning("experiment %s is not in %s yet (experiments there: %s): waiting for its coordinator",
                         self.experiment, self.url, ", ".join(names) or "none")
+
+    def claim_name(self, name: str, peer_id: str) -> None:
+        """Check, before a node writes anything, that the files its name stands for are its own or free.
+
+        Its registration (peers/<node>.json) is rewritten every heartbeat and its logs (logs/<node>/) on
+        every mirror: under a name another node registered or logged with (a fork node `node_1` in the
+        same experiment, or another p2pswarm node) they would overwrite that node's files. So the name is
+        this node's only when its registration there is signed by this node's key, or when neither exists.
+        NameTaken names it otherwise."""
+        from p2pswarm.comm.drive.records import parse_registration  # records builds on this module
+
+        node = safe_name(name)
+        path = self.peer_path(node)
+        data = self.read(path, MAX_JSON_BYTES)
+        if data is not None:
+            reg = parse_registration(node, parse_json(data))
+            if reg is not None and reg.peer_id == peer_id:
+                return
+            whose = "an unsigned registration (the fork's?)" if reg is None else f"the registration of {reg.peer_id}"
+        elif self.fs.exists(path):
+            whose = "a registration this node cannot read"
+        elif self.fs.isdir(self.path("logs", node)):
+            whose = "no registration but logs/" + node
+        else:
+            return
+        raise NameTaken(f"node name {name!r} is taken in experiment {self.experiment} ({self.url}): {path} holds "
+                        f"{whose}, not this node's; its files are not this node's to overwrite: choose another "
+                        "NODE_ID (or use the identity file that registered it)")
 
     # ---- the layout -------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:

@@ -1,0 +1,178 @@
+"""A p2pswarm node in a folder the rl-swarm Drive fork (github Elrashid/rl-swarm) uses too: it deletes and
+overwrites nothing it did not write, its clock file stays readable by the fork, the fork's clock paces it,
+and a folder that is not there is an error for a worker.
+
+The fork's files are written here by the test, shaped like those of the fork's example experiments
+(`experiments/sapo_SmolLM_config2_4loc0ext` at its commit 22f3a85) and its writers (rgym_exp/src/gdrive_*):
+nothing of the fork is imported or vendored; the few lines of its readers the test needs are re-implemented.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import ENDLESS, HANG, PROCESS_TEST_TIMEOUT, cli, drive_cmd, events, metrics, node_cmd, run_process, sets, wait_until
+from p2pswarm.comm.drive.coordinator import FolderCoordinator
+from p2pswarm.comm.drive.manager import FolderComm
+from p2pswarm.comm.drive.store import FolderMissing, FolderStore, NameTaken
+from p2pswarm.identity import Identity
+from p2pswarm.settings import load_settings
+from p2pswarm.types import Group, Task
+
+EXP = "sapo_fork_exp"
+FORK_NODES = ("node_0", "node_1", "node_2")
+T0 = 1763545486.68  # the fork example's registration time
+
+
+# ---- the fork's files, as its writers lay them out ---------------------------------------------------------
+def _write(path: Path, data: dict | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else json.dumps(data, indent=2))
+
+
+def fork_state(base: Path, round: int, **extra) -> None:
+    """current_state.json as the fork's coordinator's update_round_stage writes it: a temporary, then a rename."""
+    tmp = base / "state" / "current_state.json.tmp"
+    _write(tmp, {"round": round, "stage": 0, "updated_at": time.time(), "updated_by": "coordinator", **extra})
+    os.replace(tmp, base / "state" / "current_state.json")
+
+
+def fork_experiment(root: Path, rounds: int, name: str = EXP) -> Path:
+    """A fork experiment that has played `rounds` rounds: its clock at `rounds`, and for each round its
+    rollouts, rewards and winners, plus its registrations, logs, progress files, config and a checkpoint."""
+    base = root / "experiments" / name
+    for d in ("state", "peers", "rewards", "winners", "checkpoints", "logs"):  # its _init_directories
+        (base / d).mkdir(parents=True, exist_ok=True)
+    fork_state(base, rounds)
+    _write(base / "config.yaml", "training.max_round: 50\ntraining.num_generations: 8\ntraining.num_train_samples: 4\n")
+    for i, node in enumerate(FORK_NODES):
+        _write(base / "peers" / f"{node}.json",
+               {"peer_id": node, "registered_at": T0 + i, "node_role": "coordinator" if i == 0 else "worker"})
+        _write(base / f"progress_{node}.json", json.dumps({"timestamp": T0, "elapsed_seconds": 2e-06, "event":
+                                                          "training_started", "node_id": node, "experiment": name}) + "\n")
+        _write(base / "logs" / node / "metrics.jsonl", "".join(
+            json.dumps({"timestamp": T0 + r, "round": r, "stage": 0, "node_id": node, "experiment": name,
+                        "my_reward": 0.1 * r}) + "\n" for r in range(rounds)))
+        _write(base / "logs" / node / "training_events.jsonl",
+               json.dumps({"timestamp": T0, "event": "training_started", "node_id": node}) + "\n")
+        for r in range(rounds):
+            _write(base / "rollouts" / f"round_{r}" / "stage_0" / f"{node}.json",
+                   {"peer_id": node, "round": r, "stage": 0, "timestamp": T0 + r, "publish_frequency": "stage",
+                    "rollouts": {"3036709544": [{"world_state": {"environment_states": {"question": "1+1?",
+                                                                                         "answer": "2"}}}]}})
+            _write(base / "rewards" / f"round_{r}" / "stage_0" / f"{node}.json",
+                   {"round": r, "stage": 0, "reward": 0.08, "peer_id": node, "submitted_at": T0 + r})
+            _write(base / "winners" / f"round_{r}" / f"{node}.json",
+                   {"round": r, "winners": [node], "peer_id": node, "submitted_at": T0 + r})
+    (base / "checkpoints" / "round_2").mkdir(parents=True)
+    (base / "checkpoints" / "round_2" / "node_1.pt").write_bytes(b"\x80\x02fork checkpoint bytes")
+    return base
+
+
+def snapshot(base: Path) -> dict[str, bytes]:
+    """Every file under `base` (relative path -> bytes)."""
+    return {p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+def fork_reads_state(base: Path) -> dict:
+    """What the fork's readers take from current_state.json: its workers' get_round_and_stage and its
+    get_experiment_status / list_experiments (rgym_exp/src/gdrive_coordinator.py, rgym_exp/utils/experiment_manager.py)."""
+    with open(base / "state" / "current_state.json") as f:
+        state = json.load(f)
+    return {"round": state.get("round", 0), "stage": state.get("stage", 0),
+            "last_updated": state.get("updated_at", 0), "created_at": state.get("created_at")}
+
+
+def group(r: int = 0) -> Group:
+    return Group(Task(f"t{r}", "d", "q", "a"), ["x", "y"], "p", [1.0, 0.0])
+
+
+def comm(url: str, name: str, **kw) -> FolderComm:
+    return FolderComm(url, Identity.generate(), EXP, name=name, timeout=2.0, poll=0.02, peer_timeout=5.0, **kw)
+
+
+def play(c: FolderComm, coord: FolderCoordinator, rounds: range) -> None:
+    """The keeper publishes and finishes each round as the round loop does; the rule moves the clock."""
+    for r in rounds:
+        c.publish(r, 0, [group(r)])
+        coord.report_finished(r)
+        while coord.step():
+            pass
+
+
+# ---- retention ------------------------------------------------------------------------------------------------
+def test_retention_is_the_forks_keep_everything_unless_cleanup_is_configured(monkeypatch):
+    for name in ("P2PSWARM_KEEP_ROUNDS", "P2PSWARM_ROLLOUT_CLEANUP", "P2PSWARM_ARCHIVE_ROLLOUTS",
+                 "ROLLOUT_CLEANUP_ENABLED", "ROLLOUT_KEEP_LAST_N_ROUNDS", "ROLLOUT_ARCHIVE_OLD"):
+        monkeypatch.delenv(name, raising=False)
+
+    def retention(**env: str):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            s = load_settings()
+        return s.rollout_cleanup, s.keep_rounds, s.archive_rollouts
+
+    assert retention() == (False, 0, False)
+    assert retention(ROLLOUT_CLEANUP_ENABLED="True") == (True, 10, False)  # the fork's default of 10 rounds
+    assert retention(ROLLOUT_CLEANUP_ENABLED="true", ROLLOUT_KEEP_LAST_N_ROUNDS="3", ROLLOUT_ARCHIVE_OLD="True") == (True, 3, True)
+    assert retention(P2PSWARM_KEEP_ROUNDS="5", P2PSWARM_ARCHIVE_ROLLOUTS="1") == (True, 5, True)  # as before
+    assert retention(ROLLOUT_CLEANUP_ENABLED="False", P2PSWARM_KEEP_ROUNDS="5") == (False, 0, False)  # off wins
+    assert retention(ROLLOUT_KEEP_LAST_N_ROUNDS="4") == (True, 4, False)
+    assert retention(ROLLOUT_CLEANUP_ENABLED="true", ROLLOUT_KEEP_LAST_N_ROUNDS="0") == (False, 0, False)  # 0 keeps all
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_cleanup_retires_only_the_rollout_files_the_setting_names(tmp_path, archive, caplog):
+    """With cleanup on (keep 2), a coordinator adopting a fork experiment at round 5 and playing to round 8
+    retires rounds 0-5 of rollouts, the fork's `.json` files and its own `.msgpack` ones; a file or folder it
+    does not know in a retired round stays, and so does everything outside rollouts/, byte for byte. An
+    archived file never replaces one already in the archive."""
+    base = fork_experiment(tmp_path, 5)
+    r1 = base / "rollouts" / "round_1"
+    _write(r1 / "notes.txt", "someone's notes")
+    _write(r1 / "stage_0" / ".node_2.json.tmp", "a fork write in flight")
+    _write(r1 / "stage_0" / "node 9.json", "a name the fork may write, ours never")
+    _write(r1 / "plots" / "p.json", "{}")
+    _write(base / "archive" / "rollouts" / "round_0" / "stage_0" / "node_0.json", "archived before")
+    before = snapshot(base)
+    c = comm(str(tmp_path), "coord", role="coordinator")
+    coord = FolderCoordinator(c, role="coordinator", keep_rounds=2, archive=archive, deadline=1000)
+    coord.close()  # driven by hand
+    try:
+        assert coord.clock == 5
+        play(c, coord, range(5, 8))
+        assert coord.clock == 8
+        with caplog.at_level(logging.INFO, logger="p2pswarm.comm.drive.coordinator"):
+            coord.janitor()
+    finally:
+        c.close()
+    after = snapshot(base)
+    unknown = {"rollouts/round_1/notes.txt", "rollouts/round_1/stage_0/.node_2.json.tmp",
+               "rollouts/round_1/stage_0/node 9.json", "rollouts/round_1/plots/p.json"}
+    # The archive already holds round 0's node_0.json: that one file stays where it is when archiving.
+    blocked = {"rollouts/round_0/stage_0/node_0.json"} if archive else set()
+    retired = {k for k in before if k.startswith("rollouts/") and k not in unknown | blocked}  # the fork's rounds 0-4
+    retired.add("rollouts/round_5/stage_0/coord.msgpack")
+    ours = {f"rollouts/round_{r}/stage_0/coord.msgpack" for r in (6, 7)}
+    assert {k for k in after if k.startswith("rollouts/")} == unknown | blocked | ours
+    assert sorted(p.name for p in (base / "rollouts").iterdir()) == (["round_0"] if archive else []) + [
+        "round_1", "round_6", "round_7"]  # emptied folders go, a folder with anything left in it stays
+    for k, v in before.items():  # everything else the fork wrote is there as it was
+        if k not in retired and k != "state/current_state.json":
+            assert after[k] == v, k
+    if archive:
+        assert after["archive/rollouts/round_0/stage_0/node_0.json"] == b"archived before"
+        assert {k for k in after if k.startswith("archive/")} == {"archive/" + k for k in retired} | {
+            "archive/rollouts/round_0/stage_0/node_0.json"}
+        for k in retired - {"rollouts/round_5/stage_0/coord.msgpack"}:
+            assert after["archive/" + k] == before[k], k
+    else:
+        assert {k for k in after if k.startswith("archive/")} == {"archive/rollouts/round_0/stage_0/node_0.json"}
+    assert any("retired round(s) 0-5" in r.getMessage() for r in caplog.records), caplog.text
