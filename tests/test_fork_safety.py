@@ -176,3 +176,99 @@ def test_cleanup_retires_only_the_rollout_files_the_setting_names(tmp_path, arch
     else:
         assert {k for k in after if k.startswith("archive/")} == {"archive/rollouts/round_0/stage_0/node_0.json"}
     assert any("retired round(s) 0-5" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# ---- the clock file ---------------------------------------------------------------------------------------------
+def test_our_clock_file_keeps_the_forks_fields_and_reads_as_the_fork_reads_it(tmp_path, caplog):
+    """A fork experiment created by the fork's init_experiment (created_at, experiment_name, config_overrides):
+    our coordinator adopts its round and every rewrite keeps those fields and adds what the fork's readers use."""
+    base = fork_experiment(tmp_path, 3)
+    created = time.time() - 3600
+    fork_state(base, 3, created_at=created, experiment_name=EXP, config_overrides={"num_generations": 8})
+    c = comm(str(tmp_path), "coord", role="coordinator")
+    with caplog.at_level(logging.INFO, logger="p2pswarm.comm.drive.coordinator"):
+        coord = FolderCoordinator(c, role="coordinator", deadline=1000)
+    coord.close()
+    try:
+        assert coord.clock == 3
+        assert any("round clock adopted at round 3" in r.getMessage() for r in caplog.records), caplog.text
+        play(c, coord, range(3, 5))
+        state = json.loads((base / "state" / "current_state.json").read_text())
+        assert fork_reads_state(base) == {"round": 5, "stage": 0, "last_updated": state["updated"], "created_at": created}
+        assert time.time() - state["updated_at"] < 600 and state["updated_by"] == "coord"
+        assert (state["experiment_name"], state["config_overrides"]) == (EXP, {"num_generations": 8})
+        assert c.store.read_clock()["coordinator_name"] == "coord"
+    finally:
+        c.close()
+
+
+def test_hostile_fork_fields_in_the_clock_file_are_not_carried_over(tmp_path):
+    base = fork_experiment(tmp_path, 2)
+    fork_state(base, 2, created_at="yesterday", experiment_name="a" * 5000, config_overrides={"x": "y" * 70_000})
+    c = comm(str(tmp_path), "coord", role="coordinator")
+    coord = FolderCoordinator(c, role="coordinator", deadline=1000)
+    coord.close()
+    try:
+        play(c, coord, range(2, 3))
+        state = json.loads((base / "state" / "current_state.json").read_text())
+        assert state["round"] == 3 and "experiment_name" not in state and "config_overrides" not in state
+        assert isinstance(state["created_at"], float)
+    finally:
+        c.close()
+
+
+def test_a_clock_file_with_no_round_is_set_aside_not_overwritten(tmp_path):
+    base = tmp_path / "experiments" / EXP
+    _write(base / "state" / "current_state.json", '{"stage": 0, "note": "not ours"}')
+    c = comm(str(tmp_path), "coord", role="coordinator")
+    coord = FolderCoordinator(c, role="coordinator", deadline=1000)
+    coord.close()
+    try:
+        aside = list((base / "state").glob("current_state.json.unreadable-*"))
+        assert len(aside) == 1 and aside[0].read_text() == '{"stage": 0, "note": "not ours"}'
+        assert c.store.read_clock()["round"] == 0
+    finally:
+        c.close()
+
+
+def test_the_forks_clock_file_reads_as_our_clock(tmp_path):
+    base = fork_experiment(tmp_path, 7)
+    clock = FolderStore(str(tmp_path), EXP).read_clock()
+    written = json.loads((base / "state" / "current_state.json").read_text())
+    assert clock == {"round": 7, "stage": 0, "started": written["updated_at"], "updated": written["updated_at"],
+                     "coordinator": None, "coordinator_name": "coordinator"}
+
+
+# ---- the folder and the node's name -----------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["tmp", "memory"])
+def test_only_a_coordinator_creates_a_missing_shared_folder(tmp_path, where, caplog):
+    url = str(tmp_path / "typo") if where == "tmp" else f"memory://fork-safety-{os.getpid()}/typo"
+    store = FolderStore(url, EXP)
+    with pytest.raises(FolderMissing, match=f"the shared folder {url} does not exist"):
+        store.open_folder(coordinator=False)
+    assert not store.fs.exists(store.root)
+    with caplog.at_level(logging.INFO, logger="p2pswarm.comm.drive.store"):
+        store.open_folder(coordinator=True)
+    assert store.fs.isdir(store.root)
+    assert [r.getMessage() for r in caplog.records] == [f"created the shared folder {url} (it did not exist) for experiment {EXP}"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="p2pswarm.comm.drive.store"):
+        store.open_folder(coordinator=False)  # there now: a worker goes on, saying its experiment is not there yet
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and EXP in caplog.text
+
+
+def test_a_node_name_the_fork_or_another_node_holds_is_refused(tmp_path):
+    fork_experiment(tmp_path, 1)
+    store = FolderStore(str(tmp_path), EXP)
+    me = Identity.generate()
+    with pytest.raises(NameTaken, match="node name 'node_1' is taken"):
+        store.claim_name("node_1", me.peer_id)  # the fork's unsigned registration
+    _write(tmp_path / "experiments" / EXP / "logs" / "lone" / "metrics.jsonl", "{}\n")
+    with pytest.raises(NameTaken, match="logs/lone"):
+        store.claim_name("lone", me.peer_id)
+    store.claim_name("fresh", me.peer_id)  # free
+    c = FolderComm(str(tmp_path), me, EXP, name="mine", timeout=1.0, poll=0.02, peer_timeout=5.0)
+    c.close()
+    store.claim_name("mine", me.peer_id)  # its own registration, signed by its key: a restart
+    with pytest.raises(NameTaken, match="the registration of"):
+        store.claim_name("mine", Identity.generate().peer_id)
