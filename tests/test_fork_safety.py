@@ -272,3 +272,55 @@ def test_a_node_name_the_fork_or_another_node_holds_is_refused(tmp_path):
     store.claim_name("mine", me.peer_id)  # its own registration, signed by its key: a restart
     with pytest.raises(NameTaken, match="the registration of"):
         store.claim_name("mine", Identity.generate().peer_id)
+
+
+# ---- real nodes -------------------------------------------------------------------------------------------------
+def fork_node_cmd(tmp_path: Path, name: str, role: str, rounds: int, *settings: str) -> list[str]:
+    return drive_cmd(tmp_path, tmp_path / "runs" / name, name, role, rounds, "collect_timeout=1", "round_deadline=2",
+                     "checkpoint_every=2", *settings, experiment=EXP)
+
+
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
+def test_a_coordinator_in_a_fork_experiment_deletes_and_overwrites_nothing(tmp_path, procs):
+    """Our coordinator started (default settings) in a fork experiment at round 5 adopts the round, plays
+    rounds 5-8 and stops; every file the fork wrote is there byte for byte, but the clock file, which the
+    fork's readers read at the round we reached."""
+    base = fork_experiment(tmp_path, 5)
+    before = snapshot(base)
+    procs.start("coord", fork_node_cmd(tmp_path, "coord", "coordinator", 9))
+    procs.wait_exit("coord", HANG)
+    assert "round clock adopted at round 5" in procs.log("coord")
+    assert [r["round"] for r in metrics(tmp_path / "runs" / "coord")] == [5, 6, 7, 8]
+    after = snapshot(base)
+    changed = sorted(k for k, v in before.items() if after.get(k) != v)
+    assert changed == ["state/current_state.json"], changed
+    assert fork_reads_state(base)["round"] >= 8
+    assert fork_reads_state(base)["last_updated"] > json.loads(before["state/current_state.json"])["updated_at"]
+    assert (base / "rollouts" / "round_8" / "stage_0" / "coord.msgpack").exists()  # and ours beside them
+
+
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
+def test_the_forks_clock_paces_our_worker(tmp_path, procs):
+    """A fork coordinator's current_state.json (round, stage, updated_at, updated_by) is the clock of our
+    worker: it starts at the fork's round and jumps when the fork's coordinator moves it."""
+    base = fork_experiment(tmp_path, 4)
+    procs.start("w", fork_node_cmd(tmp_path, "w", "worker", ENDLESS))
+    wait_until(lambda: metrics(tmp_path / "runs" / "w"), HANG, "the worker's first round", lambda: procs.log("w"))
+    assert metrics(tmp_path / "runs" / "w")[0]["round"] == 4
+    fork_state(base, 1000)  # the fork's coordinator advances the swarm (far beyond where the worker gets alone)
+    wait_until(lambda: any(r["round"] >= 1000 for r in metrics(tmp_path / "runs" / "w")), HANG,
+               "the worker at the fork's round 1000", lambda: procs.log("w"))
+    procs.stop("w")
+    rounds = [r["round"] for r in metrics(tmp_path / "runs" / "w")]
+    assert rounds[0] == 4 and rounds == sorted(set(rounds)) and 1000 in rounds, rounds
+    skipped = [e["skipped"] for e in events(tmp_path / "runs" / "w") if e.get("kind") == "rounds_skipped"]
+    assert skipped[0] == [0, 1, 2, 3] and any(s[-1] == 999 for s in skipped), [(s[0], s[-1]) for s in skipped]
+
+
+def test_a_worker_with_a_missing_folder_exits_with_one_error_naming_it(tmp_path):
+    typo = tmp_path / "MyDrive" / "rl-swarn"
+    res = run_process(node_cmd(tmp_path / "runs" / "w", "w", 2, "--comm", "drive", "--drive-path", str(typo),
+                               "--role", "worker", experiment=EXP), HANG)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and str(typo) in errors[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and not typo.exists() and not typo.parent.exists()
