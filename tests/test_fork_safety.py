@@ -300,6 +300,22 @@ def test_a_coordinator_in_a_fork_experiment_deletes_and_overwrites_nothing(tmp_p
 
 
 @pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
+def test_a_coordinator_with_the_forks_cleanup_variables_retires_only_old_rollouts(tmp_path, procs):
+    """The fork's ROLLOUT_CLEANUP_ENABLED / ROLLOUT_KEEP_LAST_N_ROUNDS in the environment: the fork's rollouts
+    of rounds 0-4 go once the clock passes round 6; every other file of the fork's stays byte for byte."""
+    base = fork_experiment(tmp_path, 5)
+    before = snapshot(base)
+    env = {**os.environ, "ROLLOUT_CLEANUP_ENABLED": "True", "ROLLOUT_KEEP_LAST_N_ROUNDS": "2"}
+    procs.start("coord", fork_node_cmd(tmp_path, "coord", "coordinator", 9), env=env)
+    procs.wait_exit("coord", HANG)
+    after = snapshot(base)
+    assert not (base / "rollouts" / "round_4").exists() and (base / "rollouts" / "round_8").exists()
+    changed = sorted(k for k, v in before.items() if after.get(k) != v)
+    assert changed == sorted([k for k in before if k.startswith("rollouts/")] + ["state/current_state.json"]), changed
+    assert "retired round(s) 0-" in procs.log("coord")
+
+
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 def test_the_forks_clock_paces_our_worker(tmp_path, procs):
     """A fork coordinator's current_state.json (round, stage, updated_at, updated_by) is the clock of our
     worker: it starts at the fork's round and jumps when the fork's coordinator moves it."""
