@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ENDLESS, HANG, PROCESS_TEST_TIMEOUT, cli, drive_cmd, events, metrics, node_cmd, run_process, sets, wait_until
+from helpers import ENDLESS, HANG, PROCESS_TEST_TIMEOUT, drive_cmd, events, metrics, node_cmd, run_process, wait_until
 from p2pswarm.comm.drive.coordinator import FolderCoordinator
 from p2pswarm.comm.drive.manager import FolderComm
 from p2pswarm.comm.drive.store import FolderMissing, FolderStore, NameTaken

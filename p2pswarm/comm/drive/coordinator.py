@@ -26,7 +26,8 @@ import time
 
 from p2pswarm.comm.core import MonotonicClock, RoundRule
 from p2pswarm.comm.drive.manager import FolderComm
-from p2pswarm.comm.drive.store import MAX_JSON_BYTES, clock_record, is_rollout_file, kept_clock_fields, parse_clock, round_of, stage_of
+from p2pswarm.comm.drive.store import (MAX_JSON_BYTES, clock_record, is_rollout_file, kept_clock_fields, parse_clock,
+                                       round_of, stage_of)
 from p2pswarm.components import Coordinator
 from p2pswarm.errors import UserError
 
