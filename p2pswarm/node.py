@@ -106,7 +106,11 @@ def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | N
     if settings.comm == "drive":
         from p2pswarm.comm.drive.coordinator import FolderCoordinator
         from p2pswarm.comm.drive.manager import FolderComm
+        from p2pswarm.comm.drive.store import FolderStore
 
+        store = FolderStore(settings.drive_path, settings.experiment)
+        store.open_folder(coordinator=settings.role == "coordinator")
+        store.claim_name(name or identity.name, identity.peer_id)
         comm = FolderComm(settings.drive_path, identity, settings.experiment, name=name or identity.name,
                           timeout=settings.collect_timeout, want_peers=settings.collect_peers,
                           poll=settings.drive_poll_interval, peer_timeout=settings.drive_peer_timeout, role=settings.role,

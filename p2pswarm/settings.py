@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from p2pswarm.errors import UserError
 from p2pswarm.grpo import LOSS_TYPES
 
+FORK_KEEP_ROUNDS = 10  # the fork's ROLLOUT_KEEP_LAST_N_ROUNDS default, when ROLLOUT_CLEANUP_ENABLED=true
 _config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
 
 
@@ -167,10 +168,16 @@ class Settings(BaseSettings):
     round_deadline: float = Field(300.0, validation_alias=_env("round_deadline"), gt=0,
                                   description="the coordinator advances the round this many seconds after the first "
                                               "node finished it, without waiting for a quorum")
-    keep_rounds: int = Field(10, validation_alias=_env("keep_rounds"), ge=0,
-                             description="comm=drive: rounds of rollouts kept before the current one (0: keep all)")
-    archive_rollouts: bool = Field(False, validation_alias=_env("archive_rollouts"),
-                                   description="comm=drive: move old rounds to archive/ instead of deleting them")
+    # comm=drive retention, the fork's: every round is kept unless cleanup is asked for (_derived resolves it)
+    rollout_cleanup: bool | None = Field(
+        None, validation_alias=_env("rollout_cleanup", "ROLLOUT_CLEANUP_ENABLED"),
+        description="comm=drive: the coordinator retires rollouts older than keep_rounds (default: only when "
+                    "keep_rounds is set; true alone keeps the fork's 10 rounds; false keeps everything)")
+    keep_rounds: int = Field(0, validation_alias=_env("keep_rounds", "ROLLOUT_KEEP_LAST_N_ROUNDS", "KEEP_LAST_N_ROUNDS"), ge=0,
+                             description="comm=drive: rounds of rollouts kept before the current one when cleanup "
+                                         "is on (0: keep all)")
+    archive_rollouts: bool = Field(False, validation_alias=_env("archive_rollouts", "ROLLOUT_ARCHIVE_OLD", "ARCHIVE_OLD_ROLLOUTS"),
+                                   description="comm=drive: move retired rounds to archive/ instead of deleting them")
     dist_timeout: float = Field(0.0, validation_alias=_env("dist_timeout"), ge=0,
                                 description="comm=torch: seconds a rank waits in a collective for the slowest rank "
                                             "before the run fails (0: max(60, 6 x collect_timeout))")
@@ -288,6 +295,12 @@ class Settings(BaseSettings):
             raise ValueError(f"comm={self.comm} needs the shared folder: set drive_path (--drive-path or GDRIVE_PATH)")
         if self.comm == "drive" and self.role == "coordinator" and self.agents > 1:
             raise ValueError("role=coordinator keeps the swarm's one round clock: run it with agents=1")
+        if self.rollout_cleanup is None:  # P2PSWARM_KEEP_ROUNDS alone turns cleanup on, as it always did
+            self.rollout_cleanup = self.keep_rounds > 0
+        elif self.rollout_cleanup and "keep_rounds" not in self.model_fields_set:
+            self.keep_rounds = FORK_KEEP_ROUNDS
+        if not self.rollout_cleanup or self.keep_rounds == 0:  # off wins: nothing is deleted unless asked
+            self.rollout_cleanup, self.keep_rounds = False, 0
         if self.dist_timeout == 0.0:
             self.dist_timeout = max(60.0, 6 * self.collect_timeout)
         if self.learning_rate == 0.0:

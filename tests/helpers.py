@@ -68,7 +68,8 @@ def peer_cmd(tmp: Path, name: str, boot: str, rounds: int, *extra: str) -> list[
 def drive_cmd(drive: Path, out: Path, name: str, role: str, rounds: int, *settings: str, experiment: str,
               extra: tuple[str, ...] = ()) -> list[str]:
     """A Drive-mode node on the shared folder `drive` (fast polls, a 4 s heartbeat timeout); `settings` are
-    "key=value" pairs."""
+    "key=value" pairs. The folder is created here, as a mounted Drive is there: a worker refuses a missing one."""
+    Path(drive).mkdir(parents=True, exist_ok=True)
     return node_cmd(out, name, rounds, "--comm", "drive", "--drive-path", str(drive), "--role", role, *extra,
                     *sets("drive_poll_interval=0.1", "drive_peer_timeout=4", *settings), experiment=experiment)
 

@@ -14,6 +14,7 @@ EXP = HM_EXP
 
 
 def node(tmp, name, rounds, *extra):
+    (tmp / "drive").mkdir(exist_ok=True)  # the shared folder is there, as a mounted Drive is: workers refuse a missing one
     return node_cmd(tmp / "runs" / name, name, rounds, "--drive-path", str(tmp / "drive"),
                     *sets("collect_timeout=10", "drive_poll_interval=0.2"), *extra)
 

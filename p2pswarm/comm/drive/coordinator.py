@@ -8,7 +8,14 @@ The node with role `coordinator` (one per experiment; it trains too) also keeps 
 advances it by the round rule every clock shares (comm/core.py `should_advance`: a quorum of the live
 trainers that play along has finished the round, each saying so in its registration, or `round_deadline`
 seconds after the first one did), persists it in the folder so that a restarted coordinator resumes
-where it was, never rewinding, and retires rounds older than `keep_rounds` (deleted, or archived).
+where it was, never rewinding, and, when cleanup is configured, retires rounds older than `keep_rounds`
+(deleted, or archived).
+
+The folder may be shared with the rl-swarm Drive fork's nodes, so a keeper deletes or overwrites nothing
+that it did not write: it adopts the round of a clock file another coordinator wrote (the fork's has only
+`round`, `stage`, `updated_at`, `updated_by`) and rewrites it with every field the fork's readers use,
+keeping the fork's own; by default it retires nothing (the fork keeps every round unless its cleanup is
+on); and its janitor retires only rollout files of a format it knows, leaving anything else where it is.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import time
 
 from p2pswarm.comm.core import MonotonicClock, RoundRule
 from p2pswarm.comm.drive.manager import FolderComm
-from p2pswarm.comm.drive.store import round_of
+from p2pswarm.comm.drive.store import (MAX_JSON_BYTES, clock_record, is_rollout_file, kept_clock_fields, parse_clock,
+                                       round_of, stage_of)
 from p2pswarm.components import Coordinator
+from p2pswarm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +53,23 @@ class FolderCoordinator(Coordinator):
         self.seen = MonotonicClock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._kept: dict = {}  # the fork's fields of the clock file, kept across our rewrites
         if role == "coordinator":
-            state = self.store.read_clock()
+            raw = self.store.read_json(self.store.state_path())
+            state = parse_clock(raw)
             if state is None:
+                self._set_aside_unreadable_clock()
                 self.write_clock(0)
                 log.info("round clock started at round 0 in %s", self.store.base)
             else:
+                self._kept = kept_clock_fields(raw)
                 self.seen.see([state["round"]])
-                log.info("round clock resumed at round %d (persisted in %s)", self.clock, self.store.state_path())
+                if state["coordinator"] is None:  # no field of ours: the fork's coordinator (or an older one) wrote it
+                    log.info("round clock adopted at round %d from %s, kept by %s until now; keeping it from here "
+                             "in a format its readers still read", self.clock, self.store.state_path(),
+                             state["coordinator_name"] or "another coordinator")
+                else:
+                    log.info("round clock resumed at round %d (persisted in %s)", self.clock, self.store.state_path())
             self._thread = threading.Thread(target=self._loop, name="round-clock", daemon=True)
             self._thread.start()
             comm.add_close_callback(self.close)
@@ -83,11 +101,28 @@ class FolderCoordinator(Coordinator):
         """Persist `round` as the swarm's clock; ValueError for a round below the clock (it never rewinds)."""
         if round < self.clock:
             raise ValueError("the round clock never rewinds")
-        now = time.time()
-        # The fork's fields: its readers (and `p2pswarm status`) show the round, the stage and who keeps it.
-        self.store.write_clock({"round": round, "stage": 0, "started": now, "updated": now,
-                                "coordinator": self.comm.peer_id, "coordinator_name": self.comm.name})
+        record = clock_record(round, now=time.time(), coordinator=self.comm.peer_id,
+                              coordinator_name=self.comm.name, kept=self._kept)
+        self.store.write_clock(record)
+        self._kept = kept_clock_fields(record)
         self.seen.see([round])
+
+    def _set_aside_unreadable_clock(self) -> None:
+        """A clock file with no round we can read is someone's, not ours to replace: it is renamed beside
+        itself (`current_state.json.unreadable-<time>`) before a new clock starts. UserError when it cannot
+        be read at all (a mount that hiccups must not rewind the swarm to round 0) or set aside."""
+        path = self.store.state_path()
+        try:
+            if not self.store.fs.exists(path):
+                return
+            if self.store.read(path, MAX_JSON_BYTES) is None:
+                raise OSError("it cannot be read, or is over 1 MiB")
+            aside = f"{path}.unreadable-{int(time.time())}"
+            self.store.move(path, aside)
+        except OSError as e:
+            raise UserError(f"{path} holds no round this coordinator can read and was left as it is ({e}): "
+                            "fix it or move it away, then start again") from None
+        log.warning("%s held no round this coordinator can read: kept as %s, round clock started afresh", path, aside)
 
     def step(self, now: float | None = None) -> bool:
         """Advance the clock by one if the round rule says its round is over; True if it moved.
@@ -108,22 +143,47 @@ class FolderCoordinator(Coordinator):
         return True
 
     def janitor(self) -> None:
-        """Retire rounds before clock - keep_rounds: archive (move) them if configured, else delete them.
-        A failed archive leaves the round where it is."""
+        """Retire rounds before clock - keep_rounds (keep_rounds 0: keep every round): archive (move) their
+        rollout files if configured, else delete them; then remove the stage and round folders left empty.
+
+        Only rollout files of a known format (ours, the fork's) in `stage_S` folders go, whoever wrote
+        them (the user asked for cleanup; the fork's own cleanup would remove them too); anything else in
+        a round folder (a file or folder it does not know, another writer's temporary) stays, and with it
+        its folder. An archived file never replaces one already in the archive, and a move that fails
+        leaves the file where it is: an archive never deletes."""
         if self.keep_rounds <= 0:
             return
+        retired, done, kept = [], 0, 0
+        verb = "archive" if self.archive else "delete"
         for folder in self.store.subfolders(self.store.path("rollouts")):
             r = round_of(folder)
             if r is None or r >= self.clock - self.keep_rounds:
                 continue
-            src = self.store.round_dir(r)
-            try:
-                if self.archive:
-                    self.store.move(src, self.store.path("archive", "rollouts", folder))
-                else:
-                    self.store.remove(src)
-            except OSError as e:
-                log.warning("could not %s %s (kept): %s", "archive" if self.archive else "delete", src, e)
+            src = self.store.path("rollouts", folder)
+            for stage in self.store.subfolders(src):
+                if stage_of(stage) is None:
+                    continue
+                for fname, _, _ in self.store.listing(f"{src}/{stage}"):
+                    if not is_rollout_file(fname):
+                        continue
+                    path = f"{src}/{stage}/{fname}"
+                    try:
+                        if self.archive:
+                            self.store.move(path, self.store.path("archive", "rollouts", folder, stage, fname))
+                        else:
+                            self.store.remove(path)
+                        done += 1
+                    except OSError as e:
+                        kept += 1
+                        log.warning("could not %s %s (kept): %s", verb, path, e)
+                self.store.remove_empty_folder(f"{src}/{stage}")
+            if not self.store.remove_empty_folder(src):
+                kept += 1
+            retired.append(r)
+        if retired:
+            log.info("retired round(s) %s: %d rollout file(s) %s%s", _spans(sorted(retired)), done,
+                     "archived to " + self.store.path("archive", "rollouts") if self.archive else "deleted",
+                     f"; {kept} file(s) or folder(s) kept" if kept else "")
 
     def _loop(self) -> None:
         delay = self.comm.poll
@@ -142,3 +202,14 @@ class FolderCoordinator(Coordinator):
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+
+def _spans(rounds: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7": a janitor log line stays one short line over many rounds."""
+    out: list[str] = []
+    for r in rounds:
+        if out and r == int(out[-1].rsplit("-", 1)[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{r}"
+        else:
+            out.append(str(r))
+    return ", ".join(out)
