@@ -254,7 +254,7 @@ def test_only_a_coordinator_creates_a_missing_shared_folder(tmp_path, where, cap
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="p2pswarm.comm.drive.store"):
         store.open_folder(coordinator=False)  # there now: a worker goes on, saying its experiment is not there yet
-    assert [r.levelname for r in caplog.records] == ["WARNING"] and EXP in caplog.text
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and EXP in caplog.text
 
 
 def test_a_node_name_the_fork_or_another_node_holds_is_refused(tmp_path):

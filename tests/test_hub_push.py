@@ -4,6 +4,7 @@ and stops cleanly (its last checkpoint tried once more), and the token appears i
 The same node has PORT, HOST, ROUNDS and DEVICE=gpu in its environment, set for other programs: they do
 not change its settings."""
 
+import logging
 import os
 import socket
 import threading
@@ -135,5 +136,5 @@ def test_a_push_still_running_skips_the_next_one_and_the_last_checkpoint_waits(t
         server.server_close()
     assert whoamis() == 2, server.paths
     assert "pushing the last checkpoint (round 3)" in caplog.text
-    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert TOKEN not in caplog.text

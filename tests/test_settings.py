@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 
 from p2pswarm.settings import SettingsError, load_settings
@@ -166,7 +168,7 @@ def test_meaningless_fork_variables_are_named_in_one_warning(monkeypatch, tmp_pa
         agents = build_swarm(make_settings(tmp_path))
     for a in agents:
         a.comm.close()
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     for name in ("MAX_STAGES", "ADAPTIVE_IJ_ENABLED", "CACHE_ROLLOUTS", "COORDINATOR_ROUND_INTERVAL"):
         assert name in warnings[0]
