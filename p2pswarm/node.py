@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from p2pswarm import models
 from p2pswarm.comm.inprocess import InProcessComm, InProcessHub, LocalCoordinator
 from p2pswarm.comm.torchdist.env import (RankEnv, env_rank, node_name, quiet_other_ranks, rank_device,
                                        threads_per_rank)
-from p2pswarm.components import CommunicationManager, Coordinator
+from p2pswarm.components import CommunicationManager, Coordinator, DataManager, RewardManager
 from p2pswarm.data.reasoning_gym import ReasoningGymData
 from p2pswarm.data.revise import ReviseData
 from p2pswarm.errors import UserError
@@ -61,6 +62,33 @@ def identity_path(settings: Settings, index: int) -> Path:
     if settings.output_dir is None and settings.node_id and not suffix:
         base = base / settings.node_id  # a single named node (ranks and agents have their suffix already)
     return base / f"identity{suffix}.key"
+
+
+# The DataManager and RewardManager of each game (p2pswarm.data.GAMES describes them), from an agent's
+# settings (its own seed) and its peer id.
+GameBuilder = Callable[[Settings, str], tuple[DataManager, RewardManager]]
+
+
+def _reasoning_gym(data_cls: type[ReasoningGymData]) -> GameBuilder:
+    def build(s: Settings, peer: str) -> tuple[DataManager, RewardManager]:
+        data = data_cls(s.preset, seed=s.seed, tasks_per_round=s.tasks_per_round, peer=peer, eval_size=s.eval_size)
+        return data, ReasoningGymRewards(s.format_weight)
+
+    return build
+
+
+def _tictactoe(s: Settings, peer: str) -> tuple[DataManager, RewardManager]:
+    from p2pswarm.data.board import BoardRewards, TicTacToeData
+
+    return (TicTacToeData(seed=s.seed, tasks_per_round=s.tasks_per_round, peer=peer, eval_size=s.eval_size),
+            BoardRewards(s.format_weight))
+
+
+GAME_BUILDERS: dict[str, GameBuilder] = {
+    "reasoning-gym": _reasoning_gym(ReasoningGymData),
+    "revise": _reasoning_gym(ReviseData),
+    "tictactoe": _tictactoe,
+}
 
 
 def make_transport(settings: Settings, identity: Identity, hub: InProcessHub | None, *, name: str = "",
@@ -143,9 +171,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
         device = rank_device(device, RankEnv.from_env().local_rank)
     model, tokenizer = models.load(settings.model, device, models.pick_dtype(settings.dtype, device))
     agent_settings = settings.model_copy(update={"seed": settings.seed + index})
-    data_cls = ReviseData if settings.game == "revise" else ReasoningGymData
-    data = data_cls(settings.preset, seed=agent_settings.seed, tasks_per_round=settings.tasks_per_round,
-                    peer=identity.peer_id, eval_size=settings.eval_size)
+    data, rewards = GAME_BUILDERS[settings.game](agent_settings, identity.peer_id)
     events = EventBus(identity.peer_id)
     events.subscribe(JsonlEventLog(run.events_path))
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
@@ -162,7 +188,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     game_cls = LockstepGameManager if torch_rank else GameManager
     return game_cls(
         data=data,
-        rewards=ReasoningGymRewards(settings.format_weight),
+        rewards=rewards,
         trainer=GRPOTrainer(model, tokenizer, agent_settings, device),
         comm=comm,
         coordinator=coordinator,

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from p2pswarm.data import GAMES
 from p2pswarm.errors import UserError
 from p2pswarm.grpo import LOSS_TYPES
 
@@ -90,8 +91,9 @@ class Settings(BaseSettings):
     threads: int = Field(0, validation_alias=_env("threads"), ge=0, description="torch CPU threads (0: all cores)")
 
     # --- the game --------------------------------------------------------------------------------
-    game: Literal["reasoning-gym", "revise"] = Field("reasoning-gym", validation_alias=_env("game"),
-                                                     description="'revise' adds a stage that revises using the swarm's answers")
+    game: Literal["reasoning-gym", "revise",
+                  "tictactoe"] = Field("reasoning-gym", validation_alias=_env("game"),
+                                       description="what the swarm plays (`p2pswarm run --game help` lists the games)")
     preset: str = Field("easy", validation_alias=_env("preset"),
                         description="reasoning-gym preset ('easy', 'rl-swarm') or a TOML/YAML file")
     tasks_per_round: int = Field(8, validation_alias=_env("tasks_per_round"), ge=1)
@@ -220,6 +222,13 @@ class Settings(BaseSettings):
     hub_push_every: int = Field(20, validation_alias=_env("hub_push_every"), ge=0,
                                 description="rounds between Hub pushes, at the first checkpoint after each "
                                             "(RL Swarm's 20); the last checkpoint is pushed at a clean stop (0: never push)")
+
+    @field_validator("game", mode="before")
+    @classmethod
+    def _game(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in GAMES:
+            raise ValueError(f"unknown game {v!r}: one of {', '.join(GAMES)} (`p2pswarm run --game help` describes them)")
+        return v
 
     @field_validator("loss_type")
     @classmethod

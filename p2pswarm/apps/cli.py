@@ -161,7 +161,7 @@ def run(
     rounds: Annotated[Optional[int], typer.Option(help="stop when this many rounds are done")] = None,
     agents: Annotated[Optional[int], typer.Option(help="agents in this process (in-process swarm)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="reasoning-gym preset or file")] = None,
-    game: Annotated[Optional[str], typer.Option(help="reasoning-gym or revise (two stages)")] = None,
+    game: Annotated[Optional[str], typer.Option(help="what the swarm plays; 'help' lists the games")] = None,
     comm: Annotated[Optional[str], typer.Option(help="hivemind (default), inprocess, torch (one agent per torchrun rank), drive (a shared folder), auto (DHT, else drive) or hybrid (both, bridged)")] = None,
     initial_peers: Annotated[Optional[list[str]], typer.Option("--initial-peers", help="multiaddr of a peer to join (repeatable; INITIAL_PEERS); none: start a new swarm")] = None,
     host: Annotated[Optional[str], typer.Option(help="comm=hivemind: address to listen on")] = None,
@@ -185,6 +185,11 @@ def run(
     log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
 ) -> None:
     """Run a node: train the policy round after round and share rollouts with the swarm."""
+    if (game or _parse_sets(sets).get("game")) == "help":
+        from p2pswarm.data import games_listing
+
+        typer.echo(games_listing())
+        return
     flags = dict(
         model=model, experiment=experiment, node_id=node_id, identity_path=identity, rounds=rounds,
         agents=agents, preset=preset, game=game, comm=comm, initial_peers=initial_peers or None, host=host, port=port,
