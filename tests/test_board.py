@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import typing
 
 import pytest
@@ -258,3 +259,11 @@ def test_run_game_help_lists_the_games_and_an_unknown_game_names_them(tmp_path):
     res = run_process(cli("run", "--headless", "--game", "chess", "--set", f"runs_dir={tmp_path}"), HANG)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "unknown game 'chess'" in res.stderr and all(name in res.stderr for name in GAMES)
+
+
+def test_eval_scores_the_games_held_out_split_with_its_judge():
+    res = run_process(cli("eval", "--set", "game=tictactoe", "--size", "20", "--json"), HANG)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout[res.stdout.index("{"):])
+    assert set(result) == {"eval_reward", "eval_tictactoe"}
+    assert 0.0 <= result["eval_tictactoe"] == result["eval_reward"] <= REWARD_WIN

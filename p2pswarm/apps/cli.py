@@ -244,21 +244,20 @@ def evaluate(
     size: Annotated[int, typer.Option(help="held-out tasks to score (at most 200)")] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Greedy accuracy of a policy on the held-out split, overall and per dataset."""
+    """Greedy accuracy of a policy on the held-out split of the game (`--set game=...`), overall and per dataset."""
     s = _settings(config, sets, model=model, preset=preset, eval_size=size)
     _setup_logging(s.log_level)
     from p2pswarm import models
-    from p2pswarm.data.reasoning_gym import ReasoningGymData
-    from p2pswarm.node import configure_torch
-    from p2pswarm.rewards import ReasoningGymRewards
+    from p2pswarm.node import GAME_BUILDERS, configure_torch
     from p2pswarm.trainer import GRPOTrainer
 
     configure_torch(s)
     device = models.pick_device(s.device)
     m, tok = models.load(s.model, device, models.pick_dtype(s.dtype, device))
-    data = ReasoningGymData(s.preset, seed=s.seed, eval_size=s.eval_size)
+    # Held-out accuracy without the format bonus: format_weight shapes training, not the figure reported.
+    data, rewards = GAME_BUILDERS[s.game](s.model_copy(update={"format_weight": 0.0}), "")
     tasks = data.with_prompts(data.eval_tasks())
-    result = GRPOTrainer(m, tok, s, device).evaluate(tasks, ReasoningGymRewards().reward)
+    result = GRPOTrainer(m, tok, s, device).evaluate(tasks, rewards.reward)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
