@@ -215,13 +215,16 @@ def test_the_game_plays_rounds_in_a_swarm_scored_by_the_receivers_judge(tmp_path
     mallory = Identity.generate()
     hub = agents[0].comm.hub
     hub.join(mallory.peer_id, "mallory")
-    honest = TicTacToeData(seed=1234, peer=mallory.peer_id).round_tasks(0)[:3]
+    honest = TicTacToeData(seed=1234, peer="mallory").round_tasks(0)[:3]
+    assert len({t.metadata["board"] for t in honest}) == 3
+    assert TicTacToeData(seed=1234).train_task(1234, honest[2].recipe["index"] + 1).question != honest[2].question
     forged = [altered(honest[0], answer=_losing_cell(honest[0])), altered(honest[1], question=honest[2].question),
               altered(honest[2], recipe={"index": honest[2].recipe["index"] + 1})]
     groups = [Group(t, [f"<answer>{_losing_cell(honest[0])}</answer>"] * 4, mallory.peer_id, rewards=[1.0] * 4)
               for t in forged]
     for r in range(2):
-        hub.put(r, 0, mallory.peer_id, wire.encode(wire.RolloutBatch(s.experiment, r, 0, mallory.peer_id, groups), mallory))
+        batch = wire.RolloutBatch(s.experiment, r, 0, mallory.peer_id, groups)
+        hub.put(r, 0, mallory.peer_id, wire.encode(batch, mallory))
     run_agents(agents)
 
     judge_of = TicTacToeData(seed=0)  # a third peer's view of every task: recipe -> board -> judge

@@ -2,9 +2,9 @@
 
 Every reachable position of the game is enumerated and solved by minimax (5,478 positions, about a
 tenth of a second, once per process), so the judge is exact: a move is scored by the value of the
-position it leads to, not by comparison with one stored answer. A puzzle is a position whose side to move can force a win: 2,836 of
-them, of which a fixed tenth, chosen by a hash of the position alone, is the held-out split every peer
-shares and nobody trains on.
+position it leads to, not by comparison with one stored answer. A puzzle is a position whose side to
+move can force a win: 2,836 of them, of which a fixed tenth, chosen by a hash of the position alone, is
+the held-out split every peer shares and nobody trains on.
 
 The text encoding is three rows of X, O and the numbers of the empty cells (1-9, row by row), and the
 answer is one cell number: digits and capital letters the embedded policy's byte-level vocabulary holds
