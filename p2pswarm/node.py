@@ -15,7 +15,9 @@ from p2pswarm.comm.torchdist.env import (RankEnv, env_rank, node_name, quiet_oth
                                        threads_per_rank)
 from p2pswarm.components import CommunicationManager, Coordinator
 from p2pswarm.data.reasoning_gym import ReasoningGymData
+from p2pswarm.data.multistage import CritiqueData
 from p2pswarm.data.revise import ReviseData
+from p2pswarm.data.textset import TextData
 from p2pswarm.errors import UserError
 from p2pswarm.events import EventBus, JsonlEventLog
 from p2pswarm.game import GameManager, LockstepGameManager
@@ -27,6 +29,8 @@ from p2pswarm.settings import Settings, ignored_fork_variables
 from p2pswarm.trainer import GRPOTrainer
 
 log = logging.getLogger(__name__)
+
+TEXT_GAMES = {"text": TextData, "text-critique": CritiqueData}  # game -> DataManager (p2pswarm/data/textset.py)
 
 _configured_threads = False
 
@@ -143,9 +147,14 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
         device = rank_device(device, RankEnv.from_env().local_rank)
     model, tokenizer = models.load(settings.model, device, models.pick_dtype(settings.dtype, device))
     agent_settings = settings.model_copy(update={"seed": settings.seed + index})
-    data_cls = ReviseData if settings.game == "revise" else ReasoningGymData
-    data = data_cls(settings.preset, seed=agent_settings.seed, tasks_per_round=settings.tasks_per_round,
-                    peer=identity.peer_id, eval_size=settings.eval_size)
+    if settings.game in TEXT_GAMES:  # a question/answer file, scored by its verifier
+        data = TEXT_GAMES[settings.game].from_settings(settings, seed=agent_settings.seed, peer=identity.peer_id)
+        rewards = ReasoningGymRewards(settings.format_weight, stage_fns=data.stage_rewards())
+    else:
+        data_cls = ReviseData if settings.game == "revise" else ReasoningGymData
+        data = data_cls(settings.preset, seed=agent_settings.seed, tasks_per_round=settings.tasks_per_round,
+                        peer=identity.peer_id, eval_size=settings.eval_size)
+        rewards = ReasoningGymRewards(settings.format_weight)
     events = EventBus(identity.peer_id)
     events.subscribe(JsonlEventLog(run.events_path))
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
@@ -162,7 +171,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     game_cls = LockstepGameManager if torch_rank else GameManager
     return game_cls(
         data=data,
-        rewards=ReasoningGymRewards(settings.format_weight),
+        rewards=rewards,
         trainer=GRPOTrainer(model, tokenizer, agent_settings, device),
         comm=comm,
         coordinator=coordinator,

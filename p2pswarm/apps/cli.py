@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
 from typer.core import TyperGroup
@@ -161,7 +161,8 @@ def run(
     rounds: Annotated[Optional[int], typer.Option(help="stop when this many rounds are done")] = None,
     agents: Annotated[Optional[int], typer.Option(help="agents in this process (in-process swarm)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="reasoning-gym preset or file")] = None,
-    game: Annotated[Optional[str], typer.Option(help="reasoning-gym or revise (two stages)")] = None,
+    game: Annotated[Optional[str], typer.Option(help="the game: " + ", ".join(get_args(Settings.model_fields["game"].annotation)))] = None,
+    data: Annotated[Optional[Path], typer.Option(help="game=text: the question/answer file or saved datasets folder")] = None,
     comm: Annotated[Optional[str], typer.Option(help="hivemind (default), inprocess, torch (one agent per torchrun rank), drive (a shared folder), auto (DHT, else drive) or hybrid (both, bridged)")] = None,
     initial_peers: Annotated[Optional[list[str]], typer.Option("--initial-peers", help="multiaddr of a peer to join (repeatable; INITIAL_PEERS); none: start a new swarm")] = None,
     host: Annotated[Optional[str], typer.Option(help="comm=hivemind: address to listen on")] = None,
@@ -187,7 +188,7 @@ def run(
     """Run a node: train the policy round after round and share rollouts with the swarm."""
     flags = dict(
         model=model, experiment=experiment, node_id=node_id, identity_path=identity, rounds=rounds,
-        agents=agents, preset=preset, game=game, comm=comm, initial_peers=initial_peers or None, host=host, port=port,
+        agents=agents, preset=preset, game=game, data_path=data, comm=comm, initial_peers=initial_peers or None, host=host, port=port,
         client_mode=client_mode, announce_maddrs=announce_maddrs or None, drive_path=drive_path, role=role, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
         num_generations=num_generations, local_groups=local_groups, swarm_groups=swarm_groups,
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, loss_type=loss_type, beta=beta,
