@@ -26,7 +26,9 @@ SEED = 2024
 def row(rng: random.Random) -> dict[str, str]:
     kind = rng.random()
     if kind < 0.1:
-        a, b = Fraction(rng.randint(1, 5), rng.randint(2, 6)), Fraction(rng.randint(1, 5), rng.randint(2, 6))
+        a = b = Fraction(1)
+        while a.denominator == 1 or b.denominator == 1 or (a + b).denominator == 1:
+            a, b = Fraction(rng.randint(1, 5), rng.randint(2, 6)), Fraction(rng.randint(1, 5), rng.randint(2, 6))
         return {"question": f"Calculate {a} + {b}. Give a fraction.", "answer": str(a + b)}
     if kind < 0.55:
         a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+-")
