@@ -16,7 +16,9 @@ from p2pswarm.comm.torchdist.env import (RankEnv, env_rank, node_name, quiet_oth
                                        threads_per_rank)
 from p2pswarm.components import CommunicationManager, Coordinator, DataManager, RewardManager
 from p2pswarm.data.reasoning_gym import ReasoningGymData
+from p2pswarm.data.multistage import CritiqueData
 from p2pswarm.data.revise import ReviseData
+from p2pswarm.data.textset import TextData
 from p2pswarm.errors import UserError
 from p2pswarm.events import EventBus, JsonlEventLog
 from p2pswarm.game import GameManager, LockstepGameManager
@@ -84,10 +86,20 @@ def _tictactoe(s: Settings, peer: str) -> tuple[DataManager, RewardManager]:
             BoardRewards(s.format_weight))
 
 
+def _text(data_cls: type[TextData]) -> GameBuilder:
+    """A question/answer file (p2pswarm/data/textset.py), scored by its verifier at every stage."""
+    def build(s: Settings, peer: str) -> tuple[DataManager, RewardManager]:
+        data = data_cls.from_settings(s, seed=s.seed, peer=peer)
+        return data, ReasoningGymRewards(s.format_weight, stage_fns=data.stage_rewards())
+    return build
+
+
 GAME_BUILDERS: dict[str, GameBuilder] = {
     "reasoning-gym": _reasoning_gym(ReasoningGymData),
     "revise": _reasoning_gym(ReviseData),
     "tictactoe": _tictactoe,
+    "text": _text(TextData),
+    "text-critique": _text(CritiqueData),
 }
 
 

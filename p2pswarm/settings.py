@@ -91,15 +91,28 @@ class Settings(BaseSettings):
     threads: int = Field(0, validation_alias=_env("threads"), ge=0, description="torch CPU threads (0: all cores)")
 
     # --- the game --------------------------------------------------------------------------------
-    game: Literal["reasoning-gym", "revise",
-                  "tictactoe"] = Field("reasoning-gym", validation_alias=_env("game"),
-                                       description="what the swarm plays (`p2pswarm run --game help` lists the games)")
+    game: Literal["reasoning-gym", "revise", "tictactoe",
+                  "text", "text-critique"] = Field("reasoning-gym", validation_alias=_env("game"),
+                                                   description="what the swarm plays (`p2pswarm run --game help` lists the games)")
     preset: str = Field("easy", validation_alias=_env("preset"),
                         description="reasoning-gym preset ('easy', 'rl-swarm') or a TOML/YAML file")
     tasks_per_round: int = Field(8, validation_alias=_env("tasks_per_round"), ge=1)
     format_weight: float = Field(0.0, validation_alias=_env("format_weight"), ge=0)
     eval_every: int = Field(10, validation_alias=_env("eval_every"), ge=0, description="rounds between held-out evals (0: never)")
     eval_size: int = Field(100, validation_alias=_env("eval_size"), ge=1, le=200)
+    # game=text / text-critique: a question/answer file (p2pswarm/data/textset.py, docs/environments.md)
+    data_path: Path | None = Field(None, validation_alias=_env("data_path"),
+                                   description="game=text, text-critique: a .jsonl/.json/.csv/.parquet file or a folder "
+                                               "saved by datasets' save_to_disk (default: the shipped arith.jsonl)")
+    data_question: str = Field("question", validation_alias=_env("data_question"), min_length=1,
+                               description="game=text: the dataset's question column")
+    data_answer: str = Field("answer", validation_alias=_env("data_answer"), min_length=1,
+                             description="game=text: the dataset's answer column")
+    data_verifier: str = Field("exact", validation_alias=_env("data_verifier"), min_length=1,
+                               description="game=text: how answers are checked: exact, numeric, math, or a "
+                                           "function 'module:function' (answer, truth) -> 0..1")
+    data_tolerance: float = Field(1e-6, validation_alias=_env("data_tolerance"), ge=0,
+                                  description="game=text, data_verifier=numeric: relative and absolute tolerance")
 
     # --- the swarm -------------------------------------------------------------------------------
     comm: Literal["hivemind", "inprocess", "torch", "drive", "auto", "hybrid"] = Field(

@@ -162,6 +162,7 @@ def run(
     agents: Annotated[Optional[int], typer.Option(help="agents in this process (in-process swarm)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="reasoning-gym preset or file")] = None,
     game: Annotated[Optional[str], typer.Option(help="what the swarm plays; 'help' lists the games")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="game=text: the question/answer file or saved datasets folder")] = None,
     comm: Annotated[Optional[str], typer.Option(help="hivemind (default), inprocess, torch (one agent per torchrun rank), drive (a shared folder), auto (DHT, else drive) or hybrid (both, bridged)")] = None,
     initial_peers: Annotated[Optional[list[str]], typer.Option("--initial-peers", help="multiaddr of a peer to join (repeatable; INITIAL_PEERS); none: start a new swarm")] = None,
     host: Annotated[Optional[str], typer.Option(help="comm=hivemind: address to listen on")] = None,
@@ -192,7 +193,7 @@ def run(
         return
     flags = dict(
         model=model, experiment=experiment, node_id=node_id, identity_path=identity, rounds=rounds,
-        agents=agents, preset=preset, game=game, comm=comm, initial_peers=initial_peers or None, host=host, port=port,
+        agents=agents, preset=preset, game=game, data_path=data, comm=comm, initial_peers=initial_peers or None, host=host, port=port,
         client_mode=client_mode, announce_maddrs=announce_maddrs or None, drive_path=drive_path, role=role, device=device, dtype=dtype, seed=seed, output_dir=output_dir,
         num_generations=num_generations, local_groups=local_groups, swarm_groups=swarm_groups,
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, loss_type=loss_type, beta=beta,

@@ -8,6 +8,8 @@ GAMES: dict[str, str] = {
     "reasoning-gym": "reasoning-gym tasks of the `preset` (arithmetic, counting, spelling...), one stage",
     "revise": "reasoning-gym tasks in two stages: answer, then revise given the answers the swarm proposed",
     "tictactoe": "tic-tac-toe puzzles: name the cell that keeps a forced win, scored by an exact solver",
+    "text": "questions and answers from a file (`--data`, default the shipped arith.jsonl), scored by `data_verifier`",
+    "text-critique": "a file's questions in three stages: answer, critique the swarm's answers, final answer",
 }
 
 
