@@ -170,6 +170,8 @@ def test_without_trust_fork_files_are_dropped_counted_and_logged_once(tmp_path, 
         assert "dropped_bad_registration" not in c
         assert by_name(c["per_peer"])["node_1"]["dropped_unsigned_fork"] == 3
         assert not list(exp.glob("rollouts/*/stage_0/ours.json"))  # no copy for the fork without the setting
+        shown = {p.name: p for p in a.peers()}  # the UI's peer table names it, and why it is not trained on
+        assert "drive_trust_folder" in shown["node_1"].ignored
         warnings = [r for r in caplog.records if "node_1" in r.getMessage()]
         assert len(warnings) == 1 and "drive_trust_folder" in warnings[0].getMessage()
     finally:

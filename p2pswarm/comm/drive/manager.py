@@ -378,7 +378,10 @@ class FolderComm(SignedTransport):
     # ---- reporting ----------------------------------------------------------------------------------------
     def peers(self) -> list[PeerInfo]:
         """The other live nodes as of the last registrations read (no folder access: the UI polls this)."""
-        return [self.peer_info(r.peer_id, r.name, r.round, r.time) for r in self.live(self._regs).values()]
+        peers = [self.peer_info(r.peer_id, r.name, r.round, r.time) for r in self.live(self._regs).values()]
+        # Fork nodes seen but refused: shown (the UI's peer table), with why nobody trains on them.
+        return peers + [PeerInfo(fork_peer_id(n), n, ignored="unsigned rl-swarm fork node: drive_trust_folder is off")
+                        for n in sorted(self._unsigned) if n not in self._regs]
 
     def counters(self) -> dict[str, Any]:
         return {**super().counters(), "files_read": self.files_read, "batches_relayed": self.relayed}
