@@ -1,0 +1,133 @@
+"""Local chains for trying the chain clock (`--chain local`) and for tests: an in-process EVM shared by
+the agents of one process, or anvil on 127.0.0.1 for separate processes. Both deploy a contract with a
+funded development account and fund each node's own key from it, so a user needs no tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from p2pswarm.comm.chain.client import ChainClient, ChainError, artifact
+
+log = logging.getLogger(__name__)
+
+FUNDING = 10**20  # wei given to each node's key on a local chain (100 ether: gas for years of rounds)
+ANVIL_INSTALL = "npm install -g @foundry-rs/anvil (or Foundry's foundryup)"
+
+
+def tester_provider():
+    """An in-process EVM provider (eth-tester + py-evm) that is safe to share between agent threads, and
+    whose clock moves: a dev chain only mines when a transaction comes, so a block's timestamp would stand
+    still and no stage deadline would ever pass. Before each request, an empty block is mined when the
+    latest one is a second or more behind the wall clock."""
+    from web3 import EthereumTesterProvider
+
+    class LockedTesterProvider(EthereumTesterProvider):
+        def __init__(self) -> None:
+            super().__init__()
+            self._lock = threading.RLock()
+
+        def make_request(self, method, params):  # type: ignore[override]
+            with self._lock:
+                if time.time() - self.ethereum_tester.get_block_by_number("latest")["timestamp"] >= 1:
+                    self.ethereum_tester.mine_blocks(1)
+                return super().make_request(method, params)
+
+    return LockedTesterProvider()
+
+
+class LocalChain:
+    """A local chain with our contract deployed: `w3`, `contract` (its address), `url` (anvil's, else None).
+
+    `client(account, identity)` funds `account` and returns its ChainClient. close() stops anvil if this
+    object started it.
+    """
+
+    def __init__(self, w3, *, stage_seconds: float, url: str | None = None, process=None, flavour: str = "p2pswarm"):
+        self.w3, self.url, self.process, self.flavour = w3, url, process, flavour
+        self.dev = w3.eth.accounts[0]  # both chains hold unlocked, funded development accounts
+        self.contract = self.deploy(stage_seconds)
+
+    @classmethod
+    def inprocess(cls, stage_seconds: float = 30.0, flavour: str = "p2pswarm") -> LocalChain:
+        from web3 import Web3
+
+        return cls(Web3(tester_provider()), stage_seconds=stage_seconds, flavour=flavour)
+
+    @classmethod
+    def anvil(cls, stage_seconds: float = 30.0, port: int = 0, chain_id: int = 31337) -> LocalChain:
+        """Start anvil on 127.0.0.1 (a free port when 0) and deploy; ChainError naming what to install if absent."""
+        from web3 import HTTPProvider, Web3
+
+        exe = shutil.which("anvil")
+        if exe is None:
+            raise ChainError(f"--chain local for separate processes needs anvil, which is not installed: {ANVIL_INSTALL}")
+        port = port or _free_port()
+        proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(chain_id),
+                                 "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 10}))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                w3.eth.chain_id
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode(errors="replace")[-300:] if proc.poll() is not None else "no answer in 30 s"
+                    proc.kill()
+                    raise ChainError(f"anvil did not start on {url}: {err.strip()}") from None
+                time.sleep(0.05)
+        try:
+            return cls(w3, stage_seconds=stage_seconds, url=url, process=proc)
+        except BaseException:
+            proc.kill()
+            raise
+
+    def _mined(self, txhash) -> dict:
+        receipt = self.w3.eth.wait_for_transaction_receipt(txhash, timeout=60)
+        if receipt["status"] != 1:
+            raise ChainError("a local chain transaction of the development account reverted")
+        return receipt
+
+    def deploy(self, stage_seconds: float = 30.0) -> str:
+        """Deploy a fresh contract of this chain's flavour; its address. Gensyn's is initialized with the
+        development account as owner and stage manager."""
+        abi, code = artifact(self.flavour)
+        factory = self.w3.eth.contract(abi=abi, bytecode=code)
+        args = (max(1, round(stage_seconds)), 1) if self.flavour == "p2pswarm" else ()
+        address = self._mined(factory.constructor(*args).transact({"from": self.dev}))["contractAddress"]
+        if self.flavour != "p2pswarm":
+            c = self.w3.eth.contract(address=address, abi=abi)
+            self._mined(c.functions.initialize(self.dev).transact({"from": self.dev}))
+        return address
+
+    def fund(self, address: str, wei: int = FUNDING) -> None:
+        if self.w3.eth.get_balance(address) >= wei // 2:
+            return
+        self._mined(self.w3.eth.send_transaction({"from": self.dev, "to": address, "value": wei}))
+
+    def client(self, account, *, contract: str | None = None) -> ChainClient:
+        self.fund(account.address)
+        return ChainClient(self.w3, contract or self.contract, account, flavour=self.flavour,
+                           where=self.url and f"the chain at {self.url}" or "the in-process chain")
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
