@@ -186,7 +186,7 @@ class ChainClient:
     # ---- reads ---------------------------------------------------------------------------------------
     def view(self, fn: str, *args: Any) -> Any:
         try:
-            return getattr(self.contract.functions, fn)(*args).call({"from": self.eoa})
+            return getattr(self.contract.functions, fn)(*args).call()
         except ChainError:
             raise
         except Exception as e:  # noqa: BLE001 - provider-specific types; one line
@@ -235,6 +235,7 @@ class ChainClient:
         """Send one transaction; True once mined with status 1, False when the pre-flight reverts with one
         of the `already` errors (the thing is done, or not to be done now). ChainError otherwise."""
         call = getattr(self.contract.functions, fn)(*args)
+        self._check_funded(fn, 1)
         try:
             call.call({"from": self.eoa})
         except Exception as e:  # noqa: BLE001 - provider-specific types; decoded by selector
@@ -246,12 +247,7 @@ class ChainClient:
         try:
             tx = call.build_transaction({"from": self.eoa, "nonce": self.w3.eth.get_transaction_count(self.eoa),
                                          "chainId": self.chain_id})
-            fee = tx.get("maxFeePerGas", tx.get("gasPrice", 0))
-            need = tx["gas"] * fee
-            balance = self.w3.eth.get_balance(self.eoa)
-            if balance < need:
-                raise ChainError(f"the chain account {self.eoa} holds {balance} wei on chain {self.chain_id}, "
-                                 f"{fn}() needs about {need}: fund it (or use --chain local)")
+            self._check_funded(fn, tx["gas"] * tx.get("maxFeePerGas", tx.get("gasPrice", 0)))
             txhash = self.w3.eth.send_raw_transaction(self.account.sign_transaction(tx).raw_transaction)
             receipt = self.w3.eth.wait_for_transaction_receipt(txhash, timeout=RECEIPT_TIMEOUT)
         except ChainError:
@@ -265,6 +261,12 @@ class ChainClient:
             raise ChainError(f"{fn}() was mined but reverted (transaction 0x{bytes(txhash).hex()}, "
                              f"block {receipt['blockNumber']})")
         return True
+
+    def _check_funded(self, fn: str, need: int) -> None:
+        balance = self.w3.eth.get_balance(self.eoa)
+        if balance < need:
+            raise ChainError(f"the chain account {self.eoa} holds {balance} wei on chain {self.chain_id}, "
+                             f"{fn}() needs about {need}: fund it (or use --chain local)")
 
     def register(self, identity: Identity) -> bool:
         """Register this node's peer id with this account, once; True if this call registered it."""

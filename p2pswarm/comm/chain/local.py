@@ -23,20 +23,28 @@ ANVIL_INSTALL = "npm install -g @foundry-rs/anvil (or Foundry's foundryup)"
 
 def tester_provider():
     """An in-process EVM provider (eth-tester + py-evm) that is safe to share between agent threads, and
-    whose clock moves: a dev chain only mines when a transaction comes, so a block's timestamp would stand
-    still and no stage deadline would ever pass. Before each request, an empty block is mined when the
-    latest one is a second or more behind the wall clock."""
+    whose clock moves: a dev chain only mines when a transaction comes, so its time would stand still and
+    no stage deadline would ever pass. Before each request, an empty block is mined when the latest block
+    has been the latest for a second of wall time. (eth-tester stamps each block at least a second after
+    its parent, so a burst of transactions runs chain time ahead of the wall clock: comparing the two
+    would stall it until the wall clock caught up.)"""
     from web3 import EthereumTesterProvider
 
     class LockedTesterProvider(EthereumTesterProvider):
         def __init__(self) -> None:
             super().__init__()
             self._lock = threading.RLock()
+            self._latest = (-1, 0.0)  # (block number, monotonic time it was first seen as the latest)
 
         def make_request(self, method, params):  # type: ignore[override]
             with self._lock:
-                if time.time() - self.ethereum_tester.get_block_by_number("latest")["timestamp"] >= 1:
+                number = self.ethereum_tester.get_block_by_number("latest")["number"]
+                now = time.monotonic()
+                if number != self._latest[0]:
+                    self._latest = (number, now)
+                elif now - self._latest[1] >= 1:
                     self.ethereum_tester.mine_blocks(1)
+                    self._latest = (number + 1, now)
                 return super().make_request(method, params)
 
     return LockedTesterProvider()
