@@ -216,3 +216,35 @@ def test_shipped_artifact_is_of_the_current_source():
     import json
 
     assert json.loads(build.ARTIFACT.read_text())["source_sha256"] == build.source_digest()
+
+
+# ---- agents following the chain's rounds ---------------------------------------------------------------------
+def test_agents_in_one_process_follow_the_chains_rounds(tmp_path):
+    from helpers import make_settings, metrics
+
+    from p2pswarm.comm.chain import local_chain
+    from p2pswarm.node import build_swarm, run_agents
+
+    s = make_settings(tmp_path, agents=2, rounds=3, collect_timeout=60, chain="local", chain_round_seconds=1,
+                      chain_poll=0.1, chain_submit_rewards=True, experiment="chain-agents", tasks_per_round=2)
+    agents = build_swarm(s)
+    run_agents(agents)
+    client = agents[0].coordinator.client
+    assert client.round()[0] == 2  # advanced by the agents themselves after rounds 0 and 1
+    regs = client.registrations()
+    assert {r.peer_id for r in regs if r.proven} == {a.peer_id for a in agents}
+    for a in agents:
+        assert [r["round"] for r in metrics(a)] == [0, 1, 2]
+        assert a.coordinator.client.view("hasSubmittedReward", 0, 0, a.peer_id, a.coordinator.client.eoa)
+    assert agents[1].coordinator.client.address == local_chain("chain-agents", 1).contract  # one chain, shared
+
+
+def test_chain_settings_are_checked():
+    from p2pswarm.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="chain_contract"):
+        load_settings(chain="http://127.0.0.1:8545")
+    with pytest.raises(SettingsError, match="'local' or an http"):
+        load_settings(chain="ws://x")
+    s = load_settings(chain="http://127.0.0.1:8545", chain_contract="0x" + "11" * 20, chain_id=31337)
+    assert s.chain_abi == "p2pswarm"
