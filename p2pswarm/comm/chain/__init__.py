@@ -44,7 +44,10 @@ def make_coordinator(settings, identity: Identity, run_path: Path):
     if settings.chain == "local":
         client = local_chain(settings.experiment, settings.chain_round_seconds).client(load_or_create_key(key_path))
     else:
+        from p2pswarm.comm.chain.local import fund_on_dev_chain
+
         client = connect(settings.chain, settings.chain_contract, key_path, flavour=settings.chain_abi,
                          chain_id=settings.chain_id)
+        fund_on_dev_chain(client, settings.chain)  # `p2pswarm chain local`'s anvil: no tokens to find
     return ChainCoordinator(client, identity, poll=settings.chain_poll, submit_rewards=settings.chain_submit_rewards,
                             winners=settings.chain_submit_rewards)

@@ -77,8 +77,10 @@ class LocalChain:
         if exe is None:
             raise ChainError(f"--chain local for separate processes needs anvil, which is not installed: {ANVIL_INSTALL}")
         port = port or _free_port()
+        # A block every second: a chain that only mines on transactions keeps its time still, and no stage
+        # deadline would pass while the nodes wait for one.
         proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(chain_id),
-                                 "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 "--block-time", "1", "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{port}"
         w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 10}))
         deadline = time.monotonic() + 30
@@ -139,3 +141,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fund_on_dev_chain(client: ChainClient, url: str) -> None:
+    """On a development chain of this machine (anvil on 127.0.0.1: unlocked, funded accounts), fund the
+    client's key from the first of them, as `--chain local` does in-process. Nothing on any other chain."""
+    from urllib.parse import urlparse
+
+    if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return
+    try:
+        dev = client.w3.eth.accounts
+    except Exception:  # noqa: BLE001 - a node that lists no accounts is no dev chain
+        return
+    if dev and client.w3.eth.get_balance(client.eoa) == 0:
+        txhash = client.w3.eth.send_transaction({"from": dev[0], "to": client.eoa, "value": FUNDING})
+        client.w3.eth.wait_for_transaction_receipt(txhash, timeout=60)
+        log.info("funded the chain key %s from the local chain's development account", client.eoa)
