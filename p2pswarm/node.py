@@ -189,6 +189,12 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
                                        key_path=key_path, initial_peers=initial_peers)
     comm.set_ban_policy(settings.ban_strikes, settings.ban_seconds)
+    if settings.chain:  # the chain's round replaces the backend's clock (docs/chain.md)
+        from p2pswarm.comm.chain import make_coordinator
+
+        coordinator.close()
+        coordinator = make_coordinator(settings, identity, run.path)
+        events.subscribe(coordinator.on_event)
     if settings.comm in ("drive", "auto", "hybrid"):  # logs and checkpoints in the shared folder (docs/drive-mode.md)
         from p2pswarm.comm.drive.manager import FolderComm
         from p2pswarm.comm.drive.mirror import attach_mirror

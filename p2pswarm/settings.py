@@ -197,6 +197,28 @@ class Settings(BaseSettings):
                                 description="comm=torch: seconds a rank waits in a collective for the slowest rank "
                                             "before the run fails (0: max(60, 6 x collect_timeout))")
 
+    # --- the round clock on a chain (docs/chain.md) ------------------------------------------------
+    chain: str | None = Field(None, validation_alias=_env("chain"),
+                              description="keep rounds on a SwarmCoordinator contract: 'local' (an in-process chain "
+                                          "shared by this process's agents) or the chain's http(s) JSON-RPC URL "
+                                          "(default: off, the comm backend's clock)")
+    chain_contract: str | None = Field(None, validation_alias=_env("chain_contract"),
+                                       description="the SwarmCoordinator's address (0x...), with a chain URL")
+    chain_abi: Literal["p2pswarm", "gensyn-0.4.2"] = Field(
+        "p2pswarm", validation_alias=_env("chain_abi"),
+        description="the contract's flavour: ours, or Gensyn's SwarmCoordinator 0.4.2 (follow only)")
+    chain_id: int = Field(0, validation_alias=_env("chain_id"), ge=0,
+                          description="the chain id the RPC must report (checked at start; required with a URL)")
+    chain_key_path: Path | None = Field(None, validation_alias=_env("chain_key_path"),
+                                        description="the node's Ethereum key file (created on first use, 0600; "
+                                                    "default: chain.key in the node's run folder)")
+    chain_poll: float = Field(2.0, validation_alias=_env("chain_poll"), gt=0,
+                              description="seconds between reads of the chain's round while waiting for it")
+    chain_round_seconds: float = Field(30.0, validation_alias=_env("chain_round_seconds"), ge=1,
+                                       description="--chain local: the contract's stage duration (the shortest round)")
+    chain_submit_rewards: bool = Field(False, validation_alias=_env("chain_submit_rewards"),
+                                       description="submit each round's mean local reward and winners to the contract")
+
     # --- GRPO / SAPO -----------------------------------------------------------------------------
     num_generations: int = Field(4, validation_alias=_env("num_generations", "NUM_GENERATIONS"), ge=2, description="G, completions per task")
     local_groups: int = Field(4, validation_alias=_env("local_groups", "NUM_TRAIN_SAMPLES"), ge=0, description="I, local groups per update")
@@ -329,6 +351,11 @@ class Settings(BaseSettings):
             # Measured on the embedded policy: 1e-4 and above drift its held-out accuracy down (Adam turns
             # noisy policy gradients into full-size steps); 3e-5 improves it steadily.
             self.learning_rate = 3e-5 if self.model == "embedded" else 1e-6
+        if self.chain is not None and self.chain != "local":
+            if not self.chain.startswith(("http://", "https://")):
+                raise ValueError(f"chain must be 'local' or an http(s):// JSON-RPC URL, not {self.chain!r}")
+            if not self.chain_contract or self.chain_id == 0:
+                raise ValueError("a chain URL needs chain_contract (the SwarmCoordinator's address) and chain_id")
         if self.local_groups + self.swarm_groups == 0:
             raise ValueError("local_groups + swarm_groups must be at least 1")
         return self

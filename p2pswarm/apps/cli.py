@@ -322,6 +322,78 @@ def report(
                f"{int(df['round'].min())}-{int(df['round'].max())})")
 
 
+# ---- p2pswarm chain (docs/chain.md) ---------------------------------------------------------------------------
+chain_app = typer.Typer(cls=_Commands, help="The on-chain round clock: a local chain, and a contract's status.",
+                        no_args_is_help=True)
+app.add_typer(chain_app, name="chain")
+RpcOpt = Annotated[str, typer.Option("--rpc", help="the chain's http(s) JSON-RPC URL")]
+ContractOpt = Annotated[str, typer.Option("--contract", help="the SwarmCoordinator's address (0x...)")]
+
+
+@chain_app.command("status")
+def chain_status(
+    rpc: RpcOpt,
+    contract: ContractOpt,
+    abi: Annotated[str, typer.Option(help="the contract's flavour: p2pswarm or gensyn-0.4.2")] = "p2pswarm",
+    chain_id: Annotated[int, typer.Option(help="the chain id the RPC must report (0: any)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """A contract's round and stage, its registered peers (proof ok / absent) and their total rewards."""
+    from web3 import HTTPProvider, Web3
+
+    from p2pswarm.comm.chain.client import ChainClient, ChainError
+    from p2pswarm.identity import friendly_name
+
+    if not rpc.startswith(("http://", "https://")):
+        raise ChainError(f"--rpc {rpc!r} is not an http(s):// JSON-RPC URL")
+    from eth_account import Account
+
+    reader = Account.create()  # reads need no key of the user's
+    client = ChainClient(Web3(HTTPProvider(rpc, request_kwargs={"timeout": 10})), contract, reader, flavour=abi,
+                         chain_id=chain_id, where=f"the chain at {rpc}")
+    round_, stage = client.round()
+    rows = [{"peer_id": r.peer_id, "name": friendly_name(r.peer_id), "eoa": r.eoa,
+             "proof": "ok" if r.proven else "absent", "total_reward": client.total_reward(r.peer_id, r.eoa)}
+            for r in client.registrations()]
+    st = {"chain_id": client.chain_id, "contract": client.address, "abi": abi, "round": round_, "stage": stage,
+          "deadline": client.deadline(), "chain_time": client.chain_time(), "peers": rows}
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    typer.echo(f"chain {st['chain_id']}, contract {st['contract']} ({abi}): round {round_}, stage {stage}"
+               + (f", may advance in {max(0, st['deadline'] - st['chain_time'])} s" if st["deadline"] else ""))
+    if abi != "p2pswarm":
+        typer.echo("(Gensyn's contract cannot list its peers)")
+    for r in rows:
+        typer.echo(f"  {r['name']:<32} {r['peer_id'][-8:]}  {r['eoa']}  proof {r['proof']:<6}  reward {r['total_reward']:.3f}")
+
+
+@chain_app.command("local")
+def chain_local(
+    round_seconds: Annotated[float, typer.Option(help="the contract's stage duration: the shortest round")] = 30.0,
+    port: Annotated[int, typer.Option(help="anvil's port on 127.0.0.1 (0: any free)")] = 8545,
+) -> None:
+    """Start anvil on 127.0.0.1 with our contract deployed, for nodes in separate processes; runs until Ctrl-C.
+    Nodes join with --set chain=<RPC URL> --set chain_contract=<address> --set chain_id=31337; their keys
+    are funded as they register only on this local chain (see docs/chain.md)."""
+    import time
+
+    from p2pswarm.comm.chain.local import LocalChain
+
+    _setup_logging("INFO")
+    chain = LocalChain.anvil(stage_seconds=round_seconds, port=port)
+    typer.echo(f"chain RPC {chain.url}  contract {chain.contract}  chain id {chain.w3.eth.chain_id}")
+    typer.echo(f"nodes: --set chain={chain.url} --set chain_contract={chain.contract} --set chain_id={chain.w3.eth.chain_id}")
+    try:
+        while chain.process.poll() is None:
+            time.sleep(0.5)
+        _fail("anvil exited", 1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        chain.close()
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,315 @@
+"""ChainClient: one account's view of one SwarmCoordinator contract, over web3.
+
+Every transaction goes the same way (`transact`): pre-flighted with eth_call (a revert costs nothing
+and is reported before anything is signed), fees and gas from the node, the account's balance checked
+against them, signed locally, sent, its receipt waited for and its status checked (a transaction mined
+with status 0 is an error, not a success). Reverts become one line naming the contract's custom error,
+decoded by its 4-byte selector from the ABI, whichever exception type the provider raised (the
+in-process EVM's TransactionFailed, HTTP's ContractCustomError...).
+
+What the chain returns is data from the network: rounds and stages are checked as p2pswarm.validate
+integers and peer ids as libp2p ids before anything uses them.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from p2pswarm import validate as V
+from p2pswarm.errors import UserError
+from p2pswarm.identity import Identity, verify
+
+log = logging.getLogger(__name__)
+
+FLAVOURS = ("p2pswarm", "gensyn-0.4.2")
+ARTIFACTS = {"p2pswarm": "SwarmCoordinator_p2pswarm.json", "gensyn-0.4.2": "SwarmCoordinator_0.4.2.json"}
+PROOF_DOMAIN = b"p2pswarm chain registration v1"
+REWARD_SCALE = 1000  # rewards go on chain as int256 thousandths (Gensyn's contract takes integers)
+MAX_REGISTRATIONS = 10_000  # what one status read enumerates at most
+RECEIPT_TIMEOUT = 120.0
+_ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string)
+
+
+class ChainError(UserError, RuntimeError):
+    """A chain operation failed; the message is one line naming what and, where it can, what to do."""
+
+
+def artifact(flavour: str) -> tuple[list[dict], str]:
+    """The shipped ABI and deployment bytecode of a contract flavour."""
+    if flavour not in FLAVOURS:
+        raise ChainError(f"unknown contract flavour {flavour!r}: one of {', '.join(FLAVOURS)}")
+    data = json.loads(resources.files("p2pswarm.comm.chain").joinpath("artifacts", ARTIFACTS[flavour]).read_text())
+    code = data["bytecode"]
+    return data["abi"], code["object"] if isinstance(code, dict) else code
+
+
+def error_selectors(abi: list[dict]) -> dict[bytes, str]:
+    """4-byte selector -> "Name()" for every custom error of an ABI."""
+    from eth_utils import keccak
+
+    out = {}
+    for e in abi:
+        if e.get("type") == "error":
+            sig = f"{e['name']}({','.join(i['type'] for i in e.get('inputs', []))})"
+            out[keccak(text=sig)[:4]] = e["name"]
+    return out
+
+
+def revert_data(exc: BaseException) -> bytes | None:
+    """The revert payload an exception carries, whichever provider raised it."""
+    data = getattr(exc, "data", None)
+    if isinstance(data, dict):  # some JSON-RPC errors: {"data": "0x..."}
+        data = data.get("data")
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    if isinstance(data, str) and re.fullmatch(r"0x[0-9a-fA-F]*", data):
+        return bytes.fromhex(data[2:])
+    text = str(exc)
+    m = re.search(r"execution reverted: (b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\")", text)  # eth-tester
+    if m:
+        try:
+            return ast.literal_eval(m.group(1))
+        except (ValueError, SyntaxError):
+            return None
+    m = re.search(r"0x[0-9a-fA-F]{8,}", text)
+    return bytes.fromhex(m.group(0)[2:]) if m else None
+
+
+def describe_revert(exc: BaseException, errors: dict[bytes, str]) -> str:
+    """A revert as a short phrase: the custom error's name, an Error(string) message, or the raw payload."""
+    data = revert_data(exc)
+    if data and data[:4] in errors:
+        return errors[data[:4]]
+    if data and data[:4] == _ERROR_STRING:
+        from eth_abi import decode
+
+        try:
+            return f"Error({decode(['string'], data[4:])[0]!r})"
+        except Exception:  # noqa: BLE001 - an undecodable message: show the bytes
+            pass
+    if data:
+        return f"unknown revert 0x{data.hex()[:72]}"
+    return V.clip(str(exc), 160)
+
+
+def proof_message(chain_id: int, contract: str, eoa: str) -> bytes:
+    """What a peer signs to bind an Ethereum address to its peer id on one contract of one chain."""
+    return PROOF_DOMAIN + chain_id.to_bytes(32, "big") + bytes.fromhex(contract[2:]) + bytes.fromhex(eoa[2:])
+
+
+def make_proof(identity: Identity, chain_id: int, contract: str, eoa: str) -> bytes:
+    return identity.sign(proof_message(chain_id, contract, eoa))
+
+
+def proof_ok(peer_id: str, proof: bytes, chain_id: int, contract: str, eoa: str) -> bool:
+    """Whether `proof` is `peer_id`'s signature binding `eoa` on this contract; never raises."""
+    try:
+        public = V.public_from_peer_id(V.peer_id(peer_id, "peer id"))
+    except (V.Invalid, ValueError):
+        return False
+    return len(proof) == 64 and verify(public, proof, proof_message(chain_id, contract, eoa))
+
+
+def load_or_create_key(path: Path):
+    """The node's Ethereum account from `path` (a hex private key, mode 0600), created there on first use."""
+    from eth_account import Account
+
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        account = Account.create()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(account.key.hex() + "\n")
+        log.info("created the chain key %s (address %s)", path, account.address)
+        return account
+    if path.stat().st_mode & 0o077:
+        raise ChainError(f"the chain key {path} is readable by others: chmod 600 {path}")
+    try:
+        return Account.from_key(path.read_text().strip())
+    except (ValueError, TypeError) as e:
+        raise ChainError(f"{path} is not a hex private key ({e})") from None
+
+
+@dataclass
+class Registration:
+    eoa: str
+    peer_id: str
+    proven: bool
+
+
+class ChainClient:
+    """One account on one SwarmCoordinator, of flavour `p2pswarm` (ours) or `gensyn-0.4.2`.
+
+    Construction checks, each failure one ChainError line: the RPC answers, its chain id is the expected
+    one (when given), and there is code at the contract address. Views (`round`, `deadline`,
+    `registrations`, ...) return validated values; the writes (`register`, `advance`, `submit_reward`,
+    `submit_winners`) are idempotent: what the contract refuses as already done returns False.
+    Thread-safe as far as web3 providers are (the in-process one is locked: comm/chain/local.py).
+    """
+
+    def __init__(self, w3, contract: str, account, *, flavour: str = "p2pswarm", chain_id: int = 0,
+                 where: str = "the chain"):
+        from web3 import Web3
+
+        self.w3, self.account, self.flavour, self.where = w3, account, flavour, where
+        self.abi, _ = artifact(flavour)
+        self.errors = error_selectors(self.abi)
+        try:
+            self.chain_id = int(w3.eth.chain_id)
+        except Exception as e:  # noqa: BLE001 - any transport failure reads the same to a user
+            raise ChainError(f"cannot reach {where}: {type(e).__name__}: {V.clip(str(e), 120)} "
+                             "(is the node running, and is the chain_rpc URL right?)") from None
+        if chain_id and self.chain_id != chain_id:
+            raise ChainError(f"{where} is chain id {self.chain_id}, not the expected {chain_id} "
+                             "(chain_id): wrong RPC URL or wrong network")
+        if not Web3.is_address(contract):
+            raise ChainError(f"chain_contract {contract!r} is not an Ethereum address")
+        self.address = Web3.to_checksum_address(contract)
+        if not w3.eth.get_code(self.address):
+            raise ChainError(f"no contract at {self.address} on chain {self.chain_id} ({where}): "
+                             "check chain_contract and the network")
+        self.contract = w3.eth.contract(address=self.address, abi=self.abi)
+
+    @property
+    def eoa(self) -> str:
+        return self.account.address
+
+    # ---- reads ---------------------------------------------------------------------------------------
+    def view(self, fn: str, *args: Any) -> Any:
+        try:
+            return getattr(self.contract.functions, fn)(*args).call()
+        except ChainError:
+            raise
+        except Exception as e:  # noqa: BLE001 - provider-specific types; one line
+            raise ChainError(f"{fn}() on {self.address}: {describe_revert(e, self.errors)}") from None
+
+    def round(self) -> tuple[int, int]:
+        """(round, stage), checked: a contract that returns a round past 2**31 cannot move a node there."""
+        return (V.integer(self.view("currentRound"), "currentRound", 0),
+                V.integer(self.view("currentStage"), "currentStage", 0))
+
+    def deadline(self) -> int | None:
+        """When anyone may advance the current stage (chain time), or None: Gensyn's contract has no deadline."""
+        if self.flavour != "p2pswarm":
+            return None
+        return V.integer(self.view("stageDeadline"), "stageDeadline", 0, 2**63)
+
+    def chain_time(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def registered(self, peer_id: str) -> bool:
+        if self.flavour == "p2pswarm":
+            return bool(self.view("isRegistered", peer_id, self.eoa))
+        return self.view("getEoa", [peer_id])[0] == self.eoa
+
+    def registrations(self) -> list[Registration]:
+        """Every claim the contract holds (ours: enumerable), each with whether its proof verifies here."""
+        if self.flavour != "p2pswarm":
+            return [Registration(self.eoa, p, False) for p in self._own_gensyn_peer_ids()]
+        out = []
+        n = min(V.integer(self.view("registrationCount"), "registrationCount", 0, 2**63), MAX_REGISTRATIONS)
+        for i in range(n):
+            eoa, peer_id, proof = self.view("registration", i)
+            out.append(Registration(eoa, peer_id, proof_ok(peer_id, bytes(proof), self.chain_id, self.address, eoa)))
+        return out
+
+    def _own_gensyn_peer_ids(self) -> list[str]:
+        return list(self.view("getPeerId", [self.eoa])[0])
+
+    def total_reward(self, peer_id: str, eoa: str) -> float:
+        if self.flavour == "p2pswarm":
+            return self.view("totalReward", peer_id, eoa) / REWARD_SCALE
+        return self.view("getTotalRewards", [peer_id])[0] / REWARD_SCALE
+
+    # ---- writes --------------------------------------------------------------------------------------
+    def transact(self, fn: str, *args: Any, already: tuple[str, ...] = ()) -> bool:
+        """Send one transaction; True once mined with status 1, False when the pre-flight reverts with one
+        of the `already` errors (the thing is done, or not to be done now). ChainError otherwise."""
+        call = getattr(self.contract.functions, fn)(*args)
+        self._check_funded(fn, 1)
+        try:
+            call.call({"from": self.eoa})
+        except Exception as e:  # noqa: BLE001 - provider-specific types; decoded by selector
+            why = describe_revert(e, self.errors)
+            if why in already:
+                log.debug("%s(): %s", fn, why)
+                return False
+            raise ChainError(f"{fn}() would revert on {self.address}: {why}") from None
+        try:
+            tx = call.build_transaction({"from": self.eoa, "nonce": self.w3.eth.get_transaction_count(self.eoa),
+                                         "chainId": self.chain_id})
+            self._check_funded(fn, tx["gas"] * tx.get("maxFeePerGas", tx.get("gasPrice", 0)))
+            txhash = self.w3.eth.send_raw_transaction(self.account.sign_transaction(tx).raw_transaction)
+            receipt = self.w3.eth.wait_for_transaction_receipt(txhash, timeout=RECEIPT_TIMEOUT)
+        except ChainError:
+            raise
+        except Exception as e:  # noqa: BLE001 - provider-specific types; one line
+            why = describe_revert(e, self.errors)
+            if why in already:  # another peer got there between the pre-flight and the send
+                return False
+            raise ChainError(f"{fn}() on {self.address}: {why}") from None
+        if receipt["status"] != 1:
+            raise ChainError(f"{fn}() was mined but reverted (transaction 0x{bytes(txhash).hex()}, "
+                             f"block {receipt['blockNumber']})")
+        return True
+
+    def _check_funded(self, fn: str, need: int) -> None:
+        balance = self.w3.eth.get_balance(self.eoa)
+        if balance < need:
+            raise ChainError(f"the chain account {self.eoa} holds {balance} wei on chain {self.chain_id}, "
+                             f"{fn}() needs about {need}: fund it (or use --chain local)")
+
+    def register(self, identity: Identity) -> bool:
+        """Register this node's peer id with this account, once; True if this call registered it."""
+        if self.registered(identity.peer_id):
+            return False
+        if self.flavour == "p2pswarm":
+            proof = make_proof(identity, self.chain_id, self.address, self.eoa)
+            done = self.transact("registerPeerWithProof", identity.peer_id, proof, already=("PeerIdAlreadyRegistered",))
+        else:
+            owner = self.view("getEoa", [identity.peer_id])[0]
+            if int(owner, 16) != 0:
+                raise ChainError(f"peer id {identity.peer_id} is registered to {owner} on {self.address}, "
+                                 "not to this node's chain key: Gensyn's contract lets the first claim win")
+            done = self.transact("registerPeer", identity.peer_id, already=("PeerIdAlreadyRegistered",))
+        if done:
+            log.info("registered peer %s as %s on chain %d (contract %s)", identity.peer_id[-8:], self.eoa,
+                     self.chain_id, self.address)
+        return done
+
+    def advance(self) -> bool:
+        """Advance the stage (and round) if the contract lets this account now; False if not yet / not allowed."""
+        return self.transact("updateStageAndRound", already=("StageNotOver", "OnlyStageManager"))
+
+    def submit_reward(self, round: int, stage: int, reward: float, peer_id: str) -> bool:
+        value = int(round_half(reward * REWARD_SCALE))
+        return self.transact("submitReward", round, stage, value, peer_id,
+                             already=("RewardAlreadySubmitted", "InvalidRoundNumber", "InvalidStageNumber"))
+
+    def submit_winners(self, round: int, winners: list[str], peer_id: str) -> bool:
+        return self.transact("submitWinners", round, winners, peer_id,
+                             already=("WinnerAlreadyVoted", "InvalidRoundNumber"))
+
+
+def round_half(x: float) -> float:
+    return float(int(x + (0.5 if x >= 0 else -0.5)))
+
+
+def connect(url: str, contract: str, key_path: Path, *, flavour: str = "p2pswarm", chain_id: int = 0) -> ChainClient:
+    """A client over HTTP(S) JSON-RPC at `url`."""
+    from web3 import HTTPProvider, Web3
+
+    if not url.startswith(("http://", "https://")):
+        raise ChainError(f"chain_rpc {url!r} is not an http(s):// JSON-RPC URL")
+    w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 10}))
+    return ChainClient(w3, contract, load_or_create_key(key_path), flavour=flavour, chain_id=chain_id,
+                       where=f"the chain at {url}")

@@ -1,0 +1,160 @@
+"""Local chains for trying the chain clock (`--chain local`) and for tests: an in-process EVM shared by
+the agents of one process, or anvil on 127.0.0.1 for separate processes. Both deploy a contract with a
+funded development account and fund each node's own key from it, so a user needs no tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from p2pswarm.comm.chain.client import ChainClient, ChainError, artifact
+
+log = logging.getLogger(__name__)
+
+FUNDING = 10**20  # wei given to each node's key on a local chain (100 ether: gas for years of rounds)
+ANVIL_INSTALL = "npm install -g @foundry-rs/anvil (or Foundry's foundryup)"
+
+
+def tester_provider():
+    """An in-process EVM provider (eth-tester + py-evm) that is safe to share between agent threads, and
+    whose clock moves: a dev chain only mines when a transaction comes, so its time would stand still and
+    no stage deadline would ever pass. Before each request, an empty block is mined when the latest block
+    has been the latest for a second of wall time. (eth-tester stamps each block at least a second after
+    its parent, so a burst of transactions runs chain time ahead of the wall clock: comparing the two
+    would stall it until the wall clock caught up.)"""
+    from web3 import EthereumTesterProvider
+
+    class LockedTesterProvider(EthereumTesterProvider):
+        def __init__(self) -> None:
+            super().__init__()
+            self._lock = threading.RLock()
+            self._latest = (-1, 0.0)  # (block number, monotonic time it was first seen as the latest)
+
+        def make_request(self, method, params):  # type: ignore[override]
+            with self._lock:
+                number = self.ethereum_tester.get_block_by_number("latest")["number"]
+                now = time.monotonic()
+                if number != self._latest[0]:
+                    self._latest = (number, now)
+                elif now - self._latest[1] >= 1:
+                    self.ethereum_tester.mine_blocks(1)
+                    self._latest = (number + 1, now)
+                return super().make_request(method, params)
+
+    return LockedTesterProvider()
+
+
+class LocalChain:
+    """A local chain with our contract deployed: `w3`, `contract` (its address), `url` (anvil's, else None).
+
+    `client(account, identity)` funds `account` and returns its ChainClient. close() stops anvil if this
+    object started it.
+    """
+
+    def __init__(self, w3, *, stage_seconds: float, url: str | None = None, process=None, flavour: str = "p2pswarm"):
+        self.w3, self.url, self.process, self.flavour = w3, url, process, flavour
+        self.dev = w3.eth.accounts[0]  # both chains hold unlocked, funded development accounts
+        self.contract = self.deploy(stage_seconds)
+
+    @classmethod
+    def inprocess(cls, stage_seconds: float = 30.0, flavour: str = "p2pswarm") -> LocalChain:
+        from web3 import Web3
+
+        return cls(Web3(tester_provider()), stage_seconds=stage_seconds, flavour=flavour)
+
+    @classmethod
+    def anvil(cls, stage_seconds: float = 30.0, port: int = 0, chain_id: int = 31337) -> LocalChain:
+        """Start anvil on 127.0.0.1 (a free port when 0) and deploy; ChainError naming what to install if absent."""
+        from web3 import HTTPProvider, Web3
+
+        exe = shutil.which("anvil")
+        if exe is None:
+            raise ChainError(f"--chain local for separate processes needs anvil, which is not installed: {ANVIL_INSTALL}")
+        port = port or _free_port()
+        # A block every second: a chain that only mines on transactions keeps its time still, and no stage
+        # deadline would pass while the nodes wait for one.
+        proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(chain_id),
+                                 "--block-time", "1", "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 10}))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                w3.eth.chain_id
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode(errors="replace")[-300:] if proc.poll() is not None else "no answer in 30 s"
+                    proc.kill()
+                    raise ChainError(f"anvil did not start on {url}: {err.strip()}") from None
+                time.sleep(0.05)
+        try:
+            return cls(w3, stage_seconds=stage_seconds, url=url, process=proc)
+        except BaseException:
+            proc.kill()
+            raise
+
+    def _mined(self, txhash) -> dict:
+        receipt = self.w3.eth.wait_for_transaction_receipt(txhash, timeout=60)
+        if receipt["status"] != 1:
+            raise ChainError("a local chain transaction of the development account reverted")
+        return receipt
+
+    def deploy(self, stage_seconds: float = 30.0) -> str:
+        """Deploy a fresh contract of this chain's flavour; its address. Gensyn's is initialized with the
+        development account as owner and stage manager."""
+        abi, code = artifact(self.flavour)
+        factory = self.w3.eth.contract(abi=abi, bytecode=code)
+        args = (max(1, round(stage_seconds)), 1) if self.flavour == "p2pswarm" else ()
+        address = self._mined(factory.constructor(*args).transact({"from": self.dev}))["contractAddress"]
+        if self.flavour != "p2pswarm":
+            c = self.w3.eth.contract(address=address, abi=abi)
+            self._mined(c.functions.initialize(self.dev).transact({"from": self.dev}))
+        return address
+
+    def fund(self, address: str, wei: int = FUNDING) -> None:
+        if self.w3.eth.get_balance(address) >= wei // 2:
+            return
+        self._mined(self.w3.eth.send_transaction({"from": self.dev, "to": address, "value": wei}))
+
+    def client(self, account, *, contract: str | None = None) -> ChainClient:
+        self.fund(account.address)
+        return ChainClient(self.w3, contract or self.contract, account, flavour=self.flavour,
+                           where=self.url and f"the chain at {self.url}" or "the in-process chain")
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fund_on_dev_chain(client: ChainClient, url: str) -> None:
+    """On a development chain of this machine (anvil on 127.0.0.1: unlocked, funded accounts), fund the
+    client's key from the first of them, as `--chain local` does in-process. Nothing on any other chain."""
+    from urllib.parse import urlparse
+
+    if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return
+    try:
+        dev = client.w3.eth.accounts
+    except Exception:  # noqa: BLE001 - a node that lists no accounts is no dev chain
+        return
+    if dev and client.w3.eth.get_balance(client.eoa) == 0:
+        txhash = client.w3.eth.send_transaction({"from": dev[0], "to": client.eoa, "value": FUNDING})
+        client.w3.eth.wait_for_transaction_receipt(txhash, timeout=60)
+        log.info("funded the chain key %s from the local chain's development account", client.eoa)
