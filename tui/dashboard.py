@@ -11,8 +11,8 @@ from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Static
 
-from tui.engine import (EngineFinished, LogLine, NodeError, NodeEvent, NodeStopped, Paused, Progress, RoundFinished,
-                        RoundStarted)
+from tui.engine import (ChainState, EngineFinished, LogLine, NodeError, NodeEvent, NodeStopped, Paused, Progress,
+                        RoundFinished, RoundStarted)
 from tui.widgets import (ERROR, FINISHED, PAUSED, PAUSING, RUNNING, STOPPED_BY_ERROR, STOPPING, STOPPING_NOW,
                          HeaderBar, LogPanel, PeersTable, RewardPlot, RolloutsBrowser, RolloutsTable, Status,
                          TrainingPanel, render_rollout)
@@ -108,6 +108,7 @@ class DashboardScreen(Screen):
     progress = reactive((0.0, 1.0))  # (done, total) of the phase in progress
     status = reactive(RUNNING)
     finished = reactive(False)  # the engine has stopped
+    chain = reactive(None)  # the chain clock's last reading (tui.engine.ChainState), with settings.chain
     # The panel shown (or focused, when all are); choosing it again focuses it again.
     active = reactive("swarm", always_update=True)
 
@@ -118,7 +119,7 @@ class DashboardScreen(Screen):
     def compose(self) -> ComposeResult:
         yield HeaderBar(self.engine, id="header").data_bind(
             DashboardScreen.round, DashboardScreen.stage, DashboardScreen.phase, DashboardScreen.progress,
-            DashboardScreen.status)
+            DashboardScreen.status, DashboardScreen.chain)
         yield Static(id="panel-tabs")
         with Vertical(id="body"):
             with Vertical(id="swarm-panel", classes="panel"):
@@ -168,6 +169,9 @@ class DashboardScreen(Screen):
 
     def on_round_finished(self, message: RoundFinished) -> None:
         self.round, self.phase, self.progress = message.round, "idle", (1, 1)
+
+    def on_chain_state(self, message: ChainState) -> None:
+        self.chain = message.status
 
     def on_paused(self, message: Paused) -> None:
         self.status = PAUSED if message.paused else RUNNING

@@ -66,6 +66,15 @@ class EngineFinished(Forwarded):
         self.error = error
 
 
+class ChainState(Forwarded):
+    """A reading of the chain clock (settings.chain): its round and stage, this node's registration, or why
+    the chain did not answer (p2pswarm.comm.chain.coordinator.ChainStatus)."""
+
+    def __init__(self, status) -> None:
+        super().__init__()
+        self.status = status
+
+
 # ---- the watched node's events, one message type per kind (made in node_message) --------------------
 @dataclass(kw_only=True)
 class NodeEvent(Forwarded):
@@ -274,6 +283,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop_requested = False
         self._last_progress = 0.0
+        self._chain_wake = threading.Event()  # set: read the chain now (a round started or ended)
+        self._finished = threading.Event()
 
     # ---- queries ----------------------------------------------------------------------------------
     @property
@@ -340,8 +351,23 @@ class Engine:
             if message.done not in (0, message.total) and now - self._last_progress < PROGRESS_INTERVAL:
                 return
             self._last_progress = now
+        if isinstance(message, (RoundStarted, RoundFinished)):
+            self._chain_wake.set()
         if message is not None:
             self._post(message)
+
+    def _watch_chain(self, coordinator) -> None:
+        """Reads the chain clock every chain_poll seconds, and at once when a round starts or ends, in a
+        daemon thread of its own: an RPC may take seconds (or its timeout), and neither the UI nor
+        training waits on it. Posts each reading that differs from the last."""
+        last = None
+        while not self._finished.is_set():
+            self._chain_wake.clear()
+            status = coordinator.status()  # never raises: a failure is a state of the reading
+            if status != last:
+                self._post(ChainState(status))
+                last = status
+            self._chain_wake.wait(self.settings.chain_poll)
 
     def _main(self) -> None:
         from p2pswarm.node import build_swarm, run_agents
@@ -358,10 +384,15 @@ class Engine:
         if self._stop_requested:
             self.stop()
         self._post(NodeBuilt())
+        if self.settings.chain:  # the chain's round replaced the transport's clock (node.build_agent)
+            threading.Thread(target=self._watch_chain, args=(self.agent.coordinator,), name="p2pswarm-chain-status",
+                             daemon=True).start()
         for a in agents:
             log.info("%s: output in %s", a.name, a.run_dir.path)
         try:
             run_agents(agents, self.rounds)
         except BaseException as e:  # noqa: BLE001 - run_agents logged it and emitted an error event
             self.error = describe_error(e)
+        self._finished.set()
+        self._chain_wake.set()
         self._post(EngineFinished(self.error))

@@ -43,9 +43,40 @@ STOPPED_BY_ERROR = Status("✖ stopped: error", "bold red")
 FINISHED = Status("■ finished (q quits)", "bold")
 
 
+REGISTRATION = {  # this node's claim on the chain, keyed by ChainStatus.registration
+    "proven": ("✔ registered, proof ok", "green"),
+    "unproven": ("registered without proof", "yellow"),
+    "absent": ("✖ not registered", "bold red"),
+    "": ("registration …", "dim"),
+}
+
+
+def chain_line(status) -> Text:
+    """The header's chain line for a ChainStatus (None: not read yet): the chain's round, this node's
+    registration, the contract's flavour and the node's chain address; a failure replaces the registration
+    with its reason, after the last round read. Most telling first: a narrow terminal cuts the end."""
+    t = Text("chain ", style="dim")
+    if status is None:
+        return t.append("reading…", style="dim")
+    if status.round >= 0:
+        t.append("round ").append(str(status.round), style="bold")
+        if status.stages > 1:
+            t.append(f" · stage {status.stage + 1}/{status.stages}")
+        t.append(" · ")
+    if status.error:
+        return t.append(f"✖ {status.error}", style="bold red")
+    text, style = REGISTRATION.get(status.registration, (status.registration, ""))
+    if status.registration == "unproven" and status.flavour != "p2pswarm":
+        style = ""  # Gensyn's contract holds no proofs: nothing is wrong
+    t.append(text, style=style)
+    t.append(f" · {status.flavour} contract · key {status.eoa[:6]}…{status.eoa[-4:]}", style="dim")
+    return t
+
+
 class HeaderBar(Vertical):
     """Swarm, node, mode and model; the round and stage with a progress bar for the current phase, and the
-    node's state. The dashboard binds the reactives below to its own."""
+    node's state; with a chain clock (settings.chain), a line for the chain's round and this node's
+    registration. The dashboard binds the reactives below to its own."""
 
     round = reactive(-1)
     stage = reactive(0)
@@ -53,11 +84,14 @@ class HeaderBar(Vertical):
     progress = reactive((0.0, 1.0))
     status = reactive(Status("", ""))
     round_text = reactive("starting…")
+    chain = reactive(None)  # the last ChainStatus read (None: not yet)
 
     def __init__(self, engine, **kw) -> None:
         super().__init__(**kw)
         self.engine = engine
         self.stages = getattr(getattr(engine.agent, "data", None), "num_stages", 1)
+        self.has_chain = bool(engine.settings.chain)
+        self.set_class(self.has_chain, "-chain")
 
     def compose(self) -> ComposeResult:
         engine, s, a = self.engine, self.engine.settings, self.engine.agent
@@ -73,6 +107,8 @@ class HeaderBar(Vertical):
             yield Static("starting…", id="hdr-round")
             yield ProgressBar(total=1, show_eta=False, id="hdr-bar")
             yield Static("", id="hdr-status")
+        if self.has_chain:
+            yield Static(chain_line(None), id="hdr-chain")
 
     def compute_round_text(self) -> str:
         if self.round < 0:
@@ -89,6 +125,10 @@ class HeaderBar(Vertical):
 
     def watch_status(self, status: Status) -> None:
         self.query_one("#hdr-status", Static).update(Text(status.text, style=status.style))
+
+    def watch_chain(self, status) -> None:
+        if self.has_chain:
+            self.query_one("#hdr-chain", Static).update(chain_line(status))
 
 
 class PeersTable(DataTable):

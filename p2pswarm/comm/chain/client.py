@@ -222,6 +222,20 @@ class ChainClient:
             out.append(Registration(eoa, peer_id, proof_ok(peer_id, bytes(proof), self.chain_id, self.address, eoa)))
         return out
 
+    def own_registration(self, peer_id: str) -> Registration | None:
+        """This account's claim of `peer_id`, with whether its proof verifies here (as a peer would check
+        it); None when this account has not claimed it. On ours, the claim is looked for newest first."""
+        if not self.registered(peer_id):
+            return None
+        if self.flavour != "p2pswarm":
+            return Registration(self.eoa, peer_id, False)  # Gensyn's contract holds no proofs
+        n = min(V.integer(self.view("registrationCount"), "registrationCount", 0, 2**63), MAX_REGISTRATIONS)
+        for i in reversed(range(n)):
+            eoa, claimed, proof = self.view("registration", i)
+            if eoa == self.eoa and claimed == peer_id:
+                return Registration(eoa, peer_id, proof_ok(peer_id, bytes(proof), self.chain_id, self.address, eoa))
+        return Registration(self.eoa, peer_id, False)  # registered, but past what one read enumerates
+
     def _own_gensyn_peer_ids(self) -> list[str]:
         return list(self.view("getPeerId", [self.eoa])[0])
 

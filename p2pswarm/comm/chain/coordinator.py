@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any
+from dataclasses import dataclass, replace
 
 from p2pswarm import events as ev
+from p2pswarm import validate as V
 from p2pswarm.comm.chain.client import ChainClient, ChainError
 from p2pswarm.comm.core import MonotonicClock, Progress, should_advance
 from p2pswarm.components import Coordinator
@@ -17,6 +18,31 @@ log = logging.getLogger(__name__)
 
 MAX_WINNERS = 3  # peers this node votes for per round
 MAX_POLL = 60.0  # the back-off of a clock that does not move (Gensyn's clients go up to 15 min)
+
+
+# A node's claim of its peer id on the chain, as status() reads it: with a proof that verifies here,
+# without one (Gensyn's contract holds none; on ours, peers ignore it), no claim, or not read yet.
+PROVEN, UNPROVEN, ABSENT, UNKNOWN = "proven", "unproven", "absent", ""
+
+
+@dataclass(frozen=True)
+class ChainStatus:
+    """One reading of the chain for the TUI header. `round` is -1 until a read succeeds; after a failure
+    the last reading stands and `error` says why in one line ("" while the chain answers)."""
+
+    flavour: str
+    eoa: str
+    round: int = -1
+    stage: int = 0
+    stages: int = 1
+    registration: str = UNKNOWN
+    error: str = ""
+
+
+def describe(e: BaseException) -> str:
+    """A chain failure in one line: a ChainError says what failed; anything else keeps its class name."""
+    line = " ".join((str(e) if isinstance(e, ChainError) else f"{type(e).__name__}: {e}").split())
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 class ChainCoordinator(Coordinator):
@@ -52,6 +78,7 @@ class ChainCoordinator(Coordinator):
         self._winners: dict[int, list[str]] = {}
         self._failing = ""
         self._follow_only = False
+        self._status = ChainStatus(flavour=client.flavour, eoa=client.eoa)
         client.register(identity)
 
     @property
@@ -86,7 +113,7 @@ class ChainCoordinator(Coordinator):
         return self.seen.see([r])
 
     def _fail(self, e: BaseException) -> None:
-        line = str(e) if isinstance(e, ChainError) else f"{type(e).__name__}: {e}"
+        line = describe(e)
         if line != self._failing:  # one line per change of state, not per poll
             log.warning("chain clock: %s (keeping round %d)", line, max(self.clock, 0))
             self._failing = line
@@ -149,9 +176,25 @@ class ChainCoordinator(Coordinator):
             self._stop.wait(delay)
             delay = min(delay * 1.5, MAX_POLL) if self._failing else self.poll
 
-    def status(self) -> dict[str, Any]:
-        """What the TUI header shows: the chain's round and whether this node is registered."""
-        return {"chain_round": self.clock, "registered": True, "address": self.client.eoa}
+    def status(self) -> ChainStatus:
+        """Reads the chain's round and stage and this node's registration: RPCs, so never from a UI's
+        event loop. Never raises: a failing chain keeps the last reading, with the reason in `error`.
+        A claim never leaves the contract, so once found it is not read again."""
+        last = self._status
+        try:
+            r, stage = self.client.round()
+            stages = last.stages
+            if last.round < 0:  # fixed at deployment
+                stages = V.integer(self.client.view("stageCount"), "stageCount", 1, 2**16)
+            registration = last.registration
+            if registration in (UNKNOWN, ABSENT):
+                claim = self.client.own_registration(self.peer_id)
+                registration = ABSENT if claim is None else PROVEN if claim.proven else UNPROVEN
+            now = replace(last, round=r, stage=stage, stages=stages, registration=registration, error="")
+        except Exception as e:  # noqa: BLE001 - shown in the header; the clock's own polls log the failure
+            now = replace(last, error=describe(e))
+        self._status = now
+        return now
 
     def interrupt(self) -> None:
         self._stop.set()
