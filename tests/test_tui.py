@@ -367,3 +367,44 @@ def test_the_join_screen_joins_a_real_swarm_over_the_dht(tmp_path):
         asyncio.run(scenario())
     finally:
         procs.kill_all()
+
+
+@pytest.mark.timeout(900)
+def test_with_a_chain_clock_the_header_follows_the_chains_round_and_shows_the_registration(tmp_path):
+    pytest.importorskip("eth_tester", reason="the chain clock needs web3[tester] (the dev extra)")
+    from web3 import HTTPProvider, Web3
+
+    app = SwarmApp(factory(tmp_path, agents=2, comm="inprocess", chain="local", chain_round_seconds=1, chain_poll=0.2,
+                           experiment="tui-chain", tasks_per_round=2), autostart=True)
+
+    async def scenario():
+        async with running(app, (80, 24)) as pilot:
+            await dashboard_opens(pilot, app)
+            header = app.screen.query_one(HeaderBar)
+            line = header.query_one("#hdr-chain")
+            assert visible(line, (80, 24))
+
+            def chain_round() -> int:
+                words = text_of(line).split()
+                return int(words[2]) if words[1:2] == ["round"] else -1
+
+            await until(pilot, lambda: "registered, proof ok" in text_of(line), "this node's proven registration",
+                        detail=lambda: text_of(line))
+            assert "p2pswarm contract" in text_of(line)
+            first = chain_round()
+            # the agents advance the chain themselves once a round's deadline has passed; the header follows
+            await until(pilot, lambda: chain_round() >= first + 2, "the chain's round advancing",
+                        detail=lambda: text_of(line))
+            assert chain_round() <= app.engine.agent.coordinator.client.round()[0]
+
+            # the chain stops answering: a short state in the header, the last round read kept, no traceback
+            client = app.engine.agent.coordinator.client
+            client.contract = Web3(HTTPProvider("http://127.0.0.1:9")).eth.contract(address=client.address,
+                                                                                    abi=client.abi)
+            await until(pilot, lambda: "✖" in text_of(line), "the chain's failure", detail=lambda: text_of(line))
+            assert chain_round() >= first + 2 and "Traceback" not in text_of(line)
+            await pilot.press("q")
+            await until(pilot, lambda: app.return_value is not None, "the app to exit")
+
+    asyncio.run(scenario())
+    assert app.return_value.error is None
