@@ -166,6 +166,26 @@ def test_a_failing_chain_mid_run_is_one_line_and_the_last_reading_stands(chain, 
     assert len(lines) == 1 and "connection refused" in lines[0].getMessage()
 
 
+def test_status_reads_the_round_and_this_nodes_registration_and_keeps_the_last_reading_on_failure(chain, gensyn):
+    from p2pswarm.comm.chain.coordinator import PROVEN, UNPROVEN
+
+    client, me = fresh(chain)
+    assert client.own_registration(me.peer_id) is None
+    coord = ChainCoordinator(client, me)  # registers, with a proof
+    st = coord.status()
+    assert (st.round, st.stage, st.stages, st.registration, st.flavour, st.error) == (0, 0, 1, PROVEN, "p2pswarm", "")
+    # Gensyn's contract holds no proofs: registered without one
+    g = ChainCoordinator(gensyn.client(Account.create()), Identity.generate())
+    assert g.status().registration == UNPROVEN and g.status().flavour == "gensyn-0.4.2"
+
+    def broken(*a):
+        raise ConnectionError("connection refused")
+
+    client.round = broken
+    failed = coord.status()
+    assert failed.round == 0 and failed.registration == PROVEN and failed.error == "ConnectionError: connection refused"
+
+
 # ---- every failure path: one line ----------------------------------------------------------------------------
 def one_line(e: pytest.ExceptionInfo) -> str:
     msg = str(e.value)

@@ -408,3 +408,20 @@ def test_with_a_chain_clock_the_header_follows_the_chains_round_and_shows_the_re
 
     asyncio.run(scenario())
     assert app.return_value.error is None
+
+
+@pytest.mark.parametrize("reading,shown", [
+    (None, "chain reading…"),
+    (dict(round=3, stages=2, stage=1, registration="absent"), "chain round 3 · stage 2/2 · ✖ not registered"),
+    (dict(round=3, registration="unproven", flavour="gensyn-0.4.2"), "chain round 3 · registered without proof · "
+                                                                      "gensyn-0.4.2 contract · key 0xab12…ab12"),
+    (dict(error="cannot reach the chain"), "chain ✖ cannot reach the chain"),  # never read: no round to show
+    (dict(round=3, registration="proven", error="currentRound() on 0x1: timed out"),
+     "chain round 3 · ✖ currentRound() on 0x1: timed out"),
+])
+def test_the_header_chain_line_says_the_round_the_registration_or_why_the_chain_failed(reading, shown):
+    from p2pswarm.comm.chain.coordinator import ChainStatus
+    from tui.widgets import chain_line
+
+    status = None if reading is None else ChainStatus(**{"flavour": "p2pswarm", "eoa": "0x" + "ab12" * 10, **reading})
+    assert chain_line(status).plain.startswith(shown)

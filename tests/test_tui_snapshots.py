@@ -18,13 +18,14 @@ from textual.widgets import Input
 
 import tui
 from p2pswarm import events as ev
+from p2pswarm.comm.chain.coordinator import PROVEN, ChainStatus
 from p2pswarm.components import PeerInfo
 from p2pswarm.events import Event
 from p2pswarm.identity import Identity, friendly_name
 from p2pswarm.settings import load_settings
 from tui import SwarmApp
 from tui.dashboard import DashboardScreen
-from tui.engine import LogLine, node_message
+from tui.engine import ChainState, LogLine, node_message
 from tui.widgets import LogPanel, RewardPlot, RolloutsTable
 
 T0 = 1_700_000_000.0  # when the first event happened: the log's stamps, in UTC
@@ -36,6 +37,7 @@ def peer_id(n: int) -> str:
 
 
 ME, ANN, BOB = peer_id(1), peer_id(2), peer_id(3)
+CHAIN = ChainStatus(flavour="p2pswarm", eoa="0x" + "ab12" * 10, round=ROUNDS + 2, registration=PROVEN)
 
 
 @pytest.fixture(autouse=True)
@@ -122,6 +124,8 @@ class DashboardReplay(App):
         dashboard.post_message(LogLine("00:00:00 loading embedded for 3 agent(s)"))
         for e in node_events():
             dashboard.post_message(node_message(e))
+        if self.engine.settings.chain:  # a reading of the chain clock, as the engine's chain thread posts it
+            dashboard.post_message(ChainState(CHAIN))
 
 
 async def every_event_drawn(pilot) -> None:
@@ -142,6 +146,19 @@ async def every_event_drawn(pilot) -> None:
 def test_dashboard(snap_compare, tmp_path, size):
     app = DashboardReplay(load_settings(runs_dir=tmp_path, experiment="demo"))
     assert snap_compare(app, terminal_size=size, run_before=every_event_drawn)
+
+
+def test_dashboard_with_a_chain_clock(snap_compare, tmp_path):
+    app = DashboardReplay(load_settings(runs_dir=tmp_path, experiment="demo", chain="local"))
+
+    async def chain_drawn(pilot) -> None:
+        await every_event_drawn(pilot)
+        deadline = time.monotonic() + 60
+        while pilot.app.screen.chain != CHAIN:
+            assert time.monotonic() < deadline, "the chain's reading was not drawn"
+            await pilot.pause(0.05)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=chain_drawn)
 
 
 def test_dashboard_help(snap_compare, tmp_path):

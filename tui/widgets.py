@@ -55,7 +55,7 @@ def chain_line(status) -> Text:
     """The header's chain line for a ChainStatus (None: not read yet): the chain's round, this node's
     registration, the contract's flavour and the node's chain address; a failure replaces the registration
     with its reason, after the last round read. Most telling first: a narrow terminal cuts the end."""
-    t = Text("chain ", style="dim")
+    t = Text().append("chain ", style="dim")  # a span: Text's own style would dim the whole line
     if status is None:
         return t.append("reading…", style="dim")
     if status.round >= 0:
