@@ -245,6 +245,8 @@ def _read_record(path: Path) -> dict | None:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # As anvil binds: the connections of the chain that just stopped linger in TIME_WAIT on the port.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
