@@ -143,6 +143,7 @@ def test_bootstrap_without_anvil_is_one_error_line_naming_it(tmp_path):
     assert "needs anvil" in out.stderr and "npm install -g @foundry-rs/anvil" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 def test_peers_follow_the_bootstraps_chain_and_a_killed_one_resumes_at_its_round(procs, tmp_path):
     """Three hivemind peers on the chain a bootstrap serves; bob is killed, the chain and the others go on,
