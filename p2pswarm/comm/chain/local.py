@@ -196,7 +196,10 @@ def serve_anvil(state_file: Path, stage_seconds: float = 30.0, port: int = 0) ->
     registrations go on; this process did not start it and leaves it running at close()); otherwise anvil
     is started, on the recorded port when it is free (the URL peers were given stays valid; the contract
     address, the development account's first deployment, too), and the log says the chain is new."""
-    from web3 import HTTPProvider, Web3
+    try:
+        from web3 import HTTPProvider, Web3
+    except ImportError:  # an optional extra: one line naming it, not a traceback
+        raise ChainError("--chain local needs web3, which is not installed: pip install 'p2pswarm[chain]'") from None
 
     rec = _read_record(state_file)
     if rec is not None:
