@@ -17,7 +17,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("bootstrap.key"),
           initial_peers: list[str] | None = None, announce_maddrs: list[str] | None = None,
           coordinator: bool = False, experiment: str = "default", state_dir: Optional[Path] = None,
-          status_every: float = 60.0, quorum: int = 0, round_deadline: float = 300.0) -> None:
+          status_every: float = 60.0, quorum: int = 0, round_deadline: float = 300.0, chain: str | None = None,
+          chain_round_seconds: float = 30.0, chain_port: int = 0) -> None:
     from p2pswarm.comm.hivemind.bootstrap import BootstrapPeer
     from p2pswarm.comm.hivemind.node import NetConfig
     from p2pswarm.errors import UserError
@@ -29,9 +30,13 @@ def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("boots
                     announce_maddrs=list(announce_maddrs or []))
     try:  # this app's one catch: a bad identity file, a port in use, an unreachable peer: one line, exit 1
         peer = BootstrapPeer(identity, net, experiment=experiment, coordinator=coordinator, state_dir=state_dir,
-                             quorum=quorum, deadline=round_deadline).start_node()
+                             quorum=quorum, deadline=round_deadline, chain=chain, chain_round_seconds=chain_round_seconds,
+                             chain_port=chain_port).start_node()
         for m in peer.maddrs:  # the first lines: what operators hand out
             print(m, flush=True)
+        if peer.chain is not None:
+            log.info("local chain: RPC %s, contract %s, chain id %d; peers on this machine follow its rounds with: %s",
+                     peer.chain.url, peer.chain.contract, peer.chain.w3.eth.chain_id, peer.chain_settings)
         peer.start_services()
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
@@ -70,11 +75,14 @@ def main_command(
     status_every: Annotated[float, typer.Option(help="seconds between status lines")] = 60.0,
     quorum: Annotated[int, typer.Option(help="--coordinator: advance when this many trainers finished (0: all live)")] = 0,
     round_deadline: Annotated[float, typer.Option(help="--coordinator: advance this long after the first trainer finished")] = 300.0,
+    chain: Annotated[Optional[str], typer.Option(help="'local': serve a chain for the peers' round clock (anvil on 127.0.0.1, docs/chain.md)")] = None,
+    chain_round_seconds: Annotated[float, typer.Option(help="--chain local: the contract's stage duration (the shortest round)")] = 30.0,
+    chain_port: Annotated[int, typer.Option(help="--chain local: anvil's port (0: the one it had before, else any free)")] = 0,
 ) -> None:
     """Run a headless bootstrap peer: prints its multiaddrs first, logs a status line every minute,
     keeps its peer id across restarts, stops cleanly on SIGTERM."""
     serve(host, port, identity, initial_peers, announce_maddrs, coordinator, experiment, state_dir, status_every,
-          quorum, round_deadline)
+          quorum, round_deadline, chain, chain_round_seconds, chain_port)
 
 
 def main() -> None:

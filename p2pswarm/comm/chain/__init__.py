@@ -5,7 +5,7 @@
     artifacts/            our ABI + bytecode, and Gensyn's shipped SwarmCoordinator_0.4.2.json (MIT)
     client.py             ChainClient: pre-flighted, receipted transactions; reverts decoded by selector
     coordinator.py        ChainCoordinator: the Coordinator that follows and advances the chain's round
-    local.py              local chains: the in-process EVM, anvil
+    local.py              local chains: the in-process EVM, anvil (and the one a bootstrap peer serves)
 
 make_coordinator() builds the chain clock a node's settings ask for.
 """

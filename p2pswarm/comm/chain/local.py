@@ -5,10 +5,14 @@ funded development account and fund each node's own key from it, so a user needs
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,13 +58,14 @@ class LocalChain:
     """A local chain with our contract deployed: `w3`, `contract` (its address), `url` (anvil's, else None).
 
     `client(account, identity)` funds `account` and returns its ChainClient. close() stops anvil if this
-    object started it.
+    object started it (`process`); a chain attached to with `contract` given is deployed to already.
     """
 
-    def __init__(self, w3, *, stage_seconds: float, url: str | None = None, process=None, flavour: str = "p2pswarm"):
+    def __init__(self, w3, *, stage_seconds: float, url: str | None = None, process=None, flavour: str = "p2pswarm",
+                 contract: str | None = None):
         self.w3, self.url, self.process, self.flavour = w3, url, process, flavour
         self.dev = w3.eth.accounts[0]  # both chains hold unlocked, funded development accounts
-        self.contract = self.deploy(stage_seconds)
+        self.contract = contract or self.deploy(stage_seconds)
 
     @classmethod
     def inprocess(cls, stage_seconds: float = 30.0, flavour: str = "p2pswarm") -> LocalChain:
@@ -70,17 +75,22 @@ class LocalChain:
 
     @classmethod
     def anvil(cls, stage_seconds: float = 30.0, port: int = 0, chain_id: int = 31337) -> LocalChain:
-        """Start anvil on 127.0.0.1 (a free port when 0) and deploy; ChainError naming what to install if absent."""
+        """Start anvil on 127.0.0.1 (a free port when 0) and deploy; ChainError naming what to install if absent.
+
+        anvil dies with this process, also when it is killed (Linux: the parent-death signal, which the kernel
+        sends when the thread that started anvil ends: call this from a thread that lives as long as the
+        chain, such as the main thread)."""
         from web3 import HTTPProvider, Web3
 
-        exe = shutil.which("anvil")
+        exe = anvil_executable()
         if exe is None:
             raise ChainError(f"--chain local for separate processes needs anvil, which is not installed: {ANVIL_INSTALL}")
         port = port or _free_port()
         # A block every second: a chain that only mines on transactions keeps its time still, and no stage
         # deadline would pass while the nodes wait for one.
         proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(chain_id),
-                                 "--block-time", "1", "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 "--block-time", "1", "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=_die_with_parent())
         url = f"http://127.0.0.1:{port}"
         w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 10}))
         deadline = time.monotonic() + 30
@@ -128,6 +138,13 @@ class LocalChain:
         return ChainClient(self.w3, contract or self.contract, account, flavour=self.flavour,
                            where=self.url and f"the chain at {self.url}" or "the in-process chain")
 
+    def reader(self) -> ChainClient:
+        """A client for reads: a throwaway key, not funded (a read costs nothing)."""
+        from eth_account import Account
+
+        return ChainClient(self.w3, self.contract, Account.create(), flavour=self.flavour,
+                           where=self.url and f"the chain at {self.url}" or "the in-process chain")
+
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -135,6 +152,109 @@ class LocalChain:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+def anvil_executable() -> str | None:
+    """anvil's binary on PATH, None if absent. npm's @foundry-rs/anvil puts a Node launcher on PATH that
+    spawns the binary: that binary is returned instead, since a launcher killed with SIGKILL (ours, or the
+    parent-death signal) would leave the binary running, holding its port."""
+    exe = shutil.which("anvil")
+    if exe is None:
+        return None
+    real = Path(exe).resolve()
+    if real.suffix in (".mjs", ".js"):
+        pkg = real.parent  # .../@foundry-rs/anvil; the platform's package sits beside it or inside it
+        for cand in [*sorted(pkg.glob("node_modules/@foundry-rs/anvil-*/bin/anvil")),
+                     *sorted(pkg.parent.glob("anvil-*/bin/anvil")), pkg / "dist" / "anvil"]:
+            if cand.is_file() and os.access(cand, os.X_OK):
+                return str(cand)
+    return exe
+
+
+def _die_with_parent():
+    """A preexec_fn making the child die (SIGKILL) when the thread that started it ends, however it ends:
+    a killed bootstrap must not leave its chain running. Linux only (prctl); elsewhere None, and only a
+    clean stop ends the child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def set_pdeathsig() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above: nobody would signal us
+            os._exit(1)
+
+    return set_pdeathsig
+
+
+def serve_anvil(state_file: Path, stage_seconds: float = 30.0, port: int = 0) -> LocalChain:
+    """The local chain of a bootstrap peer (`--chain local`), its URL, contract and chain id kept in
+    `state_file`. The recorded chain is reused when it still answers with our contract (its rounds and
+    registrations go on; this process did not start it and leaves it running at close()); otherwise anvil
+    is started, on the recorded port when it is free (the URL peers were given stays valid; the contract
+    address, the development account's first deployment, too), and the log says the chain is new."""
+    try:
+        from web3 import HTTPProvider, Web3
+    except ImportError:  # an optional extra: one line naming it, not a traceback
+        raise ChainError("--chain local needs web3, which is not installed: pip install 'p2pswarm[chain]'") from None
+
+    rec = _read_record(state_file)
+    if rec is not None:
+        w3 = Web3(HTTPProvider(rec["url"], request_kwargs={"timeout": 3}))
+        try:
+            if w3.eth.chain_id == rec["chain_id"] and len(w3.eth.get_code(rec["contract"])) > 0:
+                chain = LocalChain(w3, stage_seconds=stage_seconds, url=rec["url"], contract=rec["contract"])
+                round_ = chain.reader().round()[0]
+                log.info("reusing the local chain at %s (contract %s, round %d): its anvil is still up; it was not "
+                         "started by this bootstrap and keeps running when it stops", rec["url"], rec["contract"], round_)
+                return chain
+        except Exception:  # noqa: BLE001 - gone, or something else on the port: start a chain of our own
+            pass
+    want = port or (rec["port"] if rec is not None and _port_free(rec["port"]) else 0)
+    chain = LocalChain.anvil(stage_seconds=stage_seconds, port=want)
+    chain_id = chain.w3.eth.chain_id
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": chain.url, "port": int(chain.url.rsplit(":", 1)[1]), "contract": chain.contract,
+                               "chain_id": chain_id}))
+    os.replace(tmp, state_file)
+    if rec is None:
+        log.info("started a local chain (anvil) at %s: contract %s, rounds of at least %.0f s",
+                 chain.url, chain.contract, stage_seconds)
+    else:
+        same = chain.url == rec["url"] and chain.contract == rec["contract"]
+        log.warning("the local chain at %s was gone: started a NEW chain at %s (round 0, no registrations; "
+                    "contract %s%s)", rec["url"], chain.url, chain.contract,
+                    ", same URL and address: peers keep their settings" if same else
+                    ": peers need the new --set lines below")
+    return chain
+
+
+def _read_record(path: Path) -> dict | None:
+    """The recorded chain of `path`, None when absent or not one (a file of ours, but checked all the same)."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(rec, dict) and isinstance(rec.get("url"), str) and rec["url"].startswith("http://127.0.0.1:")
+          and isinstance(rec.get("port"), int) and 0 < rec["port"] < 65536
+          and isinstance(rec.get("chain_id"), int) and isinstance(rec.get("contract"), str)
+          and len(rec["contract"]) == 42 and rec["contract"].startswith("0x"))
+    return rec if ok else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        # As anvil binds: the connections of the chain that just stopped linger in TIME_WAIT on the port.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _free_port() -> int:

@@ -1,5 +1,6 @@
 """A bootstrap peer: a full DHT node with a stable peer id and no model. Peers join the swarm through it;
-with `coordinator=True` it also keeps the round clock (persisted in `state_dir`)."""
+with `coordinator=True` it also keeps the round clock (persisted in `state_dir`); with `chain="local"` it
+serves a local chain (anvil on 127.0.0.1, our contract deployed: docs/chain.md) for the peers' chain clock."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from p2pswarm.comm.hivemind import net_config
 from p2pswarm.comm.hivemind.coordinator import RoundKeeper
 from p2pswarm.comm.hivemind.manager import HivemindComm
 from p2pswarm.comm.hivemind.node import HivemindNode, NetConfig
+from p2pswarm.errors import UserError
 from p2pswarm.identity import Identity
 
 log = logging.getLogger("p2pswarm.bootstrap")
@@ -19,7 +21,13 @@ log = logging.getLogger("p2pswarm.bootstrap")
 
 class BootstrapPeer:
     def __init__(self, identity_path: Path, net: NetConfig, *, experiment: str, coordinator: bool = False,
-                 state_dir: Path | None = None, quorum: int = 0, deadline: float = 300.0):
+                 state_dir: Path | None = None, quorum: int = 0, deadline: float = 300.0, chain: str | None = None,
+                 chain_round_seconds: float = 30.0, chain_port: int = 0):
+        if chain not in (None, "local"):
+            raise UserError(f"the bootstrap peer serves only --chain local (anvil on this machine), not {chain!r}: "
+                            "peers of a chain elsewhere point at it themselves (--set chain=URL)")
+        self.chain_mode, self.chain_round_seconds, self.chain_port = chain, chain_round_seconds, chain_port
+        self.chain = None  # the LocalChain served, once started
         self.identity_path = Path(identity_path)
         self.net = net
         self.experiment = experiment
@@ -44,9 +52,27 @@ class BootstrapPeer:
         return self.start_node().start_services()
 
     def start_node(self) -> BootstrapPeer:
-        """The p2p node alone: its addresses are known from here on."""
-        self.node = HivemindNode(self.identity, self.identity_path, self.net).start()
+        """The p2p node alone (and the local chain): their addresses are known from here on."""
+        if self.chain_mode == "local":
+            # Before the node's threads: anvil is started with a preexec_fn (comm/chain/local.py).
+            from p2pswarm.comm.chain.local import serve_anvil
+
+            self.chain = serve_anvil(self.state_dir / f"chain-{self.experiment}.json", self.chain_round_seconds,
+                                     self.chain_port)
+        try:
+            self.node = HivemindNode(self.identity, self.identity_path, self.net).start()
+        except BaseException:
+            self.close()
+            raise
         return self
+
+    @property
+    def chain_settings(self) -> str:
+        """What a peer adds to follow the served chain's rounds ('' without one)."""
+        if self.chain is None:
+            return ""
+        return (f"--set chain={self.chain.url} --set chain_contract={self.chain.contract} "
+                f"--set chain_id={self.chain.w3.eth.chain_id}")
 
     def start_services(self) -> BootstrapPeer:
         """Membership, and the round clock with coordinator=True."""
@@ -79,14 +105,25 @@ class BootstrapPeer:
                 "dropped": sum(v for k, v in self.comm.counters().items() if k.startswith("dropped_") and isinstance(v, int)),
                 # trainers that held a round to its deadline, not waited for now (comm/core.py RoundRule)
                 "not_waited_for": sum(1 for until in self.keeper.rule.excused_until.values() if self.keeper.round < until)
-                if self.keeper else 0}
+                if self.keeper else 0,
+                "chain_round": self._chain_round()}
+
+    def _chain_round(self) -> int | None:
+        if self.chain is None:
+            return None
+        try:
+            return self.chain.reader().round()[0]
+        except Exception as e:  # noqa: BLE001 - shown in the status line, not raised
+            log.warning("local chain: %s", e)
+            return None
 
     def status_line(self) -> str:
         s = self.status()
         return (f"status: {s['peers_connected']} peer(s) connected, {s['trainers']} trainer(s) in "
                 f"'{self.experiment}', round {s['round']}" + (" (coordinator)" if self.keeper else "")
                 + (f", {s['dropped']} bad record(s)/payload(s) dropped" if s["dropped"] else "")
-                + (f", {s['not_waited_for']} stalling trainer(s) not waited for" if s["not_waited_for"] else ""))
+                + (f", {s['not_waited_for']} stalling trainer(s) not waited for" if s["not_waited_for"] else "")
+                + (f", chain round {s['chain_round']}" if s["chain_round"] is not None else ""))
 
     def close(self) -> None:
         if self.keeper is not None:
@@ -95,3 +132,6 @@ class BootstrapPeer:
             self.comm.close()
         elif self.node is not None:
             self.node.close()
+        if self.chain is not None:
+            self.chain.close()
+            self.chain = None
