@@ -25,10 +25,13 @@ The limits, and why:
     peer ids    the libp2p id of an Ed25519 key (`12D3KooW` + 44 base58 characters, decoding to one).
     plain data  maps with string keys, lists, strings, bools, None, ints in int64, finite floats, at most
                 MAX_DEPTH deep: what metadata and recipes may hold.
+    JSON        at most JSON_MAX_DEPTH deep, checked before the parser runs (json_value): the parser's own
+                guard is the process's recursion limit, which libraries may raise until it segfaults.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -184,6 +187,34 @@ def plain(v: Any, field: str, depth: int = MAX_DEPTH, *, blobs: bool = False) ->
 
 
 _MISSING = object()
+
+
+JSON_MAX_DEPTH = 64  # the deepest file of ours or the fork's nests about 6 levels
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_value(data: bytes | str, *, nan: bool = False) -> Any:
+    """A JSON document from an untrusted source, or Invalid. Nesting is bounded BEFORE the parser runs:
+    json's C scanner recurses on the machine stack, guarded only by sys.getrecursionlimit(), which some
+    libraries raise process-wide (py_ecc, imported by py-evm, sets it to 100000), and then a few hundred
+    KB of brackets crash the interpreter instead of raising. NaN / Infinity are refused unless `nan`."""
+    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    depth = deepest = 0
+    for c in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > JSON_MAX_DEPTH:
+                raise Invalid("json", f"nests deeper than {JSON_MAX_DEPTH}")
+    try:
+        return json.loads(text) if nan else json.loads(text, parse_constant=_no_json_constant)
+    except (ValueError, RecursionError) as e:
+        raise Invalid("json", f"is not JSON ({type(e).__name__})") from None
+
+
+def _no_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def field(d: dict, key: str, check: Callable[..., Any], *args: Any, default: Any = _MISSING) -> Any:

@@ -64,3 +64,21 @@ def test_a_json_file_over_the_cap_is_not_read(tmp_path):
     store = FolderStore(str(tmp_path), EXP)
     store.write_atomic(store.state_path(), b'{"round": 1, "pad": "' + b"x" * (2 << 20) + b'"}')
     assert store.read_clock() is None
+
+
+def test_deeply_nested_json_is_refused_even_after_a_library_raised_the_recursion_limit():
+    """py_ecc (imported with the in-process EVM of the chain tests) raises the recursion limit to 100000 for
+    the whole process; json's C parser then overflows the machine stack on a file of brackets instead of
+    raising. A subprocess, so that a crash is a failed assertion here rather than the end of the suite."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.setrecursionlimit(100000)\n"
+            "from p2pswarm.comm.drive.store import parse_json\n"
+            "assert parse_json('[' * 300000 + ']' * 300000) is None\n"
+            "assert parse_json('{\"a\":' * 100000 + '1' + '}' * 100000) is None\n"
+            "assert parse_json('{\"a\":' * 5 + '1' + '}' * 5) == {'a': {'a': {'a': {'a': {'a': 1}}}}}\n"
+            "assert parse_json('{\"text\": \"' + '[' * 100000 + '\"}') is not None  # brackets in a string are text\n"
+            "print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "refused" in done.stdout, (done.returncode, done.stderr[-2000:])

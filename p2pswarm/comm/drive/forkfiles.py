@@ -99,8 +99,8 @@ def _loads(line: str) -> Any:
     """A JSON value, or None. NaN is allowed here (a diverged loss is logged as NaN): clean_row refuses it in
     every field it knows, and elsewhere it is just a NaN in a DataFrame."""
     try:
-        return json.loads(line)
-    except Exception:  # noqa: BLE001 - ValueError, RecursionError
+        return V.json_value(line, nan=True)
+    except Exception:  # noqa: BLE001 - Invalid, UnicodeDecodeError
         return None
 
 
@@ -188,8 +188,8 @@ def own_rows(data: bytes | None) -> list[dict]:
     rows = []
     for line in (data or b"").decode("utf-8", "replace").splitlines():
         try:
-            row = json.loads(line)
-        except ValueError:
+            row = V.json_value(line, nan=True)
+        except Exception:  # noqa: BLE001 - a line a kill cut short
             continue
         if isinstance(row, dict):
             rows.append(row)

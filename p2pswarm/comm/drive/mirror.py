@@ -24,7 +24,6 @@ could otherwise plant another node's weights (trainer.pt also loads without unpi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -33,6 +32,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 from p2pswarm import events as ev
+from p2pswarm import validate as V
 from p2pswarm.comm.drive import forkfiles
 from p2pswarm.comm.drive.manager import FolderComm
 from p2pswarm.comm.drive.records import manifest_record, parse_manifest
@@ -291,8 +291,8 @@ class DriveMirror:
             rows = []
             for line in data.decode("utf-8", "replace").splitlines():
                 try:
-                    row = json.loads(line)
-                except Exception:  # noqa: BLE001 - ValueError, RecursionError: a line that is not ours
+                    row = V.json_value(line, nan=True)
+                except Exception:  # noqa: BLE001 - Invalid: a line that is not ours
                     continue
                 if isinstance(row, dict) and row.get("peer") == self.identity.peer_id:
                     rows.append(line)

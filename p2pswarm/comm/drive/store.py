@@ -35,16 +35,12 @@ _ROLLOUT_FILE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._~-]*\.(msgpack|json)$"
 MAX_JSON_BYTES = 1 << 20  # registrations are ~600 bytes, manifests a few KB, the clock ~300 bytes
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def parse_json(data: bytes | str) -> dict | None:
     """A JSON object, or None for anything else (never raises): not JSON, not an object, NaN or Infinity
-    anywhere in it, an integer of more than 4300 digits, nesting deeper than the parser's recursion."""
+    anywhere in it, an integer of more than 4300 digits, nesting deeper than validate.JSON_MAX_DEPTH."""
     try:
-        obj = json.loads(data, parse_constant=_no_constant)
-    except Exception:  # noqa: BLE001 - ValueError, UnicodeDecodeError, RecursionError...
+        obj = V.json_value(data)
+    except Exception:  # noqa: BLE001 - Invalid, UnicodeDecodeError...
         return None
     return obj if isinstance(obj, dict) else None
 
