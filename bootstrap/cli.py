@@ -18,7 +18,7 @@ def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("boots
           initial_peers: list[str] | None = None, announce_maddrs: list[str] | None = None,
           coordinator: bool = False, experiment: str = "default", state_dir: Optional[Path] = None,
           status_every: float = 60.0, quorum: int = 0, round_deadline: float = 300.0, chain: str | None = None,
-          chain_round_seconds: float = 30.0, chain_port: int = 0) -> None:
+          chain_round_seconds: float = 30.0, chain_port: int = 0, quorum_fraction: float = 0.75) -> None:
     from p2pswarm.comm.hivemind.bootstrap import BootstrapPeer
     from p2pswarm.comm.hivemind.node import NetConfig
     from p2pswarm.errors import UserError
@@ -30,7 +30,7 @@ def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("boots
                     announce_maddrs=list(announce_maddrs or []))
     try:  # this app's one catch: a bad identity file, a port in use, an unreachable peer: one line, exit 1
         peer = BootstrapPeer(identity, net, experiment=experiment, coordinator=coordinator, state_dir=state_dir,
-                             quorum=quorum, deadline=round_deadline, chain=chain, chain_round_seconds=chain_round_seconds,
+                             quorum=quorum, deadline=round_deadline, fraction=quorum_fraction, chain=chain, chain_round_seconds=chain_round_seconds,
                              chain_port=chain_port).start_node()
         for m in peer.maddrs:  # the first lines: what operators hand out
             print(m, flush=True)
@@ -73,7 +73,8 @@ def main_command(
     experiment: Annotated[str, typer.Option(envvar="EXPERIMENT_NAME", help="experiment whose clock to keep and peers to count")] = "default",
     state_dir: Annotated[Optional[Path], typer.Option(help="where the round clock persists (default: beside the identity)")] = None,
     status_every: Annotated[float, typer.Option(help="seconds between status lines")] = 60.0,
-    quorum: Annotated[int, typer.Option(help="--coordinator: advance when this many trainers finished (0: all live)")] = 0,
+    quorum: Annotated[int, typer.Option(help="--coordinator: advance when this many trainers finished (0: quorum-fraction)")] = 0,
+    quorum_fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="--coordinator: advance when this share of the trainers that played the last round finished")] = 0.75,
     round_deadline: Annotated[float, typer.Option(help="--coordinator: advance this long after the first trainer finished")] = 300.0,
     chain: Annotated[Optional[str], typer.Option(help="'local': serve a chain for the peers' round clock (anvil on 127.0.0.1, docs/chain.md)")] = None,
     chain_round_seconds: Annotated[float, typer.Option(help="--chain local: the contract's stage duration (the shortest round)")] = 30.0,
@@ -82,7 +83,7 @@ def main_command(
     """Run a headless bootstrap peer: prints its multiaddrs first, logs a status line every minute,
     keeps its peer id across restarts, stops cleanly on SIGTERM."""
     serve(host, port, identity, initial_peers, announce_maddrs, coordinator, experiment, state_dir, status_every,
-          quorum, round_deadline, chain, chain_round_seconds, chain_port)
+          quorum, round_deadline, chain, chain_round_seconds, chain_port, quorum_fraction)
 
 
 def main() -> None:

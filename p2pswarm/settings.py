@@ -164,6 +164,17 @@ class Settings(BaseSettings):
                            description="comm=hivemind: unix time of round 0 for the time clock")
     max_clock_skew: float = Field(3.0, validation_alias=_env("max_clock_skew"), gt=0,
                                   description="comm=hivemind: refuse to join when this machine's clock is further off")
+    # comm=hivemind, the gossip exchange (docs/hivemind.md "A round on the wire")
+    sample_peers: int = Field(8, validation_alias=_env("sample_peers"), ge=0,
+                              description="comm=hivemind: pull the batches of this many announcers a stage, drawn "
+                                          "uniformly (failed pulls replaced by fresh draws; 0: every announcer)")
+    quorum_fraction: float = Field(0.75, validation_alias=_env("quorum_fraction"), gt=0, le=1,
+                                   description="comm=hivemind: the round keeper advances once this share of the "
+                                               "trainers that played the last round finished this one (or at "
+                                               "round_deadline)")
+    gossip_inline: bool = Field(False, validation_alias=_env("gossip_inline"),
+                                description="comm=hivemind: send batches up to 64 KiB on the topic itself, not only "
+                                            "by pull (on by itself in client mode: peers may not dial us)")
     # comm=drive (docs/drive-mode.md)
     drive_path: str | None = Field(None, validation_alias=_env("drive_path", "GDRIVE_PATH"),
                                    description="comm=drive: the shared folder (a path, or any fsspec URL)")

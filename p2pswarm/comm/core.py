@@ -3,6 +3,7 @@
     SignedTransport   encode + sign, send counters, the Inbox (decode, replay, drop reasons), per-peer
                       accounting, peer rows, the bridge's relay hook, close callbacks
     collect_need      how many valid batches end a collect (the quorum), and `quorum_reached`
+    sample_sources    which K announcers a collect pulls from (uniform, peers with a history first)
     should_advance    when a round is over, for every round clock (DHT keeper, Drive coordinator,
                       torch rank 0, and any clock to come); `RoundRule` keeps its one piece of state
     MonotonicClock    a clock reading that never goes back
@@ -15,11 +16,13 @@ that "enough peers delivered" and "the round is over" each have exactly one defi
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Container, Iterable, Mapping
 
 from p2pswarm import wire
 from p2pswarm.components import CommunicationManager, PeerInfo
@@ -39,22 +42,44 @@ TaskCheck = Callable[[Task], "Task | None"]  # DataManager.rederive, or a policy
 
 
 # ---- the quorum of a collect ------------------------------------------------------------------------------
-def collect_need(*, want_peers: int, live: int, bridged: int = 0, failed: int = 0) -> int:
+def collect_need(*, want_peers: int, live: int, bridged: int = 0, failed: int = 0, sample: int = 0) -> int:
     """Valid batches that end a collect before its deadline.
 
     `want_peers` (the collect_peers setting) wins when set. Otherwise every peer that is expected to
     publish this round: the `live` peers not already past it (a peer that joined late and skipped the
     round will not publish it), plus the peers a bridge among them relays (`bridged`), minus those whose
-    payload already failed this round (`failed`: gone or hostile; they no longer hold the collect up).
+    payload already failed this round (`failed`: gone or hostile; they no longer hold the collect up);
+    at most `sample` of them when the transport pulls from a sample of K announcers (0: no sample).
     0 means nobody is expected: the transport returns at once (or once its pulls in flight are done).
     """
     if want_peers > 0:
         return want_peers
-    return max(0, live + bridged - failed)
+    n = max(0, live + bridged - failed)
+    return min(n, sample) if sample > 0 else n
 
 
 def quorum_reached(valid: int, *, want_peers: int, live: int, bridged: int = 0, failed: int = 0) -> bool:
     return valid >= collect_need(want_peers=want_peers, live=live, bridged=bridged, failed=failed)
+
+
+def sample_sources(pool: Iterable[str], k: int, *, good: Container[str], rng: random.Random) -> list[str]:
+    """Up to `k` of the peers in `pool`, drawn uniformly, those with a history of valid batches (`good`)
+    preferred: fresh identities get the slots the good ones cannot fill, and never fewer than a quarter of
+    them (rounded up), so that an honest newcomer can earn a history while a flood of fresh identities (a
+    Sybil) takes at most that quarter from a swarm that has good peers. k <= 0: the whole pool, shuffled.
+
+    Drawing from every announcement seen by a cutoff, not the first ones to arrive, is what keeps the
+    sample unbiased (the first are the fast peers, with short completions): callers draw once at the
+    cutoff, then again only to replace failed pulls or to take in late announcements."""
+    pool = sorted(set(pool))
+    if k <= 0 or len(pool) <= k:
+        rng.shuffle(pool)
+        return pool
+    known = [p for p in pool if p in good]
+    fresh = [p for p in pool if p not in good]
+    n_fresh = min(len(fresh), max(math.ceil(k / 4), k - len(known)))
+    n_known = min(len(known), k - n_fresh)
+    return rng.sample(known, n_known) + rng.sample(fresh, n_fresh)
 
 
 # ---- the round rule ---------------------------------------------------------------------------------------
@@ -67,13 +92,15 @@ class Progress:
 
 
 def should_advance(clock: int, trainers: Mapping[str, Progress], *, quorum: int, deadline: float,
-                   first_done_at: float | None, now: float) -> bool:
+                   first_done_at: float | None, now: float, fraction: float = 1.0) -> bool:
     """Whether round `clock` is over, given the live trainers' progress (this node's own included).
 
     Over when a quorum of trainers has finished (trained) it, or `deadline` seconds after the first one
-    did. The quorum is `quorum` when set, else every trainer that plays along: one that has not played
-    since before the previous round (stuck, or only pretending to train) is not waited for, and a
-    newcomer catches up by jumping ahead. Nobody finished: never over (a swarm of no trainers waits).
+    did. The quorum is `quorum` when set, else `fraction` (rounded up) of the trainers that play along,
+    those that played the previous round or this one (their last announcements): one that has not played
+    since before the previous round (stuck, or only pretending to train) is not waited for, a newcomer
+    catches up by jumping ahead, and with fraction < 1 a few slow peers do not hold a thousand.
+    Nobody finished: never over (a swarm of no trainers waits).
     Finishing, not publishing, is what counts: moving on while trainers still collect would make a node
     that joins then skip a round the others are still waiting for.
     """
@@ -83,7 +110,7 @@ def should_advance(clock: int, trainers: Mapping[str, Progress], *, quorum: int,
     if first_done_at is not None and now - first_done_at >= deadline:
         return True
     active = sum(1 for p in trainers.values() if max(p.round, p.finished) >= clock - 1)
-    return done >= max(1, quorum or active)
+    return done >= max(1, quorum or math.ceil(fraction * active - 1e-9))
 
 
 class RoundRule:
@@ -96,9 +123,10 @@ class RoundRule:
     anyway, and it catches up by jumping ahead.
     """
 
-    def __init__(self, *, quorum: int = 0, deadline: float = 300.0):
+    def __init__(self, *, quorum: int = 0, deadline: float = 300.0, fraction: float = 1.0):
         self.quorum = quorum
         self.deadline = deadline
+        self.fraction = fraction
         self.first_done_at: float | None = None
         self.stalls: Counter[str] = Counter()
         self.excused_until: dict[str, int] = {}  # trainer -> first round it is waited for again
@@ -111,9 +139,10 @@ class RoundRule:
         if self.first_done_at is None and any(p.finished >= clock for p in waited.values()):
             self.first_done_at = now
         if not should_advance(clock, waited, quorum=self.quorum, deadline=self.deadline,
-                              first_done_at=self.first_done_at, now=now):
+                              first_done_at=self.first_done_at, now=now, fraction=self.fraction):
             return False
-        if not should_advance(clock, waited, quorum=self.quorum, deadline=self.deadline, first_done_at=None, now=now):
+        if not should_advance(clock, waited, quorum=self.quorum, deadline=self.deadline, first_done_at=None, now=now,
+                              fraction=self.fraction):
             # The deadline ended it: remember who it waited for in vain.
             for p, t in waited.items():
                 if t.finished < clock and max(t.round, t.finished) >= clock - 1:
@@ -145,7 +174,7 @@ class MonotonicClock:
 # truncated streams, nothing served) and replays (a restarted honest peer republishes) are not offenses.
 OFFENSES = frozenset({
     "bad_signature", "malformed", "schema", "bad_version", "wrong_peer", "wrong_swarm", "wrong_slot", "too_large",
-    "round_window", "digest_mismatch", "bad_task", "relay_limit", "relay_mismatch", "over_limit",
+    "round_window", "digest_mismatch", "bad_task", "relay_limit", "relay_mismatch", "over_limit", "over_rate",
 })
 
 

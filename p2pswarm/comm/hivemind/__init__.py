@@ -1,9 +1,11 @@
 """The swarm over hivemind (the default transport): `connect()` assembles a node's comm and round clock.
 
-    node.py         the libp2p daemon + DHT in this process; start-up checks with one-line errors
-    records.py      owner-signed DHT records: members, rollout announcements, the round clock
+    node.py         the libp2p daemon (GossipSub on) + DHT in this process; start-up checks with one-line errors
+    pubsub.py       our binding for the daemon's pubsub: publish, subscribe (a kept reader), topic peers
+    gossip.py       the swarm's topic: heartbeats, announcements, the clock; caps per author; catch-up
+    records.py      the fields of members, announcements and the clock, checked; the DHT's record validator
     payloads.py     rollout payloads pulled peer to peer over a stream, size-capped
-    manager.py      HivemindComm: publish / collect / counters
+    manager.py      HivemindComm: publish / collect from K sampled announcers / counters
     coordinator.py  the round clock: a keeper peer, followers, or a time clock
     bootstrap.py    BootstrapPeer: a DHT node with no model that peers join through (the `bootstrap` app runs one)
 """
@@ -46,11 +48,13 @@ def connect(settings: Settings, identity: Identity, key_path: str | Path, *, nam
     node = HivemindNode(identity, key_path, net).start()
     try:
         comm = HivemindComm(node, settings.experiment, name=name, timeout=settings.collect_timeout,
-                            want_peers=settings.collect_peers)
+                            want_peers=settings.collect_peers, sample_peers=settings.sample_peers,
+                            inline=settings.gossip_inline)
         keeper = None
         if settings.role == "coordinator" or not net.initial_peers:
             keeper = RoundKeeper(comm, state_dir / "round_clock.json" if state_dir else None,
-                                 quorum=settings.collect_peers, deadline=settings.round_deadline, log_rounds=False)
+                                 quorum=settings.collect_peers, deadline=settings.round_deadline,
+                                 fraction=settings.quorum_fraction, log_rounds=False)
     except BaseException:
         node.close()
         raise

@@ -21,7 +21,8 @@ log = logging.getLogger("p2pswarm.bootstrap")
 
 class BootstrapPeer:
     def __init__(self, identity_path: Path, net: NetConfig, *, experiment: str, coordinator: bool = False,
-                 state_dir: Path | None = None, quorum: int = 0, deadline: float = 300.0, chain: str | None = None,
+                 state_dir: Path | None = None, quorum: int = 0, deadline: float = 300.0, fraction: float = 0.75,
+                 chain: str | None = None,
                  chain_round_seconds: float = 30.0, chain_port: int = 0):
         if chain not in (None, "local"):
             raise UserError(f"the bootstrap peer serves only --chain local (anvil on this machine), not {chain!r}: "
@@ -35,6 +36,7 @@ class BootstrapPeer:
         self.state_dir = Path(state_dir) if state_dir else self.identity_path.parent
         self.quorum = quorum
         self.deadline = deadline
+        self.fraction = fraction
         self.identity = Identity.load_or_create(self.identity_path)
         self.node = self.comm = self.keeper = None
         self.started = time.time()
@@ -46,7 +48,7 @@ class BootstrapPeer:
         if host is not None:
             net = replace(net, host=host, client_mode=False)
         return cls(identity_path, net, experiment=settings.experiment, coordinator=coordinator, state_dir=state_dir,
-                   quorum=settings.collect_peers, deadline=settings.round_deadline)
+                   quorum=settings.collect_peers, deadline=settings.round_deadline, fraction=settings.quorum_fraction)
 
     def start(self) -> BootstrapPeer:
         return self.start_node().start_services()
@@ -80,7 +82,7 @@ class BootstrapPeer:
             self.comm = HivemindComm(self.node, self.experiment, name="bootstrap", role="bootstrap")
             if self.coordinator:
                 self.keeper = RoundKeeper(self.comm, self.state_dir / f"round_clock-{self.experiment}.json",
-                                          quorum=self.quorum, deadline=self.deadline)
+                                          quorum=self.quorum, deadline=self.deadline, fraction=self.fraction)
         except BaseException:
             self.node.close()
             raise
@@ -95,7 +97,7 @@ class BootstrapPeer:
         return self.node.maddrs if self.node else []
 
     def status(self) -> dict:
-        """Peers connected at the libp2p level, trainers in the experiment, and the round."""
+        """Peers connected at the libp2p level, trainers in the experiment (heard on the topic), and the round."""
         members = self.node.call(self.comm.fetch_members(), timeout=10)
         connected = self.node.call(self.node.p2p.list_peers(), timeout=10)
         trainers = [m for m in members.values() if m.role == "trainer"]

@@ -1,17 +1,20 @@
-"""The round clock over the DHT.
+"""The round clock, over the swarm's topic.
 
 One peer keeps it (`role=coordinator`: a bootstrap peer started with --coordinator, or the node that starts
-a new swarm): it publishes an owner-signed record {round, started} and advances it by the round rule every
-clock shares (comm/core.py `should_advance`: a quorum of the live trainers that play along has finished
-the round, each saying so in its member record, or `deadline` seconds after the first one did). It persists the round on disk, so a restarted keeper resumes where it was, never rewinding.
+a new swarm): it publishes {round, started} on the topic (gossip.py) at every change and every 5 s, and
+advances it by the round rule every clock shares (comm/core.py `should_advance`): `quorum_fraction` of the
+trainers that play along (they played the last round or this one) finished the round, each saying so in
+its heartbeat, or `deadline` seconds after the first one did. It persists the round on disk, so a restarted
+keeper resumes where it was, never rewinding.
 
-Every other peer follows records signed by a peer it trusts (its initial peers, or `coordinator_peer`):
-it plays max(its next round, the clock), so it joins late by jumping forward ("skipped rounds") and
-never goes back. Nor does it run away from the others: after finishing round r it waits while live
-trainers in good standing (HivemindComm.behind: they delivered valid batches before) still play r or
-an earlier round, until they finish it or the clock says r is over (at most `hold` seconds). A fast peer
-thus stays on the round of a slower one, or of one that restarted, instead of drifting rounds away for
-good; a peer that only claims to play holds nobody up, and the keeper's round_deadline bounds the rest.
+Every other peer follows clock messages authored by a peer it trusts (its initial peers, or
+`coordinator_peer`): it plays max(its next round, the clock), so it joins late by jumping forward
+("skipped rounds") and never goes back. Nor does it run away from the others: after finishing round r it
+waits while live trainers in good standing (HivemindComm.behind: they delivered valid batches before)
+still play r or an earlier round, until they finish it or the clock says r is over (at most `hold`
+seconds). A fast peer thus stays on the round of a slower one, or of one that restarted, instead of
+drifting rounds away for good; a peer that only claims to play holds nobody up, and the keeper's
+round_deadline and quorum fraction bound the rest.
 With no keeper, a time clock from config (round = (now - genesis) // round_seconds) serves, and without
 that each peer paces itself (holding for the others all the same).
 """
@@ -27,15 +30,14 @@ import time
 from pathlib import Path
 
 from p2pswarm.comm.core import MonotonicClock, Progress, RoundRule
-from p2pswarm.comm.hivemind import records
+from p2pswarm.comm.hivemind import gossip, records
 from p2pswarm.comm.hivemind.manager import HivemindComm
 from p2pswarm.components import Coordinator
 from p2pswarm.run import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CLOCK_TTL = 30.0
-CLOCK_REFRESH = 5.0
+CLOCK_REFRESH = gossip.CLOCK_REFRESH
 CATCH_UP = 10_000  # rounds one keeper poll may advance over (all of them over already)
 
 
@@ -53,13 +55,13 @@ def write_round(path: Path, round: int, started: float) -> None:
 
 
 class RoundKeeper:
-    """The keeper's loop, on the node's event loop: advance, persist, publish."""
+    """The keeper's loop, on the node's event loop: advance, persist, publish on the topic."""
 
     def __init__(self, comm: HivemindComm, state_path: Path | None, *, quorum: int = 0, deadline: float = 300.0,
-                 poll: float = 0.25, log_rounds: bool = True):
+                 fraction: float = 1.0, poll: float = 0.25, log_rounds: bool = True):
         self.comm = comm
         self.state_path = state_path
-        self.rule = RoundRule(quorum=quorum, deadline=deadline)
+        self.rule = RoundRule(quorum=quorum, deadline=deadline, fraction=fraction)
         self.poll = poll
         self.log_rounds = log_rounds  # a training node that keeps the clock prints round lines already
         saved = read_round(state_path)
@@ -79,11 +81,7 @@ class RoundKeeper:
             write_round(self.state_path, self.round, self.started)
 
     async def _publish(self) -> None:
-        from hivemind.utils import get_dht_time
-
-        await self.comm.node.dht.store(records.clock_key(self.comm.swarm),
-                                       {"round": self.round, "started": self.started},
-                                       get_dht_time() + CLOCK_TTL, subkey=self.comm.node.validator.marker)
+        await self.comm._publish(gossip.clock(self.round, self.started))
 
     def step(self, members: dict[str, records.Member]) -> bool:
         """Advance once if the round rule says the current round is over (the loop calls it again at once,
@@ -112,7 +110,7 @@ class RoundKeeper:
                 if moved or time.monotonic() - last_publish > CLOCK_REFRESH:
                     await self._publish()
                     last_publish = time.monotonic()
-            except Exception as e:  # noqa: BLE001 - a DHT hiccup must not stop the clock
+            except Exception as e:  # noqa: BLE001 - a daemon hiccup must not stop the clock
                 log.warning("round clock: %s: %s", type(e).__name__, e)
 
     def close(self) -> None:
@@ -138,15 +136,11 @@ class DHTCoordinator(Coordinator):
         return self.seen.round
 
     def current(self) -> int | None:
-        """The swarm's round: the keeper's record (never lower than one seen before), the time clock, or None."""
+        """The swarm's round: the keeper's clock message (never lower than one seen before), the time clock,
+        or None."""
         if self.keeper is not None:
             return self.seen.see([self.keeper.round])
-        try:
-            got = self.comm.node.call(self.comm.node.dht.get(records.clock_key(self.comm.swarm), latest=True), timeout=10)
-        except Exception as e:  # noqa: BLE001 - the DHT did not answer: the last reading stands
-            log.debug("clock read failed: %s", e)
-            got = None
-        self.seen.see(c.round for c in self.comm.parse_records(got, records.clock) if c.peer_id in self.trusted)
+        self.seen.see(self.comm.clock_rounds(self.trusted))
         if self.seen.known:
             return self.seen.round
         if self.round_seconds > 0:
@@ -161,7 +155,7 @@ class DHTCoordinator(Coordinator):
         return resume_from if cur is None else max(resume_from, cur)
 
     def report_finished(self, round: int) -> None:
-        self.comm.set_position(finished=round)  # the keeper's quorum reads it from our member record
+        self.comm.set_position(finished=round)  # the keeper's quorum reads it from our heartbeat
 
     def next_round(self, finished: int) -> int:
         cur = self.current()

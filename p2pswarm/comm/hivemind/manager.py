@@ -1,13 +1,20 @@
-"""The swarm over hivemind: the DHT says who has what, payloads are pulled peer to peer.
+"""The swarm over hivemind: small signed messages on the swarm's GossipSub topic say who is there and who has
+what; payloads are pulled peer to peer.
 
 publish(r, s): keep the signed wire bytes in this peer's PayloadServer, then announce "I have (r, s),
-               digest D, size N" as an owner-signed DHT record.
-collect(r, s): poll the announcements (and the member list) until `want_peers` peers (0: every live
-               member) delivered a valid batch or the deadline passes; pull new announcers' payloads in
-               parallel, each under a timeout; check digest, then wire.Inbox (signature, peer id = the
-               announcer = the stream's authenticated peer, swarm, round window, size, replay).
+               digest D, size N, G groups with signal" on the topic (gossip.py); once more at half the
+               collect timeout (gossip is not 100% delivery). A small batch may travel in the
+               announcement itself (client mode, or gossip_inline), for peers nobody can dial.
+collect(r, s): draw `sample_peers` (K) announcers uniformly among those heard by a cutoff (peers with a
+               history of valid batches first: core.sample_sources), pull their payloads in parallel, each
+               under a timeout, replacing failed pulls by fresh draws, until `want_peers` (else every
+               expected peer, at most K) delivered a valid batch or the deadline passes; when too few
+               announcements were heard, ask a few peers directly what they heard (a capped catch-up).
+               Every payload is checked: digest, then wire.Inbox (signature, peer id = the announcer = the
+               stream's authenticated peer, swarm, round window, size, replay).
+membership:    a heartbeat on the topic every 5 s and at every change; live = heard within 15 s.
 Anything invalid is dropped and counted by reason, overall and per peer; nothing a peer sends can raise
-into the round.
+into the round. The DHT carries no swarm record: it is the routing that gossip forms its mesh over.
 """
 
 from __future__ import annotations
@@ -15,96 +22,119 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from collections import Counter
 from typing import Any
 
 from p2pswarm import wire
-from p2pswarm.comm.hivemind import records
-from p2pswarm.comm.hivemind.node import HivemindNode
+from p2pswarm.comm.hivemind import gossip, records
+from p2pswarm.comm.hivemind.node import HivemindNode, peer_id_of
 from p2pswarm.comm.hivemind.payloads import PROTOCOL, PayloadServer, PullError, pull
-from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, SignedTransport, collect_need
+from p2pswarm.comm.hivemind.pubsub import Subscription, publish, topic_peers
+from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, SignedTransport, collect_need, sample_sources
 from p2pswarm.components import PeerInfo
 from p2pswarm.types import Group
 
 log = logging.getLogger(__name__)
 
 SILENT_ROUNDS = 2  # collects a live member may deliver nothing in before it is no longer waited for
-MEMBER_TTL = 15.0  # a SIGKILLed peer drops out of the member list this long after its last refresh
-MEMBER_REFRESH = 5.0
+MEMBER_TTL = gossip.MEMBER_TTL
+CATCHUP_PEERS = 3  # peers one catch-up asks
 
 
 class HivemindComm(SignedTransport):
+    """SignedTransport over hivemind: the topic for announcements, membership and the clock (`book`, filled by
+    the subscription), libp2p streams for payloads. `members` is the live view as last read
+    (`fetch_members`); `clock_rounds` what the trusted keepers said. One collect at a time."""
+
     def __init__(self, node: HivemindNode, swarm: str, *, name: str = "", role: str = "trainer",
-                 timeout: float = 10.0, want_peers: int = 0, poll: float = 0.1,
-                 limits: wire.Limits = wire.Limits(), own_node: bool = True):
+                 timeout: float = 10.0, want_peers: int = 0, sample_peers: int = 8, inline: bool = False,
+                 limits: wire.Limits = wire.Limits(), own_node: bool = True, seed: int | None = None):
         super().__init__(node.identity, swarm, name=name, timeout=timeout, want_peers=want_peers, limits=limits)
         self.node = node
         self.role = role
-        self.poll = poll
+        self.sample_peers = sample_peers
+        self.inline = inline or node.net.client_mode  # nobody may be able to dial us: the topic carries small batches
         self.own_node = own_node
+        self.rng = random.Random(seed)
         self.server = PayloadServer()
-        self.record_ttl = max(60.0, 4 * timeout)
+        self.topic = gossip.topic(swarm)
+        self.book = gossip.Book(self.peer_id, blame=self._blame_gossip)
         self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
-        self.record_drops: Counter[str] = Counter()
-        self._bad_seen: set = set()
         self.members: dict[str, records.Member] = {}
         self.seen_peers: set[str] = set()
         self.silent: Counter[str] = Counter()  # collects in a row each expected member delivered nothing in
         self.position = {"round": -1, "stage": 0, "finished": -1}
         self.paused = False
+        self.published = 0  # topic messages and bytes this peer sent
+        self.published_bytes = 0
+        self.pulls = 0  # payload pulls started, and catch-up requests sent
+        self.catchups = 0
         self._closed = False
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
-        node.call(self._store_member(), timeout=30)
-        self._members_at = 0.0  # monotonic time of the last member-list fetch
-        self._refresher = node.spawn(self._refresh_member_loop())
+        node.call(node.p2p.add_binary_stream_handler(
+            gossip.CATCHUP, lambda _i, r, w: gossip.serve_catchup(self.book, r, w, self.rng)), timeout=30)
+        self.subscription = node.call(Subscription(node.p2p, self.topic, self._on_message).start(), timeout=30)
+        node.call(self._heartbeat(), timeout=30)
+        if node.net.initial_peers:  # members and the clock now, not within the next heartbeat period
+            node.call(self._catch_up(-1, 0, [peer_id_of(m) for m in node.net.initial_peers]), timeout=30)
+        self._refresher = node.spawn(self._heartbeat_loop())
+
+    # ---- the topic --------------------------------------------------------------------------------------
+    async def _on_message(self, msg: Any) -> None:
+        self.book.handle(msg)
+
+    async def _publish(self, data: bytes) -> None:
+        await publish(self.node.p2p, self.topic, data)
+        self.published += 1
+        self.published_bytes += len(data)
+
+    def _blame_gossip(self, author: str, reason: str) -> None:
+        """A topic message its author signed but that broke a rule: counted under the author, and a strike
+        (the overall count is in book.drops)."""
+        self.per_peer[author][f"dropped_gossip_{reason}"] += 1
+        self.ledger.offense(author, "over_rate" if reason == "over_rate" else
+                            "too_large" if reason == "too_large" else "malformed")
+
+    async def _catch_up(self, round: int, stage: int, peers: list[str]) -> int:
+        """Ask `peers` (at most CATCHUP_PEERS, at random) what they heard; the messages taken."""
+        peers = [p for p in dict.fromkeys(peers) if p and p != self.peer_id]
+        peers = self.rng.sample(peers, min(CATCHUP_PEERS, len(peers)))
+        if not peers:
+            return 0
+        self.catchups += 1
+        replies = await asyncio.gather(*(gossip.ask_catchup(self.node.p2p, p, round, stage) for p in peers))
+        return sum(1 for p, msgs in zip(peers, replies) for m in msgs if self.book.handle(m, via=p))
 
     # ---- membership -------------------------------------------------------------------------------------
-    async def _store_member(self, left: bool = False) -> bool:
-        from hivemind.utils import get_dht_time
+    async def _heartbeat(self, left: bool = False) -> None:
+        await self._publish(gossip.heartbeat(name=self.name, role=self.role, left=left, bridged=self.bridged,
+                                             paused=self.paused, **self.position))
 
-        value = {"name": self.name, "role": self.role, **self.position, "time": time.time(), "left": left,
-                 "bridged": self.bridged, "paused": self.paused}
-        return await self.node.dht.store(records.members_key(self.swarm), value, get_dht_time() + MEMBER_TTL,
-                                         subkey=self.node.validator.marker)
-
-    async def _refresh_member_loop(self) -> None:
+    async def _heartbeat_loop(self) -> None:
         while not self._closed:
-            await asyncio.sleep(MEMBER_REFRESH)
+            await asyncio.sleep(gossip.MEMBER_REFRESH)
             if self._closed:
                 break
             try:
-                await self._store_member()
-            except Exception as e:  # noqa: BLE001 - the next refresh tries again
-                log.debug("member refresh failed: %s", e)
+                await self._heartbeat()
+            except Exception as e:  # noqa: BLE001 - the next heartbeat tries again
+                log.debug("heartbeat failed: %s", e)
 
     async def fetch_members(self) -> dict[str, records.Member]:
-        """Members of this swarm whose record has not expired and who have not left (self included)."""
-        got = await self.node.dht.get(records.members_key(self.swarm), latest=True)
-        self._members_at = asyncio.get_running_loop().time()
-        if got is None and self.members:  # an overloaded DHT answered nothing: keep the last view
-            return self.members
-        members = {m.peer_id: m for m in self.parse_records(got, records.member)}
-        self.seen_peers.update(p for p in members if p != self.peer_id)
-        self.names.update({p: m.name for p, m in members.items()})  # kept after they leave, for the counters
-        self.members = {p: m for p, m in members.items() if not m.left}
+        """Members of this swarm heard within MEMBER_TTL who have not left (self included): what the topic
+        said, no network round trip."""
+        members = self.book.live_members()
+        self.seen_peers.update(p for p in self.book.members if p != self.peer_id)
+        self.names.update({p: m.name for p, m in self.book.members.items()})  # kept after they leave, for the counters
+        self.members = members
         for p in [p for p in self.silent if p not in self.members]:
             del self.silent[p]  # a peer that left (or died) and comes back is waited for again
         return self.members
 
-    def parse_records(self, result: Any, parse, relays: bool = False) -> list:
-        """The valid records of a DHT reply, parsed; bad ones are counted once each (the same record comes
-        back on every poll)."""
-        if len(self._bad_seen) > 100_000:  # bound the memory that remembering costs
-            self._bad_seen.clear()
-        return records.parse_entries(result, self.record_drops, parse, self._bad_seen, relays=relays,
-                                     blame=self._blame_record)
-
-    def _blame_record(self, owner: str, reason: str) -> None:
-        """A record its owner signed but whose fields are bad: counted under the owner, a strike toward a ban
-        (the overall count is already in record_drops)."""
-        self.per_peer[owner][f"dropped_{reason}"] += 1
-        self.ledger.offense(owner, "malformed")
+    def clock_rounds(self, trusted: set[str]) -> list[int]:
+        return self.book.clock_rounds(trusted)
 
     def live_trainers(self) -> set[str]:
         """Other members that train and play now (a paused one is waited for by nobody)."""
@@ -118,11 +148,11 @@ class HivemindComm(SignedTransport):
         self.set_position()
 
     def set_position(self, **fields: int) -> None:
-        """Update this peer's member record now (round, stage, finished)."""
+        """Update this peer's heartbeat now (round, stage, finished)."""
         self.position.update(fields)
         try:
-            self.node.call(self._store_member(), timeout=10)
-        except Exception as e:  # noqa: BLE001 - the periodic refresh will carry it
+            self.node.call(self._heartbeat(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - the periodic heartbeat will carry it
             log.debug("member update failed: %s", e)
 
     # ---- publish ----------------------------------------------------------------------------------------
@@ -130,8 +160,12 @@ class HivemindComm(SignedTransport):
         data = self.encode(round, stage, groups)
         self.server.put(round, stage, data)
         self.position.update(round=round, stage=stage)
+        signal = sum(1 for g in groups if len(set(g.rewards or [])) > 1)
+        inline = data if self.inline and len(data) <= gossip.MAX_INLINE - 1024 else b""
+        msg = gossip.announcement(round, stage, hashlib.sha256(data).digest(), len(data), groups=len(groups),
+                                  signal=signal, data=inline)
         try:
-            self.node.call(self._announce(round, stage, hashlib.sha256(data).digest(), len(data)), timeout=30)
+            self.node.call(self._announce(msg), timeout=30)
         except Exception as e:  # noqa: BLE001 - the round goes on; peers that saw nothing train without us
             log.warning("could not announce round %d stage %d: %s: %s", round, stage, type(e).__name__, e)
             return
@@ -141,26 +175,28 @@ class HivemindComm(SignedTransport):
         """Serve and announce another peer's signed payload (a bridge from the Drive side); receivers check
         its signature against `origin`, so a bridge can pass payloads on but cannot alter them."""
         self.server.put(round, stage, data, origin)
+        msg = gossip.announcement(round, stage, hashlib.sha256(data).digest(), len(data), origin=origin)
         try:
-            self.node.call(self._announce(round, stage, hashlib.sha256(data).digest(), len(data), origin), timeout=30)
+            self.node.call(self._announce(msg, heartbeat=False), timeout=30)
         except Exception as e:  # noqa: BLE001
             log.warning("could not relay %s's round %d stage %d: %s: %s", origin[-8:], round, stage, type(e).__name__, e)
             return
         self.relayed += 1
 
-    async def _announce(self, round: int, stage: int, digest: bytes, size: int, origin: str | None = None) -> None:
-        from hivemind.utils import get_dht_time
+    async def _announce(self, msg: bytes, heartbeat: bool = True) -> None:
+        sends = [self._publish(msg)] + ([self._heartbeat()] if heartbeat else [])
+        await asyncio.gather(*sends)
+        self.node.spawn(self._republish(msg))
 
-        marker = self.node.validator.marker
-        value = {"digest": digest, "size": size, "created": time.time()}
-        stores = [self.node.dht.store(records.rollouts_key(self.swarm, round, stage), value,
-                                      get_dht_time() + self.record_ttl,
-                                      subkey=marker if origin is None else records.relay_subkey(marker, origin))]
-        if origin is None:
-            stores.append(self._store_member())  # at once: both in a row made publish 2x slower
-        ok, *_ = await asyncio.gather(*stores)
-        if not ok:
-            log.warning("announcing round %d stage %d: no DHT peer stored the record", round, stage)
+    async def _republish(self, msg: bytes) -> None:
+        """Once more at half the collect timeout: a peer whose buffer overflowed, or whose mesh was still
+        forming, hears it then (receivers keep one announcement per author and slot)."""
+        await asyncio.sleep(self.timeout / 2)
+        if not self._closed:
+            try:
+                await self._publish(msg)
+            except Exception as e:  # noqa: BLE001 - the first copy went out; this one is a spare
+                log.debug("re-publish failed: %s", e)
 
     # ---- collect ----------------------------------------------------------------------------------------
     def collect(self, round: int, stage: int) -> list[Group]:
@@ -176,44 +212,39 @@ class HivemindComm(SignedTransport):
 
     async def _collect(self, round: int, stage: int) -> list[Group]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        t0 = loop.time()
+        deadline = t0 + self.timeout
+        cutoff = t0 + min(2.0, self.timeout / 4)  # the first draw of a swarm larger than K waits for this
         self.latencies = []
         valid: set[str] = set()  # signers whose batch was accepted
         failed: set[str] = set()  # signers whose own (direct) payload failed this round
         groups: list[Group] = []
         pending: set[asyncio.Task] = set()
-        delay = self.poll
-        key = records.rollouts_key(self.swarm, round, stage)
         direct: dict[str, records.Announcement] = {}  # each signer's own announcement
-        tried_direct: set[str] = set()
+        tried: set[str] = set()  # signers drawn (pulled, directly or through a relay)
         retried: set[str] = set()
         relay_tried: set[tuple[str, str]] = set()  # (relaying peer, origin)
-        relaying: set[str] = set()  # origins with a relayed pull in flight
-        relays_by: Counter[str] = Counter()  # distinct origins each peer relayed this collect
+        relays_by: dict[str, set[str]] = {}  # distinct origins each peer claimed to relay this collect
         refused: set[tuple[str, str, str]] = set()  # (peer, origin, reason) already counted
         expected: set[str] = set()
+        caught_up = False
+        limit = max(self.sample_peers, self.want_peers) if self.sample_peers > 0 else 0  # pulls at once; 0: all
 
         def refuse(peer: str, origin: str, reason: str) -> None:
-            if (peer, origin, reason) not in refused:  # the same record comes back on every poll
+            if (peer, origin, reason) not in refused:  # the same announcement is looked at on every pass
                 refused.add((peer, origin, reason))
                 self.drop(peer, reason)
 
         def start(a: records.Announcement) -> None:
+            self.pulls += 1
             pending.add(asyncio.create_task(self._fetch(a, round, stage, deadline)))
 
         while True:
-            remaining = max(0.05, deadline - loop.time())
-            gets = [self.node.dht.get(key, latest=True)]
-            if loop.time() - self._members_at > 1.0:  # the member list changes slowly; it costs a signature a member
-                gets.append(self.fetch_members())
-            try:
-                got, *_ = await asyncio.wait_for(asyncio.gather(*gets), remaining)
-            except Exception as e:  # noqa: BLE001 - a DHT hiccup or the deadline; poll again or stop below
-                log.debug("DHT get failed: %s", e)
-                got = None
-            announced = self.parse_records(got, records.announcement, relays=True)
-            # Origins' own announcements first: a relay claim never pre-empts or replaces the origin's copy.
-            for a in sorted(announced, key=lambda a: a.origin is not None):
+            await self.fetch_members()
+            # Candidates by signer: its own announcement, else one relay of it (origins' own copies first: a
+            # relay claim never pre-empts or replaces the origin's announcement).
+            candidates: dict[str, records.Announcement] = {}
+            for a in sorted(self.book.announcements(round, stage), key=lambda a: a.origin is not None):
                 server = a.peer_id
                 if server == self.peer_id or a.signer == self.peer_id:
                     continue
@@ -222,52 +253,73 @@ class HivemindComm(SignedTransport):
                     continue
                 if a.origin is None:
                     direct[server] = a
-                    if server not in valid and server not in tried_direct:
-                        tried_direct.add(server)
-                        start(a)
+                    if server not in tried:
+                        candidates[server] = a
                     continue
                 origin = a.origin
                 if origin in direct:  # the origin serves it itself: a relay must be of exactly that batch
                     if direct[origin].digest != a.digest:
                         refuse(server, origin, "relay_mismatch")
                     continue
-                if origin in valid or origin in relaying or (server, origin) in relay_tried:
+                claimed = relays_by.setdefault(server, set())
+                if origin not in claimed:
+                    if len(claimed) >= self.relay_cap(server):
+                        refuse(server, origin, "relay_limit")  # invented origins flooding through one peer
+                        continue
+                    claimed.add(origin)
+                if origin in valid or origin in tried or origin in candidates or (server, origin) in relay_tried:
                     continue
-                if relays_by[server] >= self.relay_cap(server):
-                    refuse(server, origin, "relay_limit")  # invented origins flooding through one peer
-                    continue
-                relays_by[server] += 1
-                relay_tried.add((server, origin))
-                relaying.add(origin)
-                start(a)
+                candidates[origin] = a
             expected = self.expected_peers(round)
             bridged = sum(min(self.members[p].bridged, self.relay_cap(p)) for p in expected
                           if p in self.members and self.per_peer[p]["relays"] > 0)  # bridges that relayed before
             need = collect_need(want_peers=self.want_peers, live=len(expected), bridged=bridged,
-                                failed=len(failed & expected))
-            remaining = deadline - loop.time()
+                                failed=len(failed & expected), sample=self.sample_peers)
+            now = loop.time()
+            in_flight = len(pending)
+            # Draw now when everyone expected can be pulled anyway (a swarm no larger than K: no bias, no
+            # wait), else at the cutoff from all heard by then, and later only to replace failures or to
+            # take in announcements that came late.
+            small = limit == 0 or len(expected) + bridged <= limit
+            if candidates and (small or now >= cutoff):
+                slots = len(candidates) if limit == 0 else limit - len(valid) - in_flight
+                good = {p for p, c in self.per_peer.items() if c["batches"] > 0}
+                for signer in sample_sources(candidates, slots, good=good, rng=self.rng) if slots > 0 else []:
+                    a = candidates[signer]
+                    tried.add(signer)
+                    if a.origin is not None:
+                        relay_tried.add((a.peer_id, signer))
+                    start(a)
+            if not caught_up and now >= cutoff and len(direct) < min(need, len(expected)):
+                caught_up = True  # once a collect: a late joiner, or a lost message
+                peers = list(self.members) or [peer_id_of(m) for m in self.node.net.initial_peers]
+                pending.add(asyncio.create_task(self._catch_up(round, stage, peers)))
+            remaining = deadline - now
             # With nobody expected (need 0), pulls already in flight still finish: an announcer that is not
             # (yet) in our member view is a peer too.
             if remaining <= 0 or (len(valid) >= need and (need > 0 or not pending)):
                 break
-            if pending:
-                done, pending = await asyncio.wait(pending, timeout=min(delay, remaining),
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    a, batch, retry = task.result()
-                    if batch is not None:
-                        valid.add(a.signer)
-                        groups.extend(batch.groups)
-                    elif a.origin is not None:
-                        relaying.discard(a.origin)  # another relay, or the origin itself, may still come
-                    elif retry and a.signer not in retried and deadline - loop.time() > 0.5:
-                        retried.add(a.signer)  # a reset stream or a peer busy for a moment: once more
-                        start(a)
-                    else:
-                        failed.add(a.signer)
-            else:
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * 1.5, 0.3)  # bounds what polling adds to delivery latency
+            self.book.changed.clear()
+            waiter = asyncio.create_task(self.book.changed.wait())
+            wake = min(remaining, max(0.01, cutoff - now)) if not small and now < cutoff else remaining
+            done, _ = await asyncio.wait(pending | {waiter}, timeout=min(wake, 0.5), return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            for task in done - {waiter}:
+                pending.discard(task)
+                result = task.result()
+                if isinstance(result, int):  # a catch-up: what it brought is in the book now
+                    continue
+                a, batch, retry = result
+                if batch is not None:
+                    valid.add(a.signer)
+                    groups.extend(batch.groups)
+                elif a.origin is not None:
+                    tried.discard(a.signer)  # another relay, or the origin itself, may still come
+                elif retry and a.signer not in retried and deadline - loop.time() > 0.5:
+                    retried.add(a.signer)  # a reset stream or a peer busy for a moment: once more
+                    start(a)
+                else:
+                    failed.add(a.signer)  # its slot goes to a fresh draw on the next pass
         for task in pending:
             task.cancel()
         for p in expected - valid:  # a member that never delivers stops being waited for (it is still pulled)
@@ -318,9 +370,12 @@ class HivemindComm(SignedTransport):
             self.drop(server, "too_large")
             return None
         remaining = deadline - asyncio.get_running_loop().time()
+        data = a.data  # a small batch that came on the topic itself (its digest checked there)
         try:
-            data = await pull(self.node.p2p, server, round, stage, max_bytes=self.limits.max_bytes,
-                              timeout=max(0.5, remaining), origin=a.origin)
+            if not data:
+                data = await pull(self.node.p2p, server, round, stage, max_bytes=self.limits.max_bytes,
+                                  timeout=max(0.5, remaining), origin=a.origin)
+                self.per_peer[server]["pulled_bytes"] += len(data)
         except PullError as e:
             self.drop(server, e.reason)
             if e.reason in ("truncated", "unreachable", "pull_timeout"):
@@ -353,8 +408,12 @@ class HivemindComm(SignedTransport):
             "peers_seen": len(self.seen_peers), "peers_live": len(self.live_trainers()),
             "collect_ms": int(self.last_collect_seconds * 1000),
             "delivery_ms_p50": int(lat[len(lat) // 2] * 1000) if lat else 0,
+            # per-peer cost of the exchange (bench/swarm_exchange.py reads these)
+            "gossip_sent": self.published, "gossip_bytes_sent": self.published_bytes,
+            "gossip_received": self.subscription.received, "gossip_bytes_in": self.book.bytes_in,
+            "pulls": self.pulls, "catchups": self.catchups,
         }
-        rejected = self.node.validator.rejected + self.record_drops
+        rejected = self.node.validator.rejected + self.book.drops + self.subscription.dropped
         out.update({f"dropped_{k}": v for k, v in rejected.items()})
         return out
 
@@ -365,9 +424,10 @@ class HivemindComm(SignedTransport):
         self._refresher.cancel()
         if self.node.alive():  # p2pd gone (Ctrl-C reaches it too): nobody to tell
             try:
-                self.node.call(asyncio.wait_for(self._store_member(left=True), 2), timeout=3)
+                self.node.call(asyncio.wait_for(self._heartbeat(left=True), 2), timeout=3)
             except Exception as e:  # noqa: BLE001
                 log.debug("leaving: %s", e)
+        self.node.loop.call_soon_threadsafe(self.subscription.close)
         self.run_close_callbacks()
         if self.own_node:
             self.node.close()

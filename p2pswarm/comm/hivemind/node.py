@@ -132,8 +132,9 @@ class HivemindNode:
     async def _start(self) -> None:
         from hivemind.dht.node import DHTNode
         from hivemind.dht.validation import CompositeValidator
-        from hivemind.p2p import P2P
         from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+        from p2pswarm.comm.hivemind.pubsub import PubsubP2P
 
         net = self.net
         peers = [m for m in net.initial_peers if peer_id_of(m) != self.peer_id]  # a restarted bootstrap lists itself
@@ -146,7 +147,7 @@ class HivemindNode:
         ip = "ip6" if ":" in net.host else "ip4"
         os.environ.setdefault("GOLOG_LOG_LEVEL", "error")  # p2pd's own log lines are noise to a user
         try:
-            self.p2p = await P2P.create(
+            self.p2p = await PubsubP2P.create(  # GossipSub on: the swarm's topic (gossip.py)
                 initial_peers=peers or None,
                 host_maddrs=[f"/{ip}/{net.host}/tcp/{net.port}"],
                 announce_maddrs=net.announce_maddrs or None,

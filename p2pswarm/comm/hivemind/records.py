@@ -243,6 +243,13 @@ class Announcement:
     size: int
     created: float
     origin: str | None = None  # whose signed payload it is, when a bridge relays it (else peer_id's own)
+    # what a gossiped announcement adds (gossip.py): its slot, a hint of the batch's worth, and the batch
+    # itself when it is small enough to travel on the topic (b"": pull it)
+    round: int = -1
+    stage: int = 0
+    groups: int = 0
+    signal: int = 0
+    data: bytes = b""
 
     @property
     def signer(self) -> str:

@@ -1,0 +1,384 @@
+"""The swarm's topic: one GossipSub topic per swarm (`p2pswarm/<swarm>/v1`) carrying small signed messages.
+
+    heartbeat     {k: "h", name, role, round, stage, finished, time, left, bridged, paused}   every 5 s and at
+                  every change of position: membership is who sent one within MEMBER_TTL
+    announcement  {k: "a", round, stage, digest, size, created, groups, signal[, origin][, data]}   "I have
+                  (round, stage)"; `origin`: a bridge serves that peer's signed batch; `data`: the batch
+                  itself, when it is small and its sender may not be dialable (client mode)
+    clock         {k: "c", round, started}   the keeper's round, at every change and every 5 s; followers
+                  take it only from the peer they trust (their initial peers, or coordinator_peer)
+
+The author of every message is its pubsub `from`, signed by that peer's Ed25519 key (libp2p StrictSign,
+checked again here: pubsub.verify_message), so a message needs no signature of its own and nobody can speak
+for another peer. The fields are checked with the same parsers as the records the DHT used to hold
+(records.member / announcement / clock, on p2pswarm/validate.py); an inline batch must match the
+announced digest and size.
+
+Every daemon forwards a message before any Python code sees it (no validators, no peer scoring in the
+shipped p2pd), so `Book.handle` caps each author: at most MAX_MESSAGE bytes (MAX_INLINE with a batch) a
+message, and a token bucket of messages and bytes. Whatever fails is dropped, counted by reason
+(`dropped_gossip_<reason>`, overall and under its author) and, when its author is authenticated, is a
+strike toward a ban (comm/core.py PeerLedger); nothing raises.
+
+Gossip is not 100% delivery (a subscriber's buffer holds 32 messages; a peer that joins mid-round missed
+what came before), so a node can ask peers directly for what they heard (`CATCHUP`): the signed messages
+themselves, at most CATCHUP_MAX announcements of one (round, stage) plus the heartbeats and clocks they
+hold, re-verified on arrival exactly like the topic's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+from hivemind.proto import p2pd_pb2 as pb
+
+from p2pswarm import validate as V
+from p2pswarm.comm.hivemind import records
+from p2pswarm.comm.hivemind.pubsub import verify_message
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1024  # a heartbeat, announcement or clock (real ones: 150-300 bytes)
+MAX_INLINE = 64 * 1024  # an announcement that carries its batch; the daemon silently drops anything over 1 MiB
+RATE, BURST = 8.0, 96.0  # messages per second per author, and the burst (a bridge announces its relays at once)
+BYTE_RATE, BYTE_BURST = 48 * 1024.0, 384 * 1024.0  # bytes per second per author, and the burst
+MEMBER_TTL = 15.0  # a peer is live while its last heartbeat is younger than this
+MEMBER_REFRESH = 5.0
+CLOCK_REFRESH = 5.0
+KEEP_ROUNDS = 4  # rounds of announcements remembered (and served to catch-up requests)
+CATCHUP = "p2pswarm.catchup/1"
+CATCHUP_MAX = 64  # announcements per reply, drawn at random among those held
+CATCHUP_REPLY_BYTES = 512 * 1024
+MAX_AUTHORS = 100_000  # bounds the memory of per-author state (rate buckets, members)
+
+
+def topic(swarm: str) -> str:
+    return f"p2pswarm/{swarm}/v1"
+
+
+# ---- messages -------------------------------------------------------------------------------------------------
+def heartbeat(*, name: str, role: str, round: int, stage: int, finished: int, left: bool = False, bridged: int = 0,
+              paused: bool = False) -> bytes:
+    return msgpack.packb({"k": "h", "name": name, "role": role, "round": round, "stage": stage, "finished": finished,
+                          "time": time.time(), "left": left, "bridged": bridged, "paused": paused})
+
+
+def announcement(round: int, stage: int, digest: bytes, size: int, *, groups: int = 0, signal: int = 0,
+                 origin: str | None = None, data: bytes = b"") -> bytes:
+    v: dict[str, Any] = {"k": "a", "round": round, "stage": stage, "digest": digest, "size": size,
+                         "created": time.time(), "groups": groups, "signal": signal}
+    if origin is not None:
+        v["origin"] = origin
+    if data:
+        v["data"] = data
+    return msgpack.packb(v)
+
+
+def clock(round: int, started: float) -> bytes:
+    return msgpack.packb({"k": "c", "round": round, "started": started})
+
+
+def parse(author: str, data: bytes, now: float | None = None) -> tuple[str, Any]:
+    """(kind, record) of a message's bytes; V.Invalid (reason "too_large" or "malformed") for anything else."""
+    now = time.time() if now is None else now
+    if len(data) > MAX_INLINE:
+        raise V.Invalid("message", f"{len(data)} bytes", "too_large")
+    try:
+        v = msgpack.unpackb(data, raw=False, max_buffer_size=MAX_INLINE)
+    except Exception as e:  # noqa: BLE001 - any bytes at all may arrive
+        raise V.Invalid("message", f"not msgpack ({type(e).__name__})") from None
+    V.plain(V.mapping(v, "message"), "message", 2, blobs=True)
+    kind = V.field(v, "k", V.choice, ("h", "a", "c"))
+    if kind != "a" and len(data) > MAX_MESSAGE:
+        raise V.Invalid("message", f"{len(data)} bytes", "too_large")
+    if kind == "h":
+        m = records.member(author, v, now + MEMBER_TTL, now)
+        if m.time < now - MEMBER_TTL:  # an old heartbeat handed on again says nothing about now
+            raise V.Invalid("time", "stale heartbeat", "stale")
+        m.expires = m.time + MEMBER_TTL
+        return kind, m
+    if kind == "c":
+        return kind, records.clock(author, v, now + 60.0, now)
+    a = records.announcement(author, v, now + 60.0, now)
+    a.round = V.field(v, "round", V.integer, 0)
+    a.stage = V.field(v, "stage", V.integer, 0)
+    a.groups = V.field(v, "groups", V.integer, 0, default=0)
+    a.signal = min(V.field(v, "signal", V.integer, 0, default=0), a.groups)
+    origin = V.field(v, "origin", V.peer_id, default=None)
+    if origin == author:
+        origin = None
+    a.origin = origin
+    a.data = V.field(v, "data", V.blob, a.size, default=b"") if "data" in v else b""
+    if a.data and hashlib.sha256(a.data).digest() != a.digest:
+        raise V.Invalid("data", "does not match the digest")
+    if not a.data and len(data) > MAX_MESSAGE:
+        raise V.Invalid("message", f"{len(data)} bytes without a batch", "too_large")
+    return kind, a
+
+
+# ---- what this node heard ----------------------------------------------------------------------------------
+@dataclass
+class Bucket:
+    """A token bucket: `rate` per second, at most `burst`."""
+
+    rate: float
+    burst: float
+    level: float = -1.0
+    at: float = 0.0
+
+    def take(self, n: float, now: float) -> bool:
+        if self.level < 0:
+            self.level, self.at = self.burst, now
+        self.level = min(self.burst, self.level + (now - self.at) * self.rate)
+        self.at = now
+        if self.level < n:
+            return False
+        self.level -= n
+        return True
+
+
+@dataclass
+class Heard:
+    """One author's accounting: its rate buckets and the seqnos of its messages already handled."""
+
+    msgs: Bucket = field(default_factory=lambda: Bucket(RATE, BURST))
+    bytes: Bucket = field(default_factory=lambda: Bucket(BYTE_RATE, BYTE_BURST))
+
+
+class Book:
+    """The topic as this node heard it: live members, announcements by (round, stage), the clocks; filled by
+    `handle` (the subscription's handler, and catch-up replies), read by the transport and the round clock
+    on the node's event loop.
+
+    `handle` never raises. It drops, counting each by reason in `drops` and calling `blame(author, reason)`
+    for an authenticated author: a message over its size cap (`too_large`), past its author's rate
+    (`over_rate`), with a bad signature (`bad_signature`, blamed on whoever handed it over, since `from`
+    is then unproven), or whose fields do not parse (`malformed`); stale heartbeats and repeats are dropped
+    uncounted as offenses. Own messages come back through the subscription and are handled like any other,
+    uncapped. `changed` is set whenever an announcement is added."""
+
+    def __init__(self, me: str, *, blame: Callable[[str, str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.me = me
+        self.blame = blame
+        self.mono = clock
+        self.drops: Counter[str] = Counter()
+        self.handled: Counter[str] = Counter()  # messages taken, by kind
+        self.bytes_in = 0
+        self.members: dict[str, records.Member] = {}
+        self.raw_heartbeats: dict[str, pb.PSMessage] = {}
+        self.clocks: dict[str, records.Clock] = {}
+        self.raw_clocks: dict[str, pb.PSMessage] = {}
+        self.announced: dict[tuple[int, int], dict[tuple[str, str], tuple[records.Announcement, pb.PSMessage]]] = {}
+        self.heard: OrderedDict[str, Heard] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self.changed = asyncio.Event()
+        self.newest_round = -1
+
+    def handle(self, msg: pb.PSMessage, *, via: str | None = None) -> str | None:
+        """Take one message (from the topic, or handed over by `via` in a catch-up reply); its kind or None."""
+        try:
+            return self._handle(msg, via)
+        except Exception as e:  # noqa: BLE001 - a last line: network input never raises into the node
+            self._drop(None, "malformed", f"{type(e).__name__}")
+            return None
+
+    def _handle(self, msg: pb.PSMessage, via: str | None) -> str | None:
+        size = len(msg.data)
+        author = verify_message(msg)
+        if author is None:
+            self._drop(via, "bad_signature", "signature does not hold")
+            return None
+        key = (author, bytes(msg.seqno))
+        if key in self._seen:
+            return None
+        self._seen[key] = None
+        if len(self._seen) > 50_000:
+            self._seen.popitem(last=False)
+        if author != self.me:
+            if size > MAX_INLINE:
+                self._drop(author, "too_large", f"{size} bytes")
+                return None
+            if via is None:  # a catch-up reply is bounded by its request; the topic is not
+                heard = self.heard.get(author)
+                if heard is None:
+                    heard = self.heard[author] = Heard()
+                    if len(self.heard) > MAX_AUTHORS:
+                        self.heard.popitem(last=False)
+                now = self.mono()
+                if not heard.msgs.take(1, now) or not heard.bytes.take(size, now):
+                    self._drop(author, "over_rate", f"{size} bytes")
+                    return None
+        try:
+            kind, rec = parse(author, bytes(msg.data))
+        except V.Invalid as e:
+            if e.reason == "stale":
+                return None
+            self._drop(author, e.reason if e.reason in ("too_large",) else "malformed", str(e))
+            return None
+        self.bytes_in += size
+        self.handled[kind] += 1
+        if kind == "h":
+            old = self.members.get(author)
+            if old is None or rec.time >= old.time:
+                self.members[author] = rec
+                self.raw_heartbeats[author] = msg
+        elif kind == "c":
+            old = self.clocks.get(author)
+            if old is None or rec.round >= old.round:
+                self.clocks[author] = rec
+                self.raw_clocks[author] = msg
+        else:
+            self._announce(rec, msg)
+        return kind
+
+    def _announce(self, a: records.Announcement, msg: pb.PSMessage) -> None:
+        if a.round < self.newest_round - KEEP_ROUNDS:
+            return
+        slot = self.announced.setdefault((a.round, a.stage), {})
+        key = (a.peer_id, a.origin or "")
+        if key in slot:  # the mid-round re-publish, or a catch-up copy: one announcement per (author, slot)
+            return
+        if a.origin is not None and len(slot) > 4 * CATCHUP_MAX + 1024:
+            return  # relays of invented identities cannot grow this without bound
+        slot[key] = (a, msg)
+        if a.round > self.newest_round:
+            self.newest_round = a.round
+            for old in [k for k in self.announced if k[0] < a.round - KEEP_ROUNDS]:
+                del self.announced[old]
+        member = self.members.get(a.peer_id)
+        if member is not None and a.origin is None:  # an announcer is live whatever its last heartbeat
+            member.expires = max(member.expires, time.time() + MEMBER_TTL)
+        self.changed.set()
+
+    def _drop(self, author: str | None, reason: str, why: str) -> None:
+        self.drops[f"gossip_{reason}"] += 1
+        log.debug("dropped a gossip message (%s) from %s: %s", reason, (author or "?")[-8:], V.clip(why, 120))
+        if author is not None and self.blame is not None:
+            try:
+                self.blame(author, reason)
+            except Exception as e:  # noqa: BLE001 - accounting must not stop the reader
+                log.debug("blame: %s", e)
+
+    # ---- reading ----------------------------------------------------------------------------------------
+    def live_members(self, now: float | None = None) -> dict[str, records.Member]:
+        """Members whose last heartbeat (or announcement) is younger than MEMBER_TTL and who did not leave."""
+        now = time.time() if now is None else now
+        for p in [p for p, m in self.members.items() if m.expires < now - 3600]:  # forget the long gone
+            del self.members[p]
+            self.raw_heartbeats.pop(p, None)
+        return {p: m for p, m in self.members.items() if m.expires >= now and not m.left}
+
+    def announcements(self, round: int, stage: int) -> list[records.Announcement]:
+        return [a for a, _ in self.announced.get((round, stage), {}).values()]
+
+    def clock_rounds(self, trusted: set[str]) -> list[int]:
+        return [c.round for p, c in self.clocks.items() if p in trusted]
+
+    def catch_up_reply(self, round: int, stage: int, rng: random.Random) -> list[pb.PSMessage]:
+        """What this node heard that a late joiner needs: the clocks, the live members' heartbeats, and at most
+        CATCHUP_MAX announcements of (round, stage) drawn at random; at most CATCHUP_REPLY_BYTES in all."""
+        live = self.live_members()
+        out = list(self.raw_clocks.values()) + [m for p, m in self.raw_heartbeats.items() if p in live]
+        slot = list(self.announced.get((round, stage), {}).values())
+        out += [msg for _, msg in rng.sample(slot, min(CATCHUP_MAX, len(slot)))]
+        kept, total = [], 0
+        for m in out:
+            total += len(m.data) + 200
+            if total > CATCHUP_REPLY_BYTES:
+                break
+            kept.append(m)
+        return kept
+
+
+# ---- catch-up over a stream -----------------------------------------------------------------------------------
+_HEADER = 8
+MAX_CATCHUP_REQUEST = 64
+
+
+def encode_reply(msgs: list[pb.PSMessage]) -> bytes:
+    return msgpack.packb([[bytes(getattr(m, "from")), bytes(m.data), bytes(m.seqno), list(m.topicIDs),
+                           bytes(m.signature)] for m in msgs])
+
+
+def decode_reply(data: bytes, max_items: int = 2 * CATCHUP_MAX + 1024) -> list[pb.PSMessage]:
+    """The messages of a catch-up reply; V.Invalid when it is not one. Their signatures are checked by
+    Book.handle like the topic's."""
+    items = msgpack.unpackb(data, raw=False, max_buffer_size=CATCHUP_REPLY_BYTES + 65536)
+    if type(items) is not list or len(items) > max_items:
+        raise V.Invalid("catch-up reply", "not a list of messages")
+    out = []
+    for it in items:
+        if type(it) is not list or len(it) != 5 or not all(type(x) is bytes for x in (it[0], it[1], it[2], it[4])) \
+                or type(it[3]) is not list or not all(type(t) is str for t in it[3]):
+            raise V.Invalid("catch-up reply", "not a message")
+        m = pb.PSMessage(data=it[1], seqno=it[2], signature=it[4])
+        setattr(m, "from", it[0])
+        m.topicIDs.extend(it[3])
+        out.append(m)
+    return out
+
+
+def parse_catchup_request(data: Any) -> tuple[int, int] | None:
+    """(round, stage) of a catch-up request (round -1: no announcements, members and clock only); None for
+    anything else."""
+    try:
+        if type(data) is not bytes or len(data) > MAX_CATCHUP_REQUEST:
+            return None
+        req = msgpack.unpackb(data, raw=False)
+        if type(req) is not list or len(req) != 2:
+            return None
+        return V.integer(req[0], "round", -1), V.integer(req[1], "stage", 0)
+    except Exception:  # noqa: BLE001 - whatever the bytes, not a request
+        return None
+
+
+async def serve_catchup(book: Book, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        rng: random.Random) -> None:
+    try:
+        n = int.from_bytes(await asyncio.wait_for(reader.readexactly(_HEADER), 10), "big")
+        if n > MAX_CATCHUP_REQUEST:
+            return
+        req = parse_catchup_request(await asyncio.wait_for(reader.readexactly(n), 10))
+        if req is None:
+            return
+        reply = encode_reply(book.catch_up_reply(*req, rng))
+        writer.write(len(reply).to_bytes(_HEADER, "big") + reply)
+        await writer.drain()
+        await asyncio.wait_for(reader.read(1), 10)  # the asker closes first (see payloads.PayloadServer.handle)
+    except Exception as e:  # noqa: BLE001 - a broken or hostile asker: nothing to answer
+        log.debug("catch-up request ended: %s", type(e).__name__)
+    finally:
+        writer.close()
+
+
+async def ask_catchup(p2p: Any, peer: str, round: int, stage: int, timeout: float = 5.0) -> list[pb.PSMessage]:
+    """The messages `peer` holds for (round, stage) (see Book.catch_up_reply); [] when it cannot be had."""
+    from hivemind.p2p import PeerID
+
+    async def go() -> list[pb.PSMessage]:
+        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), CATCHUP)
+        try:
+            req = msgpack.packb([round, stage])
+            writer.write(len(req).to_bytes(_HEADER, "big") + req)
+            await writer.drain()
+            n = int.from_bytes(await reader.readexactly(_HEADER), "big")
+            if n > CATCHUP_REPLY_BYTES + 65536:
+                raise V.Invalid("catch-up reply", f"{n} bytes", "too_large")
+            return decode_reply(await reader.readexactly(n))
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(go(), timeout)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot or will not answer: ask another
+        log.debug("catch-up from %s: %s", peer[-8:], type(e).__name__)
+        return []
