@@ -92,7 +92,7 @@ def parse(author: str, data: bytes, now: float | None = None) -> tuple[str, Any]
     if len(data) > MAX_INLINE:
         raise V.Invalid("message", f"{len(data)} bytes", "too_large")
     try:
-        v = msgpack.unpackb(data, raw=False, max_buffer_size=MAX_INLINE)
+        v = msgpack.unpackb(data, raw=False)
     except Exception as e:  # noqa: BLE001 - any bytes at all may arrive
         raise V.Invalid("message", f"not msgpack ({type(e).__name__})") from None
     V.plain(V.mapping(v, "message"), "message", 2, blobs=True)
@@ -312,7 +312,7 @@ def encode_reply(msgs: list[pb.PSMessage]) -> bytes:
 def decode_reply(data: bytes, max_items: int = 2 * CATCHUP_MAX + 1024) -> list[pb.PSMessage]:
     """The messages of a catch-up reply; V.Invalid when it is not one. Their signatures are checked by
     Book.handle like the topic's."""
-    items = msgpack.unpackb(data, raw=False, max_buffer_size=CATCHUP_REPLY_BYTES + 65536)
+    items = msgpack.unpackb(data, raw=False)
     if type(items) is not list or len(items) > max_items:
         raise V.Invalid("catch-up reply", "not a list of messages")
     out = []
