@@ -2,13 +2,14 @@
 
     python tests/attackers.py KIND KEY EXPERIMENT BOOTSTRAP_MADDR
 
-    numbers    well-signed member / announcement / clock records whose numbers are out of every range
-               (inf, nan, -1e308, 2**62, negative sizes), refreshed all the time
-    stall      a "trainer" whose member record always says it plays the current round and never finishes it
+    numbers    well-signed heartbeats / announcements / clocks on the swarm's topic whose numbers are out of
+               every range (inf, nan, -1e308, 2**62, negative sizes), sent all the time
+    stall      a "trainer" whose heartbeat always says it plays the current round and never finishes it
     censor     announces a relay of every other peer's batch (garbage bytes, before and after they publish)
     poison     real tasks whose answer was changed to match its wrong completions, properly signed
     name       calls itself after an honest peer ("bob") and sends bad batches under that name
-    unsigned   records of unexpected types and without an owner marker under the swarm's keys
+    unsigned   junk on the topic: bytes that are not msgpack, unknown kinds, oversized messages, and more
+               messages a second than any peer may send
     flood      declares it bridges 1024 peers and relays batches of hundreds of invented identities
 
 Each prints one line per attack and runs until killed. Every process is a real hivemind peer."""
@@ -20,10 +21,9 @@ import hashlib
 import sys
 import time
 
-from hivemind.utils import get_dht_time
+import msgpack
 
 from p2pswarm import wire
-from p2pswarm.comm.hivemind import records
 from p2pswarm.comm.hivemind.manager import HivemindComm
 from p2pswarm.comm.hivemind.node import HivemindNode, NetConfig
 from p2pswarm.data.reasoning_gym import ReasoningGymData
@@ -48,53 +48,38 @@ class Attacker:
         self.node = HivemindNode(self.identity, key, NetConfig(initial_peers=[boot], host="127.0.0.1")).start()
         name = "bob" if kind == "name" else kind
         self.comm = HivemindComm(self.node, swarm, name=name, timeout=1.0)
-        self.comm._refresher.cancel()  # the attack writes this peer's member record itself
+        self.comm._refresher.cancel()  # the attack writes this peer's heartbeats itself
         self.comm.server.keep_rounds = ROUNDS + 10
         self.data = ReasoningGymData("easy", seed=666, tasks_per_round=8, peer=self.identity.peer_id)
-        self.marker = self.node.validator.marker
 
     def say(self, line: str) -> None:
         print(f"{self.kind}: {line}", flush=True)
 
-    async def store(self, key: str, value, subkey, ttl: float = 60.0) -> bool:
+    async def send(self, data: bytes) -> bool:
         try:
-            return bool(await self.node.dht.store(key, value, get_dht_time() + ttl, subkey=subkey))
+            await self.comm._publish(data)
+            return True
         except Exception as e:  # noqa: BLE001 - an attacker shrugs
-            self.say(f"store failed: {type(e).__name__}")
+            self.say(f"publish failed: {type(e).__name__}")
             return False
 
     async def member(self, **fields) -> bool:
-        value = {"name": self.comm.name, "role": "trainer", "round": 0, "stage": 0, "finished": -1,
+        value = {"k": "h", "name": self.comm.name, "role": "trainer", "round": 0, "stage": 0, "finished": -1,
                  "time": time.time(), "left": False, "bridged": 0, **fields}
-        return await self.store(records.members_key(self.swarm), value, self.marker, ttl=15)
+        return await self.send(msgpack.packb(value))
 
     async def announce(self, round: int, data: bytes, origin: str | None = None, **overrides) -> bool:
         self.comm.server.put(round, 0, data, origin or "")
-        value = {"digest": hashlib.sha256(data).digest(), "size": len(data), "created": time.time(), **overrides}
-        sub = self.marker if origin is None else records.relay_subkey(self.marker, origin)
-        return await self.store(records.rollouts_key(self.swarm, round, 0), value, sub)
+        value = {"k": "a", "round": round, "stage": 0, "digest": hashlib.sha256(data).digest(), "size": len(data),
+                 "created": time.time(), **({"origin": origin} if origin else {}), **overrides}
+        return await self.send(msgpack.packb(value))
 
     async def others(self) -> set[str]:
-        got = await self.node.dht.get(records.members_key(self.swarm), latest=True)
-        out = set()
-        if got is not None and isinstance(got.value, dict):
-            for subkey in got.value:
-                owner = records.owner_of(subkey)
-                if owner and owner[1] is None and owner[0] != self.identity.peer_id:
-                    out.add(owner[0])
-        return out
+        members = await self.comm.fetch_members()
+        return {p for p in members if p != self.identity.peer_id}
 
     async def clock(self) -> int:
-        got = await self.node.dht.get(records.clock_key(self.swarm), latest=True)
-        best = 0
-        if got is not None and isinstance(got.value, dict):
-            for item in got.value.values():
-                try:
-                    v = item.value if isinstance(item.value, dict) else __import__("msgpack").unpackb(item.value)
-                    best = max(best, int(v["round"]))
-                except Exception:  # noqa: BLE001
-                    pass
-        return best
+        return max((c.round for c in self.comm.book.clocks.values()), default=0)
 
     # ---- the attacks ---------------------------------------------------------------------------------------
     async def numbers(self) -> None:
@@ -112,7 +97,7 @@ class Attacker:
             for r in range(ROUNDS):
                 await self.announce(r, poisoned(self.identity, self.swarm, r, self.data),
                                     **bad_announcements[(i + r) % len(bad_announcements)])
-            await self.store(records.clock_key(self.swarm), {"round": 2**62, "started": float("nan")}, self.marker)
+            await self.send(msgpack.packb({"k": "c", "round": 2**62, "started": float("nan")}))
             self.say(f"wave {i}")
             i += 1
             await asyncio.sleep(1)
@@ -153,15 +138,17 @@ class Attacker:
             await asyncio.sleep(2)
 
     async def unsigned(self) -> None:
-        keys = [records.members_key(self.swarm), records.clock_key(self.swarm)]
-        keys += [records.rollouts_key(self.swarm, r, 0) for r in range(ROUNDS)]
+        junk = [b"\x00junk", b"\xc1" * 40, msgpack.packb([1, 2, 3]), msgpack.packb({"not": "a message"}),
+                msgpack.packb({"k": "zz", "round": 1}), msgpack.packb({"k": "h", "name": "x" * 2000, "role": "trainer"}),
+                msgpack.packb({"k": "a", "round": 0, "stage": 0, "digest": b"\x00" * 32, "size": 10,
+                               "created": time.time(), "pad": b"\x00" * 5000}),
+                msgpack.packb({"k": "h", "nested": [[[[[[[[1]]]]]]]]})]
         while True:
-            for k in keys:
-                await self.store(k, b"\x00junk", None)  # a plain value where a dictionary lives
-                await self.store(k, {"not": "a record"}, b"plain-subkey")
-                await self.store(k, [1, 2, 3], 12345)  # a subkey that is not bytes
-                await self.store(k, 3.5, self.identity.peer_id)  # a bare peer id proves nothing
-            self.say("stored unsigned junk")
+            for j in junk:
+                await self.send(j)
+            for _ in range(120):  # past any author's rate
+                await self.send(msgpack.packb({"k": "zz"}))
+            self.say("sent junk on the topic")
             await asyncio.sleep(2)
 
     async def flood(self) -> None:

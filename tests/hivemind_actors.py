@@ -3,21 +3,25 @@
     python tests/hivemind_actors.py hostile KEY EXPERIMENT ROUNDS INITIAL_PEER
     python tests/hivemind_actors.py skewed  KEY SECONDS      (prints its multiaddr, serves a skewed clock)
 
-The hostile peer joins as a trainer, announces bad payloads for every round (a different kind each round),
-and tries to overwrite the honest peers' member records. It prints one line per attack and stays up,
-announcing its batches again before they expire, until it is killed."""
+The hostile peer joins as a trainer, announces bad payloads for every round (a different kind each round)
+on the swarm's topic, and tries to speak for the honest peers: heartbeats that name them as author but
+carry its own signature, handed out to whoever asks it to catch up, and forged member records in the DHT.
+It prints one line per attack and stays up, announcing its batches again now and then, until it is killed."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 
 import msgpack
+from hivemind.p2p import PeerID
+from hivemind.proto import p2pd_pb2 as pb
 from hivemind.utils import get_dht_time
 
 from p2pswarm import wire
-from p2pswarm.comm.hivemind import records
+from p2pswarm.comm.hivemind import gossip, pubsub, records
 from p2pswarm.comm.hivemind.manager import HivemindComm
 from p2pswarm.comm.hivemind.node import HivemindNode, NetConfig
 from p2pswarm.identity import Identity
@@ -68,7 +72,7 @@ def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
         comm.server.put(r, 0, data)
         announced = len(data) if kind != "oversized" else 1000  # lie about the size: the puller must still refuse
         batches.append((r, hashlib.sha256(data).digest(), announced))
-        node.call(comm._announce(r, 0, batches[-1][1], announced), timeout=30)
+        node.call(comm._announce(gossip.announcement(r, 0, batches[-1][1], announced)), timeout=30)
         print(f"announced round {r}: {kind}", flush=True)
 
     async def overwrite(victim: str) -> tuple[bool, bool]:
@@ -77,10 +81,19 @@ def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
                                       get_dht_time() + 60, subkey=records.marker(victim))
         plain = await node.dht.store(records.members_key(swarm), {"name": "fake", "role": "trainer"},
                                      get_dht_time() + 60, subkey=victim)
+        # On the topic: a heartbeat "from" the victim, signed by us, served to every catch-up request.
+        msg = pb.PSMessage(data=gossip.heartbeat(name="pwned", role="trainer", round=999, stage=0, finished=999,
+                                                 left=True), seqno=os.urandom(8), topicIDs=[comm.topic])
+        setattr(msg, "from", PeerID.from_base58(victim).to_bytes())
+        msg.signature = identity.sign(pubsub.SIGN_PREFIX + msg.SerializeToString())
+        forgeries.append(msg)
         return forged, plain
 
+    forgeries: list = []
+    honest_reply = comm.book.catch_up_reply
+    comm.book.catch_up_reply = lambda r, s, rng: forgeries + honest_reply(r, s, rng)
     # Until the test kills it: attack each member once as it appears, and announce the bad batches again
-    # before they expire (honest peers may take a while to start on a busy machine).
+    # now and then (honest peers may take a while to start on a busy machine).
     attacked: set[str] = set()
     announced_at = time.monotonic()
     while True:
@@ -89,9 +102,9 @@ def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
             forged, plain = node.call(overwrite(victim), timeout=30)
             attacked.add(victim)
             print(f"overwrite {victim}: forged stored={forged}, unowned stored={plain}", flush=True)
-        if time.monotonic() - announced_at > comm.record_ttl / 3:
+        if time.monotonic() - announced_at > 20:
             for r, digest, size in batches:
-                node.call(comm._announce(r, 0, digest, size), timeout=30)
+                node.call(comm._publish(gossip.announcement(r, 0, digest, size)), timeout=30)
             announced_at = time.monotonic()
         time.sleep(0.5)
 

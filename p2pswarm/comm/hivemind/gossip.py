@@ -53,7 +53,8 @@ BYTE_RATE, BYTE_BURST = 48 * 1024.0, 384 * 1024.0  # bytes per second per author
 MEMBER_TTL = 15.0  # a peer is live while its last heartbeat is younger than this
 MEMBER_REFRESH = 5.0
 CLOCK_REFRESH = 5.0
-KEEP_ROUNDS = 4  # rounds of announcements remembered (and served to catch-up requests)
+KEEP_ROUNDS = 4  # rounds of announcements remembered before the one played (and served to catch-up requests)
+MAX_SLOTS_PER_AUTHOR = 64  # (round, stage) slots one author's announcements may occupy at once
 CATCHUP = "p2pswarm.catchup/1"
 CATCHUP_MAX = 64  # announcements per reply, drawn at random among those held
 CATCHUP_REPLY_BYTES = 512 * 1024
@@ -181,7 +182,8 @@ class Book:
         self.heard: OrderedDict[str, Heard] = OrderedDict()
         self._seen: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self.changed = asyncio.Event()
-        self.newest_round = -1
+        self.floor = -1  # announcements of earlier rounds are not kept
+        self.slots_by: Counter[str] = Counter()  # (round, stage) slots each author holds announcements in
 
     def handle(self, msg: pb.PSMessage, *, via: str | None = None) -> str | None:
         """Take one message (from the topic, or handed over by `via` in a catch-up reply); its kind or None."""
@@ -241,19 +243,23 @@ class Book:
         return kind
 
     def _announce(self, a: records.Announcement, msg: pb.PSMessage) -> None:
-        if a.round < self.newest_round - KEEP_ROUNDS:
+        if a.round < self.floor:
             return
-        slot = self.announced.setdefault((a.round, a.stage), {})
+        slot = self.announced.get((a.round, a.stage))
         key = (a.peer_id, a.origin or "")
-        if key in slot:  # the mid-round re-publish, or a catch-up copy: one announcement per (author, slot)
+        if slot is not None and key in slot:  # the mid-round re-publish, or a catch-up copy: one per author and slot
             return
+        # Bounded by author, not by round: "the newest round seen" would let one peer announce round 2**31-1
+        # and make everyone forget the real ones.
+        if slot is None or not any(k[0] == a.peer_id for k in slot):
+            if self.slots_by[a.peer_id] >= MAX_SLOTS_PER_AUTHOR:
+                return
+            self.slots_by[a.peer_id] += 1
+        if slot is None:
+            slot = self.announced[(a.round, a.stage)] = {}
         if a.origin is not None and len(slot) > 4 * CATCHUP_MAX + 1024:
             return  # relays of invented identities cannot grow this without bound
         slot[key] = (a, msg)
-        if a.round > self.newest_round:
-            self.newest_round = a.round
-            for old in [k for k in self.announced if k[0] < a.round - KEEP_ROUNDS]:
-                del self.announced[old]
         member = self.members.get(a.peer_id)
         if member is not None and a.origin is None:  # an announcer is live whatever its last heartbeat
             member.expires = max(member.expires, time.time() + MEMBER_TTL)
@@ -267,6 +273,18 @@ class Book:
                 self.blame(author, reason)
             except Exception as e:  # noqa: BLE001 - accounting must not stop the reader
                 log.debug("blame: %s", e)
+
+    def forget_before(self, round: int) -> None:
+        """Drop the announcements of rounds before `round` and refuse any that come later (the transport
+        calls it with its own round minus KEEP_ROUNDS)."""
+        if round <= self.floor:
+            return
+        self.floor = round
+        for slot in [k for k in self.announced if k[0] < round]:
+            for author in {k[0] for k in self.announced.pop(slot)}:
+                self.slots_by[author] -= 1
+                if self.slots_by[author] <= 0:
+                    del self.slots_by[author]
 
     # ---- reading ----------------------------------------------------------------------------------------
     def live_members(self, now: float | None = None) -> dict[str, records.Member]:

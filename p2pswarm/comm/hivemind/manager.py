@@ -201,6 +201,7 @@ class HivemindComm(SignedTransport):
     # ---- collect ----------------------------------------------------------------------------------------
     def collect(self, round: int, stage: int) -> list[Group]:
         t0 = self.begin_collect(round)
+        self.node.loop.call_soon_threadsafe(self.book.forget_before, round - gossip.KEEP_ROUNDS)
         try:
             groups = self.node.call(self._collect(round, stage), timeout=self.timeout + 30)
         except Exception as e:  # noqa: BLE001 - our own p2p side failed (peers' input cannot raise here)

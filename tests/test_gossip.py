@@ -1,0 +1,214 @@
+"""The swarm's GossipSub topic, on real p2pd daemons (four hivemind peers in this process): our pubsub binding,
+membership, the clock, the exchange (pulls, a batch inline from a client-mode peer, catch-up), per-author caps
+and bad messages; and the pure rules the exchange runs on (which announcers to sample, when a round is over)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+
+import msgpack
+import pytest
+
+from helpers import wait_until
+from p2pswarm.comm.core import Progress, collect_need, sample_sources, should_advance
+from p2pswarm.comm.hivemind import gossip, pubsub
+from p2pswarm.identity import Identity
+from p2pswarm.types import Group, Task
+
+SWARM = "gossip-test"
+WAIT = 60  # a hang: the mesh forms within a few heartbeats (1 s each) even on a busy machine
+
+
+def groups(peer: str) -> list[Group]:
+    return [Group(Task("x", "basic_arithmetic", "What is 1+1?", "2"), ["<answer>2</answer>"] * 4, peer, [1.0, 0.0, 1.0, 0.0])]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """keeper (starts the swarm, keeps the clock), ann, cat (client mode), and mallory, each a HivemindNode
+    with its own p2pd and a HivemindComm on the swarm's topic; all closed at the end."""
+    from p2pswarm.comm.hivemind.coordinator import DHTCoordinator, RoundKeeper
+    from p2pswarm.comm.hivemind.manager import HivemindComm
+    from p2pswarm.comm.hivemind.node import HivemindNode, NetConfig
+
+    d = tmp_path_factory.mktemp("gossip")
+    comms: dict[str, HivemindComm] = {}
+    keeper = None
+    try:
+        for name in ("keeper", "ann", "cat", "mallory"):
+            ident = Identity.load_or_create(d / f"{name}.key")
+            boot = [] if name == "keeper" else comms["keeper"].node.maddrs
+            node = HivemindNode(ident, d / f"{name}.key", NetConfig(host="127.0.0.1", initial_peers=boot,
+                                                                    client_mode=name == "cat")).start()
+            role = "trainer" if name in ("ann", "cat") else "bootstrap"  # collects wait for the two trainers only
+            comms[name] = HivemindComm(node, SWARM, name=name, role=role, timeout=8.0, seed=1)
+            if name == "keeper":
+                keeper = RoundKeeper(comms["keeper"], None, fraction=0.75, log_rounds=False)
+        clocks = {n: DHTCoordinator(c, trusted={comms["keeper"].peer_id}) for n, c in comms.items() if n != "keeper"}
+        yield comms, keeper, clocks
+    finally:
+        if keeper is not None:
+            keeper.close()
+        for c in reversed(list(comms.values())):
+            c.close()
+
+
+def members_of(comm) -> set[str]:
+    return {m.name for m in comm.node.call(comm.fetch_members(), timeout=10).values()}
+
+
+def test_pubsub_binding_publishes_subscribes_and_verifies_authors(swarm):
+    comms, _, _ = swarm
+    ann, cat = comms["ann"], comms["cat"]
+    # The daemon runs with -pubsub (the P2P subclass's arguments): it lists our subscription.
+    assert ann.topic in ann.node.call(pubsub.topics(ann.node.p2p), timeout=10)
+    wait_until(lambda: ann.node.call(pubsub.topic_peers(ann.node.p2p, ann.topic), timeout=10), WAIT, "a topic peer")
+    got = []
+
+    async def keep(msg):
+        got.append(msg)
+
+    keeper = comms["keeper"]  # cat's initial peer: connected to it whatever NAT cat is behind
+    sub = cat.node.call(pubsub.Subscription(cat.node.p2p, "raw-topic", keep).start(), timeout=10)
+    try:
+        wait_until(lambda: cat.peer_id in keeper.node.call(pubsub.topic_peers(keeper.node.p2p, "raw-topic"), timeout=10),
+                   WAIT, "cat's subscription known to the keeper")
+        keeper.node.call(pubsub.publish(keeper.node.p2p, "raw-topic", b"hello"), timeout=10)
+        wait_until(lambda: any(m.data == b"hello" for m in got), WAIT, "the message at cat")
+    finally:
+        cat.node.loop.call_soon_threadsafe(sub.close)
+    msg = next(m for m in got if m.data == b"hello")
+    # The author is the publisher's peer id, and its signature holds; any change to the message breaks it.
+    assert pubsub.verify_message(msg) == keeper.peer_id
+    msg.data = b"hellO"
+    assert pubsub.verify_message(msg) is None
+
+
+def test_membership_and_the_clock_come_over_the_topic(swarm):
+    comms, keeper, clocks = swarm
+    everyone = {"keeper", "ann", "cat", "mallory"}
+    wait_until(lambda: all(members_of(c) == everyone for c in comms.values()), WAIT, "every member heard by all",
+               lambda: str({n: members_of(c) for n, c in comms.items()}))
+    wait_until(lambda: all(c.current() == keeper.round for c in clocks.values()), WAIT, "the keeper's clock at every peer")
+    # A clock from anyone but the trusted keeper is not followed, however high.
+    mallory = comms["mallory"]
+    mallory.node.call(mallory._publish(gossip.clock(10**6, time.time())), timeout=10)
+    wait_until(lambda: comms["ann"].book.clocks.get(mallory.peer_id), WAIT, "mallory's clock message heard")
+    assert clocks["ann"].current() == keeper.round < 10**6
+
+
+def test_exchange_pulls_and_inline_batches_and_catch_up(swarm):
+    comms, _, _ = swarm
+    ann, cat, keeper = comms["ann"], comms["cat"], comms["keeper"]
+    wait_until(lambda: {"ann", "cat"} <= members_of(keeper) and {"cat"} <= members_of(ann), WAIT, "members")
+    ann.publish(5, 0, groups(ann.peer_id))
+    cat.publish(5, 0, groups(cat.peer_id))  # client mode: its batch travels on the topic itself
+    got = ann.collect(5, 0)
+    assert [g.peer for g in got] == [cat.peer_id]
+    got = cat.collect(5, 0)
+    assert [g.peer for g in got] == [ann.peer_id]
+    assert cat.per_peer[ann.peer_id]["pulled_bytes"] > 0 and ann.per_peer[cat.peer_id].get("pulled_bytes", 0) == 0
+    # The keeper forgets what it heard of round 5, as a peer that joined late never heard it; its collect then
+    # asks peers what they heard (catch-up) and still gets both batches.
+    keeper.node.call(_forget(keeper, 5), timeout=10)
+    before = keeper.catchups
+    got = keeper.collect(5, 0)
+    assert sorted(g.peer for g in got) == sorted([ann.peer_id, cat.peer_id])
+    assert keeper.catchups == before + 1
+
+
+async def _forget(comm, round):
+    comm.book.announced = {k: v for k, v in comm.book.announced.items() if k[0] != round}
+    comm.book.slots_by.clear()
+    comm.book._seen.clear()
+
+
+def test_bad_and_excess_messages_are_dropped_counted_and_struck(swarm):
+    comms, _, _ = swarm
+    ann, mallory = comms["ann"], comms["mallory"]
+    ann.set_ban_policy(3, 30.0)
+    junk = [b"\x00junk", msgpack.packb([1, 2]), msgpack.packb({"k": "zz"}),
+            msgpack.packb({"k": "h", "name": "\x1b[2J", "role": "trainer", "round": 0, "stage": 0, "finished": -1,
+                           "time": time.time()}),
+            msgpack.packb({"k": "a", "round": 0, "stage": 0, "digest": b"\x00" * 32, "size": 10, "created": time.time(),
+                           "pad": b"\x00" * 5000}),  # over the 1 KB an announcement without its batch may take
+            msgpack.packb({"k": "c", "round": 1, "started": float("nan")})]
+    for j in junk:
+        mallory.node.call(mallory._publish(j), timeout=10)
+    for _ in range(150):  # past the rate any author may send
+        mallory.node.call(mallory._publish(gossip.clock(1, time.time())), timeout=10)
+    row = lambda: ann.per_peer[mallory.peer_id]  # noqa: E731
+    wait_until(lambda: row().get("dropped_gossip_over_rate", 0) > 0 and row().get("dropped_gossip_too_large", 0) > 0
+               and row().get("dropped_gossip_malformed", 0) >= 4, WAIT, "every kind counted at ann", lambda: str(row()))
+    counters = ann.counters()
+    assert counters["dropped_gossip_over_rate"] > 0 and counters["dropped_gossip_malformed"] >= 4
+    assert ann.ledger.banned(mallory.peer_id)  # strikes, like any invalid input
+    assert "\x1b" not in str(ann.names.get(mallory.peer_id, ""))
+    # A message whose author is not who signed it (handed over in a catch-up reply): refused, blamed on the
+    # peer that handed it over, not on the peer it names.
+    forged = pubsub.pb.PSMessage(data=gossip.clock(99, time.time()), seqno=os.urandom(8), topicIDs=[ann.topic])
+    setattr(forged, "from", __import__("hivemind").p2p.PeerID.from_base58(comms["keeper"].peer_id).to_bytes())
+    forged.signature = mallory.identity.sign(pubsub.SIGN_PREFIX + forged.SerializeToString())
+    before = ann.book.drops["gossip_bad_signature"]
+    assert ann.node.call(_handle(ann, forged, mallory.peer_id), timeout=10) is None
+    assert ann.book.drops["gossip_bad_signature"] == before + 1
+    assert ann.per_peer[mallory.peer_id]["dropped_gossip_bad_signature"] == 1
+    assert ann.book.clocks.get(comms["keeper"].peer_id) is None or ann.book.clocks[comms["keeper"].peer_id].round != 99
+
+
+async def _handle(comm, msg, via):
+    return comm.book.handle(msg, via=via)
+
+
+# ---- the rules, pure -------------------------------------------------------------------------------------------
+def test_sample_sources_is_uniform_and_prefers_a_history():
+    rng = random.Random(7)
+    pool = [f"p{i:02d}" for i in range(20)]
+    counts = Counter(p for _ in range(4000) for p in sample_sources(pool, 5, good=set(), rng=rng))
+    assert set(counts) == set(pool)
+    assert max(counts.values()) < 1.25 * min(counts.values())  # each about 4000 * 5 / 20 = 1000 times
+    # Known-good peers first; fresh identities still get a quarter of the slots (rounded up), or more when
+    # there are not enough good ones.
+    good = set(pool[:10])
+    sybils = [f"s{i:03d}" for i in range(500)]
+    picked = sample_sources(pool + sybils, 8, good=good, rng=rng)
+    assert len(picked) == 8 and sum(p in good for p in picked) == 6
+    picked = sample_sources(pool[:3] + sybils, 8, good=good, rng=rng)
+    assert sum(p in good for p in picked) == 3 and len(picked) == 8
+    # No more than asked, no repeats; k <= 0 or a small pool: everyone.
+    assert sorted(sample_sources(pool[:4], 8, good=set(), rng=rng)) == pool[:4]
+    assert sorted(sample_sources(pool, 0, good=set(), rng=rng)) == pool
+    assert len(set(sample_sources(pool + pool, 10, good=set(), rng=rng))) == 10
+
+
+@pytest.mark.parametrize("want, live, bridged, failed, sample, need", [
+    (0, 20, 0, 0, 8, 8),  # a sample of K: K valid batches end the collect
+    (0, 20, 0, 5, 8, 8),  # failed pulls are replaced by fresh draws, so K are still wanted
+    (0, 5, 0, 0, 8, 5),  # fewer expected than K: all of them
+    (0, 5, 0, 2, 8, 3),
+    (3, 20, 0, 0, 8, 3),  # collect_peers wins
+    (0, 20, 0, 0, 0, 20),  # sample 0: everyone
+])
+def test_collect_need_with_a_sample(want, live, bridged, failed, sample, need):
+    assert collect_need(want_peers=want, live=live, bridged=bridged, failed=failed, sample=sample) == need
+
+
+def test_quorum_fraction_advances_without_the_slowest():
+    now = 1000.0
+    # 1000 trainers played the last round; 750 finished this one: over with 0.75, not with 1.0.
+    trainers = {f"p{i}": Progress(round=5, finished=5 if i < 750 else 4) for i in range(1000)}
+    assert should_advance(5, trainers, quorum=0, deadline=300, first_done_at=now, now=now, fraction=0.75)
+    assert not should_advance(5, trainers, quorum=0, deadline=300, first_done_at=now, now=now, fraction=1.0)
+    trainers["p750"] = Progress(5, 4)
+    almost = {p: Progress(5, 5 if i < 749 else 4) for i, p in enumerate(trainers)}
+    assert not should_advance(5, almost, quorum=0, deadline=300, first_done_at=now, now=now, fraction=0.75)
+    # ... or at the deadline whatever the fraction; and small swarms still wait for everyone (ceil(0.75 * 3) = 3).
+    assert should_advance(5, almost, quorum=0, deadline=300, first_done_at=now - 300, now=now, fraction=0.75)
+    three = {"a": Progress(5, 5), "b": Progress(5, 5), "c": Progress(5, 4)}
+    assert not should_advance(5, three, quorum=0, deadline=300, first_done_at=now, now=now, fraction=0.75)
+    # Trainers that did not play the last round (gone, or only pretending) are not counted at all.
+    idle = {**{f"q{i}": Progress(1, 1) for i in range(100)}, "a": Progress(5, 5), "b": Progress(5, 5)}
+    assert should_advance(5, idle, quorum=0, deadline=300, first_done_at=now, now=now, fraction=0.75)
