@@ -8,8 +8,9 @@ publish(r, s): keep the signed wire bytes in this peer's PayloadServer, then ann
 collect(r, s): draw `sample_peers` (K) announcers uniformly among those heard by a cutoff (peers with a
                history of valid batches first: core.sample_sources), pull their payloads in parallel, each
                under a timeout, replacing failed pulls by fresh draws, until `want_peers` (else every
-               expected peer, at most K) delivered a valid batch or the deadline passes; when too few
-               announcements were heard, ask a few peers directly what they heard (a capped catch-up).
+               expected peer, at most K) delivered a valid batch or the deadline passes; when a member's
+               heartbeat says it published but its announcement never came, ask a few peers directly what
+               they heard (a capped catch-up, once a collect).
                Every payload is checked: digest, then wire.Inbox (signature, peer id = the announcer = the
                stream's authenticated peer, swarm, round window, size, replay).
 membership:    a heartbeat on the topic every 5 s and at every change; live = heard within 15 s.
@@ -291,10 +292,13 @@ class HivemindComm(SignedTransport):
                     if a.origin is not None:
                         relay_tried.add((a.peer_id, signer))
                     start(a)
-            if not caught_up and now >= cutoff and len(direct) < min(need, len(expected)):
-                caught_up = True  # once a collect: a late joiner, or a lost message
-                peers = list(self.members) or [peer_id_of(m) for m in self.node.net.initial_peers]
-                pending.add(asyncio.create_task(self._catch_up(round, stage, peers)))
+            # Members whose heartbeat says they published this slot, but whose announcement never came: a
+            # lost message, or one sent before we joined. Ask a few peers what they heard, once a collect.
+            missed = [p for p in expected if p not in direct
+                      and (self.members[p].round, self.members[p].stage) >= (round, stage)]
+            if not caught_up and now >= cutoff and missed and len(valid) < need:
+                caught_up = True
+                pending.add(asyncio.create_task(self._catch_up(round, stage, list(self.members))))
             remaining = deadline - now
             # With nobody expected (need 0), pulls already in flight still finish: an announcer that is not
             # (yet) in our member view is a peer too.

@@ -1,21 +1,25 @@
-"""What the swarm keeps in the DHT: small, owner-signed records. Payloads never go in the DHT.
+"""The swarm's records: members, rollout announcements, the round clock, every field checked; and what the DHT
+admits.
 
-    p2pswarm/<swarm>/members            subkey = owner marker   {name, role, round, stage, finished, time, left,
-                                                                 bridged}
-    p2pswarm/<swarm>/rollouts/<r>/<s>   subkey = owner marker   {digest, size, created}  "I have (r, s)"
-                                        (or marker~origin: a bridge relays origin's signed payload)
-    p2pswarm/<swarm>/clock              subkey = owner marker   {round, started}
+    member        {name, role, round, stage, finished, time, left, bridged, paused}
+    announcement  {digest, size, created}  "I have (r, s)" (`origin`: a bridge relays origin's signed payload)
+    clock         {round, started}
+
+They travel as messages on the swarm's GossipSub topic (gossip.py, which parses them with `member`,
+`announcement` and `clock`, built on p2pswarm/validate.py; the table with the limits is in docs/hivemind.md).
+The DHT holds none of them any more: it is the routing gossip forms its mesh over. Its validator still
+admits only records of these shapes, owner-signed, under the keys below, so that no peer can use the
+swarm's DHT nodes as a free store, or have a reply of theirs censor a key:
+
+    p2pswarm/<swarm>/members            subkey = owner marker
+    p2pswarm/<swarm>/rollouts/<r>/<s>   subkey = owner marker (or marker~origin)
+    p2pswarm/<swarm>/clock              subkey = owner marker
 
 The owner marker `[ed-owner:<peer id>]` in a subkey makes the record owner-protected: every DHT node that
 stores or returns it checks an Ed25519 signature by the key the peer id encodes (`Ed25519OwnerValidator`),
 so nobody can write under someone else's marker. hivemind's own RSASignatureValidator would need a second
-key per peer; this one reuses the libp2p identity, so the record's owner *is* the peer id. Readers take
-only subkeys that carry a marker: a plain `subkey=peer_id` proves nothing and is ignored.
-
-Every field is checked (`member`, `announcement`, `clock`, built on p2pswarm/validate.py; the table with
-the limits is in docs/hivemind.md) twice: by the validator, so that a bad record is neither stored nor
-passed on by any honest DHT node, and by `parse_entries` when the swarm reads it, which never raises and
-counts each bad record once.
+key per peer; this one reuses the libp2p identity, so the record's owner *is* the peer id. `parse_entries`
+reads such records from a DHT reply, never raises, and counts each bad record once.
 """
 
 from __future__ import annotations
