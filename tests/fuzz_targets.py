@@ -651,5 +651,62 @@ PAYLOAD_REQUEST = Target(
     lambda r: 0 <= r[0] < V.INT_MAX and 0 <= r[1] < V.INT_MAX and (r[2] == "" or r[2].startswith("12D3KooW")),
     spec=REQUEST_SPEC)
 
+# ---- the gossip topic (comm/hivemind/gossip.py) --------------------------------------------------------------
+def _recent() -> st.SearchStrategy:
+    import time as _t
+
+    return _floats(min_value=-10.0, max_value=0.0).map(lambda d: _t.time() + d)
+
+
+_digest = st.binary(min_size=32, max_size=32)
+_heartbeat = st.fixed_dictionaries(
+    {"k": st.just("h"), "name": names(), "role": st.sampled_from(records.ROLES), "round": ints(), "stage": ints(0),
+     "finished": ints(), "time": _recent()}, optional={"left": st.booleans(), "bridged": ints(0), "paused": st.booleans()})
+_announced = st.fixed_dictionaries(
+    {"k": st.just("a"), "round": ints(0), "stage": ints(0), "digest": _digest, "size": ints(1), "created": times(0)},
+    optional={"groups": ints(0, 100), "origin": st.just(ALICE.peer_id)})
+_clocked = st.fixed_dictionaries({"k": st.just("c"), "round": ints(0), "started": times(0)})
+gossip_valid = _heartbeat | _announced | _clocked
+_bad_kind = st.sampled_from(["x", "", "hh"]) | st.integers()
+gossip_invalid = st.one_of(
+    mutate(_heartbeat, {"k": _bad_kind, "name": bad_names(), "round": bad_ints(), "stage": bad_ints(0),
+                        "time": bad_times() | _floats(min_value=V.TIME_MIN, max_value=NOW - 60), "left": not_num | st.integers(),
+                        "bridged": bad_ints(0)}, ["k", "name", "role", "round", "stage", "finished", "time"]),
+    mutate(_announced, {"k": _bad_kind, "round": bad_ints(0), "stage": bad_ints(0), "digest": st.binary(max_size=31),
+                        "size": bad_ints(1), "created": bad_times(), "origin": bad_names()},
+           ["digest", "size", "created", "round", "stage"]),
+    mutate(_clocked, {"k": _bad_kind, "round": bad_ints(0), "started": bad_times()}, ["round", "started"]),
+).map(lambda m: msgpack.packb(m, use_bin_type=True))
+
+
+def _gossip(data: bytes):
+    from p2pswarm.comm.hivemind import gossip
+
+    return gossip.parse(ALICE.peer_id, data)
+
+
+GOSSIP_MESSAGE = Target(
+    "gossip_message", "gossip.parse: a heartbeat, announcement or clock message from the swarm's topic",
+    _gossip, gossip_valid.map(lambda m: msgpack.packb(m, use_bin_type=True)),
+    gossip_invalid | st.binary(min_size=1, max_size=8).map(lambda b: b"\xc1" + b),
+    st.binary(max_size=200) | edge_bytes | _msgpack_any(),
+    lambda out: out[0] in ("h", "a", "c"), (V.Invalid,))
+
+
+def _catchup(data: bytes):
+    from p2pswarm.comm.hivemind.gossip import parse_catchup_request
+
+    r = parse_catchup_request(data)
+    return REFUSED if r is None else r
+
+
+CATCHUP_REQUEST = Target(
+    "catchup_request", "gossip.parse_catchup_request: what a peer asks on the catch-up stream",
+    _catchup, st.tuples(ints(), ints(0)).map(list).map(msgpack.packb),
+    st.tuples(bad_ints(), ints(0)).map(list).map(msgpack.packb) | st.binary(min_size=65, max_size=80),
+    st.binary(max_size=80) | edge_bytes | _msgpack_any(),
+    lambda r: -1 <= r[0] < V.INT_MAX and 0 <= r[1] < V.INT_MAX)
+
 TARGETS = [WIRE_BYTES, WIRE_STRUCT, DHT_MEMBER, DHT_ANNOUNCEMENT, DHT_CLOCK, DHT_ENTRIES, DHT_VALIDATOR,
-           DRIVE_REGISTRATION, DRIVE_CLOCK, DRIVE_MANIFEST, TORCH_ANNOUNCEMENT, TORCH_HEADER, PAYLOAD_REQUEST]
+           DRIVE_REGISTRATION, DRIVE_CLOCK, DRIVE_MANIFEST, TORCH_ANNOUNCEMENT, TORCH_HEADER, PAYLOAD_REQUEST,
+           GOSSIP_MESSAGE, CATCHUP_REQUEST]

@@ -33,7 +33,8 @@ def test_fuzz(target, stream):
 
 
 BYTES_TARGETS = [t for t in TARGETS if t.name in ("wire_bytes", "wire_struct", "drive_registration", "drive_clock",
-                                                   "drive_manifest", "torch_announcement", "payload_request")]
+                                                   "drive_manifest", "torch_announcement", "payload_request",
+                                                   "gossip_message", "catchup_request")]
 
 
 @pytest.mark.parametrize("target", BYTES_TARGETS, ids=lambda t: t.name)
