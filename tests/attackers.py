@@ -120,22 +120,32 @@ class Attacker:
             self.say(f"claimed relays of {len(victims)} peer(s)")
             await asyncio.sleep(1)
 
-    async def poison(self) -> None:
-        await self.member()
-        for r in range(ROUNDS):
-            await self.announce(r, poisoned(self.identity, self.swarm, r, self.data))
-        self.say(f"announced {ROUNDS} poisoned rounds")
+    async def again(self, batches: dict[int, bytes], **member) -> None:
+        """Until killed: a heartbeat at the swarm's round, and the announcements of the current and next round
+        again every few seconds, so peers that join later hear them too (a message is heard only by those
+        subscribed when it is sent)."""
         while True:
-            await self.member(round=await self.clock())
+            c = await self.clock()
+            await self.member(round=c, **member)
+            for r in (c, c + 1):
+                if r in batches:
+                    await self.announce(r, batches[r])
             await asyncio.sleep(2)
 
+    async def poison(self) -> None:
+        await self.member()
+        batches = {r: poisoned(self.identity, self.swarm, r, self.data) for r in range(ROUNDS)}
+        for r, data in batches.items():
+            await self.announce(r, data)
+        self.say(f"announced {ROUNDS} poisoned rounds")
+        await self.again(batches)
+
     async def name(self) -> None:
-        for r in range(ROUNDS):
-            await self.announce(r, b"\xc1" * 50)
+        batches = {r: b"\xc1" * 50 for r in range(ROUNDS)}
+        for r, data in batches.items():
+            await self.announce(r, data)
         self.say("calls itself bob")
-        while True:
-            await self.member(round=await self.clock())
-            await asyncio.sleep(2)
+        await self.again(batches)
 
     async def unsigned(self) -> None:
         junk = [b"\x00junk", b"\xc1" * 40, msgpack.packb([1, 2, 3]), msgpack.packb({"not": "a message"}),
@@ -153,16 +163,17 @@ class Attacker:
 
     async def flood(self) -> None:
         await self.member(bridged=1024)
+        relays: dict[int, list[tuple[str, bytes]]] = {}
         for r in range(ROUNDS):
-            stores = []
-            for _ in range(200):
-                fake = Identity.generate()
-                stores.append(self.announce(r, poisoned(fake, self.swarm, r, self.data), origin=fake.peer_id))
-            await asyncio.gather(*stores)
+            fakes = [Identity.generate() for _ in range(200)]
+            relays[r] = [(f.peer_id, poisoned(f, self.swarm, r, self.data)) for f in fakes]
+            await asyncio.gather(*(self.announce(r, data, origin=o) for o, data in relays[r]))
             self.say(f"round {r}: relayed 200 invented peers")
-        while True:
-            await self.member(bridged=1024, round=await self.clock())
-            await asyncio.sleep(2)
+        while True:  # the current round's 200 again, every few seconds: far past any author's rate
+            c = await self.clock()
+            await self.member(bridged=1024, round=c)
+            await asyncio.gather(*(self.announce(c, data, origin=o) for o, data in relays.get(c, [])))
+            await asyncio.sleep(3)
 
 
 def main() -> None:
