@@ -280,9 +280,9 @@ class HivemindComm(SignedTransport):
             now = loop.time()
             in_flight = len(pending)
             # Draw now when everyone expected can be pulled anyway (a swarm no larger than K: no bias, no
-            # wait), else at the cutoff from all heard by then, and later only to replace failures or to
-            # take in announcements that came late.
-            small = limit == 0 or len(expected) + bridged <= limit
+            # wait) or every expected peer has announced (the pool is complete), else at the cutoff from all
+            # heard by then; later only to replace failures or to take in announcements that came late.
+            small = limit == 0 or len(expected) + bridged <= limit or expected <= direct.keys()
             if candidates and (small or now >= cutoff):
                 slots = len(candidates) if limit == 0 else limit - len(valid) - in_flight
                 good = {p for p, c in self.per_peer.items() if c["batches"] > 0}
