@@ -157,6 +157,13 @@ def test_bad_and_excess_messages_are_dropped_counted_and_struck(swarm):
     assert ann.book.drops["gossip_bad_signature"] == before + 1
     assert ann.per_peer[mallory.peer_id]["dropped_gossip_bad_signature"] == 1
     assert ann.book.clocks.get(comms["keeper"].peer_id) is None or ann.book.clocks[comms["keeper"].peer_id].round != 99
+    # A genuine message of another swarm's topic, handed over to replay it in this one: refused too.
+    other = pubsub.pb.PSMessage(data=gossip.clock(98, time.time()), seqno=os.urandom(8), topicIDs=["p2pswarm/other/v1"])
+    setattr(other, "from", __import__("hivemind").p2p.PeerID.from_base58(mallory.peer_id).to_bytes())
+    other.signature = mallory.identity.sign(pubsub.SIGN_PREFIX + other.SerializeToString())
+    assert pubsub.verify_message(other) == mallory.peer_id
+    assert ann.node.call(_handle(ann, other, mallory.peer_id), timeout=10) is None
+    assert ann.book.drops["gossip_wrong_topic"] == 1
 
 
 async def _handle(comm, msg, via):

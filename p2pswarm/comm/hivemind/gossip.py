@@ -162,13 +162,15 @@ class Book:
     `handle` never raises. It drops, counting each by reason in `drops` and calling `blame(author, reason)`
     for an authenticated author: a message over its size cap (`too_large`), past its author's rate
     (`over_rate`), with a bad signature (`bad_signature`, blamed on whoever handed it over, since `from`
-    is then unproven), or whose fields do not parse (`malformed`); stale heartbeats and repeats are dropped
+    is then unproven), signed for another topic (`wrong_topic`, blamed the same way), or whose fields do not
+    parse (`malformed`); stale heartbeats and repeats are dropped
     uncounted as offenses. Own messages come back through the subscription and are handled like any other,
     uncapped. `changed` is set whenever an announcement is added."""
 
-    def __init__(self, me: str, *, blame: Callable[[str, str], None] | None = None,
+    def __init__(self, me: str, topic: str, *, blame: Callable[[str, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.me = me
+        self.topic = topic
         self.blame = blame
         self.mono = clock
         self.drops: Counter[str] = Counter()
@@ -195,6 +197,9 @@ class Book:
 
     def _handle(self, msg: pb.PSMessage, via: str | None) -> str | None:
         size = len(msg.data)
+        if list(msg.topicIDs) != [self.topic]:  # signed for another swarm's topic, handed over to replay it here
+            self._drop(via, "wrong_topic", V.clip(list(msg.topicIDs)))
+            return None
         author = verify_message(msg)
         if author is None:
             self._drop(via, "bad_signature", "signature does not hold")

@@ -61,7 +61,7 @@ class HivemindComm(SignedTransport):
         self.rng = random.Random(seed)
         self.server = PayloadServer()
         self.topic = gossip.topic(swarm)
-        self.book = gossip.Book(self.peer_id, blame=self._blame_gossip)
+        self.book = gossip.Book(self.peer_id, self.topic, blame=self._blame_gossip)
         self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
         self.members: dict[str, records.Member] = {}
         self.seen_peers: set[str] = set()
@@ -95,8 +95,7 @@ class HivemindComm(SignedTransport):
         """A topic message its author signed but that broke a rule: counted under the author, and a strike
         (the overall count is in book.drops)."""
         self.per_peer[author][f"dropped_gossip_{reason}"] += 1
-        self.ledger.offense(author, "over_rate" if reason == "over_rate" else
-                            "too_large" if reason == "too_large" else "malformed")
+        self.ledger.offense(author, reason if reason in ("over_rate", "too_large", "bad_signature") else "malformed")
 
     async def _catch_up(self, round: int, stage: int, peers: list[str]) -> int:
         """Ask `peers` (at most CATCHUP_PEERS, at random) what they heard; the messages taken."""
