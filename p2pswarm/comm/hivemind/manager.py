@@ -32,7 +32,7 @@ from p2pswarm import wire
 from p2pswarm.comm.hivemind import gossip, records
 from p2pswarm.comm.hivemind.node import HivemindNode, peer_id_of
 from p2pswarm.comm.hivemind.payloads import PROTOCOL, PayloadServer, PullError, pull
-from p2pswarm.comm.hivemind.pubsub import Subscription, publish, topic_peers
+from p2pswarm.comm.hivemind.pubsub import Subscription, publish
 from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, SignedTransport, collect_need, sample_sources
 from p2pswarm.components import PeerInfo
 from p2pswarm.types import Group
