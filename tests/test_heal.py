@@ -6,14 +6,19 @@ and every process (with its p2pd) is killed at the end (tests/helpers.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
+import time
 
 import pytest
 
 from helpers import (ENDLESS, HANG, PROCESS_TEST_TIMEOUT, alive, by_name, children, metrics, peer_cmd,
                      start_bootstrap, wait_until)
+from p2pswarm.comm.hivemind.node import HivemindNode, NetConfig
+from p2pswarm.comm.hivemind.redial import Redialer, split_maddr
+from p2pswarm.identity import Identity
 
 pytestmark = pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 NAMES = ("ann", "bob", "cat")
@@ -100,3 +105,54 @@ def test_swarm_heals_after_the_bootstrap_and_a_peer_restart(procs, tmp_path):
                "the restarted cat's groups at ann and bob", logs("ann", "bob", "cat2"))
     moves = clock_moves(procs.log("boot2"))
     assert moves == sorted(set(moves)), moves
+
+
+def in_table(node: HivemindNode, other: HivemindNode) -> bool:
+    return any(p.to_base58() == other.peer_id for p in list(node.dht.protocol.routing_table.peer_id_to_uid))
+
+
+def test_a_restarted_bootstrap_dials_the_valid_peers_of_its_book(tmp_path):
+    """The book a bootstrap keeps is read back like anything from the network: the valid entries are dialled
+    (and the node is back in their routing tables), the bad ones are dropped and counted, and a file that is
+    no book at all leaves the node as it would be without one."""
+    started: list[HivemindNode] = []
+
+    def node(name: str, **net) -> HivemindNode:
+        started.append(HivemindNode(Identity.load_or_create(tmp_path / f"{name}.key"), tmp_path / f"{name}.key",
+                                    NetConfig(host="127.0.0.1", **net)).start())
+        return started[-1]
+
+    try:
+        a = node("a")
+        b = node("b", initial_peers=a.maddrs)
+        other = Identity.load_or_create(tmp_path / "other.key").peer_id
+        seen = time.time() - 60
+        good = {n.peer_id: {"addrs": [split_maddr(n.maddrs[0])[0]], "seen": seen} for n in (a, b)}
+        bad = {
+            "not-a-peer-id": {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": seen},
+            "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N": {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": seen},  # RSA
+            other: {"addrs": [f"/ip4/127.0.0.1/tcp/1/p2p/{other}"], "seen": seen},  # an address with /p2p/
+            other[:-1] + "a": {"addrs": "/ip4/127.0.0.1/tcp/1", "seen": seen},
+            a.peer_id[:-1] + "b": {"addrs": ["not a multiaddr"], "seen": seen},
+            b.peer_id[:-1] + "c": {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": "yesterday"},
+            b.peer_id[:-1] + "d": {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": 1e300},  # from the future
+            b.peer_id[:-1] + "e": ["/ip4/127.0.0.1/tcp/1"],
+        }
+        book = tmp_path / "state" / "known_peers.json"
+        book.parent.mkdir()
+        book.write_text(json.dumps({"version": 1, "peers": {**bad, **good}}))
+        boot = node("boot", known_peers=str(book))
+        wait_until(lambda: all(in_table(boot, n) and in_table(n, boot) for n in (a, b)), 60,
+                   "a and b in the restarted bootstrap's routing table and it in theirs")
+        assert set(boot.redialer.book) == {a.peer_id, b.peer_id}
+        assert boot.redialer.dropped == len(bad)
+        assert boot.redialer.counters()["peers_reached_again"] == 2
+        # It writes back what it knows now: the two peers, nothing of the bad entries.
+        wait_until(lambda: set(json.loads(book.read_text())["peers"]) == {a.peer_id, b.peer_id}, 30,
+                   "the book rewritten")
+        for junk in (b"\xff\xfe", b"[" * 100_000, b'{"peers": []}', b'{"version": 1}', b"null", b"NaN"):
+            book.write_bytes(junk)
+            assert Redialer(a, [], path=book).book == {}
+    finally:
+        for n in started:
+            n.close()
