@@ -28,6 +28,7 @@ MAX_KNOWN = 256  # peers kept in the book (initial peers always); the oldest see
 MAX_ADDRS = 4  # addresses kept per peer, the newest first
 MAX_ADDR_LEN = 256
 BOOK_VERSION = 1
+SAVE_EVERY = 300.0
 
 
 def split_maddr(maddr: str) -> tuple[str, str]:
@@ -114,6 +115,7 @@ class Redialer:
         self.book: dict[str, Known] = {}
         self.dials = self.reached = self.failed = self.dropped = 0
         self._dirty = False
+        self._saved_at = time.monotonic()
         self._stopped = False
         if self.path is not None:
             self._load()
@@ -162,7 +164,7 @@ class Redialer:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({"version": BOOK_VERSION, "peers": peers}))
-            self._dirty = False
+            self._dirty, self._saved_at = False, time.monotonic()
         except OSError as e:
             log.debug("known peers: cannot write %s: %s", self.path, e)
 
@@ -207,8 +209,9 @@ class Redialer:
         due = sorted((k.due, p) for p, k in self.book.items() if not k.healthy and k.due <= mono)
         await asyncio.gather(*(self._dial(p) for _, p in due[:self.max_dials]))
         self._forget(now)
-        if self.path is not None and self._dirty:
-            self._save()
+        # Also every SAVE_EVERY s: the times last seen age, and a book read back is forgotten by them.
+        if self.path is not None and (self._dirty or mono - self._saved_at > SAVE_EVERY):
+            await asyncio.get_running_loop().run_in_executor(None, self._save)  # fsync: not on the loop
 
     def _back(self, pid: str, known: Known) -> None:
         if known.healthy:
