@@ -1,6 +1,7 @@
 """The swarm over hivemind (the default transport): `connect()` assembles a node's comm and round clock.
 
     node.py         the libp2p daemon + DHT in this process; start-up checks with one-line errors
+    redial.py       re-dialling lost and initial peers (and a bootstrap's book of them), so the swarm heals
     records.py      owner-signed DHT records: members, rollout announcements, the round clock
     payloads.py     rollout payloads pulled peer to peer over a stream, size-capped
     manager.py      HivemindComm: publish / collect / counters

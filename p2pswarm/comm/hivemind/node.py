@@ -20,13 +20,16 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 
 from p2pswarm import validate as V
 from p2pswarm.errors import UserError
 from p2pswarm.identity import Identity
+
+if TYPE_CHECKING:
+    from p2pswarm.comm.hivemind.redial import Redialer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,7 +101,7 @@ class HivemindNode:
         self.dht: Any = None
         self.maddrs: list[str] = []
         self.clock_skew = 0.0
-        self.redialer: Any = None
+        self.redialer: Redialer | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name=f"hivemind-{identity.name}", daemon=True)
         self._closed = False
