@@ -50,13 +50,16 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
-    def until(cond, t0: float, wait: float = args.wait) -> float | None:
-        """Seconds from t0 until cond() holds; None if not within `wait` seconds of t0."""
-        while time.monotonic() - t0 < wait:
-            if cond():
-                return round(time.monotonic() - t0, 1)
+    def until(conds: dict, t0: float, wait: float = args.wait) -> dict:
+        """Seconds from t0 until each condition first held (polled together); None if not within `wait`."""
+        got = dict.fromkeys(conds)
+        while True:
+            for k, cond in conds.items():
+                if got[k] is None and cond():
+                    got[k] = round(time.monotonic() - t0, 1)
+            if all(v is not None for v in got.values()) or time.monotonic() - t0 > wait:
+                return got
             time.sleep(0.2)
-        return None
 
     def groups(name: str) -> dict[str, int]:
         rows = H.metrics(tmp, name)
@@ -87,15 +90,13 @@ def main() -> None:
             t0 = time.monotonic()
             swarm_round = max(played(n) for n in names)
             log = lambda: procs.log(current)  # noqa: E731
-            cycles.append({
-                "down_s": args.down, "swarm_round": swarm_round,
-                "reached_s": until(lambda: all(procs.log(n).count(f"reached peer {boot_id} again") > reached_before[n]
-                                               for n in names), t0),
-                "trainers_s": until(lambda: re.search(rf"status: \d+ peer\(s\) connected, {args.peers} trainer",
-                                                      log()), t0),
-                "clock_s": until(lambda: any(int(r) > swarm_round + 1
-                                             for r in re.findall(r"round clock advanced to round (\d+)", log())), t0),
-            })
+            cycles.append({"down_s": args.down, "swarm_round": swarm_round, **until({
+                "reached_s": lambda: all(procs.log(n).count(f"reached peer {boot_id} again") > reached_before[n]
+                                         for n in names),
+                "trainers_s": lambda: re.search(rf"status: \d+ peer\(s\) connected, {args.peers} trainer", log()),
+                "clock_s": lambda: any(int(r) > swarm_round + 1
+                                       for r in re.findall(r"round clock advanced to round (\d+)", log())),
+            }, t0)})
             print(json.dumps(cycles[-1]), flush=True)
         victim = names[-1]
         procs[victim].send_signal(signal.SIGKILL)
@@ -104,9 +105,8 @@ def main() -> None:
         procs.start(victim + "-again", H.peer_cmd(tmp, victim, boot, H.ENDLESS))
         others = set(names) - {victim}
         # From the start of the process: model loading and p2pd included.
-        peer_restart = {"hears_all_s": until(lambda: len(H.metrics(tmp, victim)) > rows
-                                             and all(groups(victim).get(o, 0) > 0 for o in others),
-                                             time.monotonic(), args.wait + 120)}
+        peer_restart = until({"hears_all_s": lambda: len(H.metrics(tmp, victim)) > rows
+                              and all(groups(victim).get(o, 0) > 0 for o in others)}, time.monotonic(), args.wait + 120)
         print(json.dumps(peer_restart), flush=True)
     finally:
         procs.kill_all()

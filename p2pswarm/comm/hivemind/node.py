@@ -102,6 +102,7 @@ class HivemindNode:
         self.maddrs: list[str] = []
         self.clock_skew = 0.0
         self.redialer: Redialer | None = None
+        self._redial_task: asyncio.Future | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name=f"hivemind-{identity.name}", daemon=True)
         self._closed = False
@@ -194,7 +195,8 @@ class HivemindNode:
 
             self.redialer = Redialer(self, net.initial_peers, path=Path(net.known_peers) if net.known_peers else None,
                                      period=net.redial_period)
-            asyncio.ensure_future(self.redialer.run())  # cancelled with the DHT's loops in _shutdown
+            # Kept: the loop holds its tasks weakly, and a task nobody references is garbage-collected.
+            self._redial_task = asyncio.ensure_future(self.redialer.run())  # cancelled in _shutdown
 
     def _daemon_error(self, message: str, peers: list[str]) -> str:
         low = message.lower()
