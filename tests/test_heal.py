@@ -125,28 +125,28 @@ def test_a_restarted_bootstrap_dials_the_valid_peers_of_its_book(tmp_path):
     try:
         a = node("a")
         b = node("b", initial_peers=a.maddrs)
-        other = Identity.load_or_create(tmp_path / "other.key").peer_id
+        others = [Identity.load_or_create(tmp_path / f"other{i}.key").peer_id for i in range(6)]  # valid ids
         seen = time.time() - 60
         good = {n.peer_id: {"addrs": [split_maddr(n.maddrs[0])[0]], "seen": seen} for n in (a, b)}
         bad = {
             "not-a-peer-id": {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": seen},
             "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N": {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": seen},  # RSA
-            other: {"addrs": [f"/ip4/127.0.0.1/tcp/1/p2p/{other}"], "seen": seen},  # an address with /p2p/
-            other[:-1] + "a": {"addrs": "/ip4/127.0.0.1/tcp/1", "seen": seen},
-            a.peer_id[:-1] + "b": {"addrs": ["not a multiaddr"], "seen": seen},
-            b.peer_id[:-1] + "c": {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": "yesterday"},
-            b.peer_id[:-1] + "d": {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": 1e300},  # from the future
-            b.peer_id[:-1] + "e": ["/ip4/127.0.0.1/tcp/1"],
+            others[0]: {"addrs": [f"/ip4/127.0.0.1/tcp/1/p2p/{others[0]}"], "seen": seen},  # an address with /p2p/
+            others[1]: {"addrs": "/ip4/127.0.0.1/tcp/1", "seen": seen},
+            others[2]: {"addrs": ["not a multiaddr"], "seen": seen},
+            others[3]: {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": 1e300},  # from the future
+            others[4]: ["/ip4/127.0.0.1/tcp/1"],
+            others[5]: {"addrs": ["/ip4/127.0.0.1/tcp/1"], "seen": "yesterday"},
         }
         book = tmp_path / "state" / "known_peers.json"
         book.parent.mkdir()
         book.write_text(json.dumps({"version": 1, "peers": {**bad, **good}}))
         boot = node("boot", known_peers=str(book))
-        wait_until(lambda: all(in_table(boot, n) and in_table(n, boot) for n in (a, b)), 60,
+        wait_until(lambda: all(in_table(boot, n) and in_table(n, boot) for n in (a, b))
+                   and boot.redialer.counters()["peers_reached_again"] == 2, 60,
                    "a and b in the restarted bootstrap's routing table and it in theirs")
         assert set(boot.redialer.book) == {a.peer_id, b.peer_id}
         assert boot.redialer.dropped == len(bad)
-        assert boot.redialer.counters()["peers_reached_again"] == 2
         # It writes back what it knows now: the two peers, nothing of the bad entries.
         wait_until(lambda: set(json.loads(book.read_text())["peers"]) == {a.peer_id, b.peer_id}, 30,
                    "the book rewritten")
