@@ -199,7 +199,10 @@ def json_value(data: bytes | str, *, nan: bool = False) -> Any:
     json's C scanner recurses on the machine stack, guarded only by sys.getrecursionlimit(), which some
     libraries raise process-wide (py_ecc, imported by py-evm, sets it to 100000), and then a few hundred
     KB of brackets crash the interpreter instead of raising. NaN / Infinity are refused unless `nan`."""
-    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError:
+        raise Invalid("json", "is not UTF-8") from None
     depth = deepest = 0
     for c in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
         depth += 1 if c in "[{" else -1

@@ -1,6 +1,7 @@
 """The swarm over hivemind (the default transport): `connect()` assembles a node's comm and round clock.
 
     node.py         the libp2p daemon (GossipSub on) + DHT in this process; start-up checks with one-line errors
+    redial.py       re-dialling lost and initial peers (and a bootstrap's book of them), so the swarm heals
     pubsub.py       our binding for the daemon's pubsub: publish, subscribe (a kept reader), topic peers
     gossip.py       the swarm's topic: heartbeats, announcements, the clock; caps per author; catch-up
     records.py      the fields of members, announcements and the clock, checked; the DHT's record validator

@@ -61,8 +61,11 @@ class BootstrapPeer:
 
             self.chain = serve_anvil(self.state_dir / f"chain-{self.experiment}.json", self.chain_round_seconds,
                                      self.chain_port)
+        # The peers it met survive a restart (redial.py): a restarted bootstrap dials them instead of
+        # waiting, alone with a stopped clock, for peers that dial their initial peers only once.
+        net = replace(self.net, known_peers=self.net.known_peers or str(self.state_dir / "known_peers.json"))
         try:
-            self.node = HivemindNode(self.identity, self.identity_path, self.net).start()
+            self.node = HivemindNode(self.identity, self.identity_path, net).start()
         except BaseException:
             self.close()
             raise

@@ -20,13 +20,16 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 
 from p2pswarm import validate as V
 from p2pswarm.errors import UserError
 from p2pswarm.identity import Identity
+
+if TYPE_CHECKING:
+    from p2pswarm.comm.hivemind.redial import Redialer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,6 +53,10 @@ class NetConfig:
     use_auto_relay: bool = False
     max_clock_skew: float = 3.0
     startup_timeout: float = 30.0
+    # Re-dialling lost peers (redial.py): every `redial_period` s; `known_peers`, a file that keeps the peers
+    # met across restarts (the bootstrap's state dir), so a restarted node dials the swarm it knew.
+    redial_period: float = 2.0
+    known_peers: str = ""
 
 
 def peer_id_of(maddr: str) -> str:
@@ -67,6 +74,9 @@ def check_port_free(host: str, port: int) -> None:
     if port == 0:
         return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As p2pd binds: a node restarted at once finds its old connections in TIME_WAIT on the port, which
+        # a plain bind takes for "in use"; a port another process listens on is still refused.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -91,6 +101,8 @@ class HivemindNode:
         self.dht: Any = None
         self.maddrs: list[str] = []
         self.clock_skew = 0.0
+        self.redialer: Redialer | None = None
+        self._redial_task: asyncio.Future | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name=f"hivemind-{identity.name}", daemon=True)
         self._closed = False
@@ -179,6 +191,13 @@ class HivemindNode:
             await self._check_clock(peers)
         if not net.client_mode:
             self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
+        if net.redial_period > 0:
+            from p2pswarm.comm.hivemind.redial import Redialer
+
+            self.redialer = Redialer(self, net.initial_peers, path=Path(net.known_peers) if net.known_peers else None,
+                                     period=net.redial_period)
+            # Kept: the loop holds its tasks weakly, and a task nobody references is garbage-collected.
+            self._redial_task = asyncio.ensure_future(self.redialer.run())  # cancelled in _shutdown
 
     def _daemon_error(self, message: str, peers: list[str]) -> str:
         low = message.lower()
@@ -260,6 +279,8 @@ class HivemindNode:
         return not self._closed and child is not None and child.returncode is None
 
     async def _shutdown(self) -> None:
+        if self.redialer is not None:
+            self.redialer.close()
         if self.dht is not None and self.alive():
             try:  # bounded: over a dead daemon connection this would wait for minutes
                 await asyncio.wait_for(self.dht.shutdown(), 2)
