@@ -60,12 +60,24 @@ def sh(*cmd: str, ns: str | None = None, input: str | None = None) -> str:
     return got.stdout
 
 
+NS_PREFIX = "p2n"
+
+
+def _delete_orphans() -> None:
+    """Namespaces left by a test run that was itself killed (its pid, in the name, is gone)."""
+    for ns in sh("ip", "netns", "list").split():
+        digits = ns[len(NS_PREFIX):].split("x", 1)[0]
+        if ns.startswith(NS_PREFIX) and "x" in ns and digits.isdigit() and not os.path.exists(f"/proc/{digits}"):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 class Net:
     """The namespaces of one test: `host(name, last_octet)` on the public bridge, `nat(name, open)` behind
     the router. `run(name, cmd)` is `cmd` inside that namespace. `close()` deletes them all (with their veths)."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
+        _delete_orphans()
         self.made: list[str] = []
         self.ips: dict[str, str] = {}
         self.bridge = self._ns("pub")
@@ -102,7 +114,8 @@ class Net:
         sh("ip", "addr", "add", f"{PRIVATE}.2/24", "dev", "eth0", ns=ns)
         sh("ip", "link", "set", "eth0", "up", ns=ns)
         sh("ip", "route", "add", "default", "via", f"{PRIVATE}.1", ns=ns)
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=router)  # per namespace: the host's stays as it is
+        # Per namespace (/proc/sys/net is the reader's namespace's): the host's forwarding stays as it is.
+        sh("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward", ns=router)
         # A home router: replies to what the inside opened pass, nothing new comes in; out goes masqueraded.
         sh("nft", "-f", "-", ns=router, input=f"""
 table ip nat {{
@@ -134,7 +147,7 @@ table inet filter {{
 @pytest.fixture
 def net(procs):
     """Namespaces for one test; deleted after its processes are killed (procs is torn down after this)."""
-    n = Net(f"p2n{os.getpid() % 100000}")
+    n = Net(f"{NS_PREFIX}{os.getpid()}x")
     try:
         yield n
     finally:
@@ -216,15 +229,17 @@ def test_peer_that_reaches_nothing_of_the_swarm_learns_through_the_drive_bridge(
     net.nat("cat", forward=False)
     assert connect_from(net, "cat", "ann") == ""  # the swarm's ports are blocked from the inside too
     boot = start_boot(procs, net)
-    # cat tries the DHT, cannot reach it, and runs on the shared folder; it waits for two batches a round:
-    # the bridge's own and ann's, relayed by the bridge.
+    # All three start at once (each waits for what it should get, however slowly the others start). cat tries
+    # the DHT, cannot reach it, and runs on the shared folder, waiting for two batches a round: the bridge's
+    # own and ann's, relayed by the bridge. ann waits for the bridge's and cat's (relayed); the bridge for one
+    # on each side.
     procs.start("cat", peer(tmp_path, net, "cat", "--comm", "auto", "--initial-peers", boot,
                             *sets("collect_peers=2", "collect_timeout=240", "drive_poll_interval=0.2")))
-    procs.wait_for("cat", r"the DHT is out of reach .*running in Drive mode", HANG)
     procs.start("ann", peer(tmp_path, net, "ann", "--comm", "hivemind", "--initial-peers", boot,
                             *sets("collect_peers=2", "collect_timeout=240")))
     procs.start("bridge", peer(tmp_path, net, "bridge", "--comm", "hybrid", "--initial-peers", boot,
                                *sets("collect_peers=1", "collect_timeout=240", "drive_poll_interval=0.2")))
+    procs.wait_for("cat", r"the DHT is out of reach .*running in Drive mode", HANG)
     names = ["ann", "bridge", "cat"]
     played = play(procs, tmp_path, names)
     ids = {n: procs.peer_id(n) for n in names}
