@@ -104,10 +104,11 @@ class Net:
         self.ips[name] = f"{PUBLIC}.{octet}"
         return self.ips[name]
 
-    def nat(self, name: str, forward: bool) -> str:
-        """`name` behind a masquerading router; `forward=False`: the router forwards nothing it sends."""
-        router, ns = self._ns("rtr"), self._ns(name)
-        self._plug(router, "eth0", "vrtr", f"{ROUTER_PUBLIC}/24")
+    def nat(self, name: str, forward: bool, router_octet: int = 254) -> str:
+        """`name` behind a masquerading router of its own (public address .`router_octet`, the private
+        subnet the same behind every router, as at home); `forward=False`: the router forwards nothing it sends."""
+        router, ns = self._ns(f"r{name}"), self._ns(name)
+        self._plug(router, "eth0", f"vr{name}"[:15], f"{PUBLIC}.{router_octet}/24")
         sh("ip", "link", "add", "eth1", "netns", router, "type", "veth", "peer", "name", "eth0", "netns", ns)
         sh("ip", "addr", "add", f"{PRIVATE}.1/24", "dev", "eth1", ns=router)
         sh("ip", "link", "set", "eth1", "up", ns=router)
