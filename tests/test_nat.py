@@ -40,11 +40,19 @@ def _why_no_namespaces() -> str | None:
     for tool in ("ip", "nft"):
         if shutil.which(tool) is None:
             return f"no `{tool}` on this machine (.ci/run installs nftables on Debian)"
+    # What the test builds, in miniature: a namespace, a bridge and a veth in it, an nftables NAT table.
     probe = f"p2nprobe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"this machine forbids network namespaces: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    steps = [["ip", "netns", "add", probe],
+             ["ip", "netns", "exec", probe, "ip", "link", "add", "br0", "type", "bridge"],
+             ["ip", "netns", "exec", probe, "ip", "link", "add", "a", "type", "veth", "peer", "name", "b"],
+             ["ip", "netns", "exec", probe, "nft", "add", "table", "ip", "nat"]]
+    try:
+        for step in steps:
+            got = subprocess.run(step, capture_output=True, text=True, timeout=30)
+            if got.returncode != 0:
+                return f"this machine forbids what the test needs (`{' '.join(step[-4:])}`: {got.stderr.strip()[:200]})"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 
@@ -72,17 +80,23 @@ def _delete_orphans() -> None:
 
 
 class Net:
-    """The namespaces of one test: `host(name, last_octet)` on the public bridge, `nat(name, open)` behind
-    the router. `run(name, cmd)` is `cmd` inside that namespace. `close()` deletes them all (with their veths)."""
+    """The namespaces of one test, all named `<prefix><name>`: `open()` makes the public bridge,
+    `host(name, octet)` a host on it, `nat(name, forward)` a host behind a masquerading router of its own;
+    `ips[name]` is a host's address and `run(name, cmd)` the command line that runs `cmd` inside its
+    namespace. `close()` deletes every namespace made (their veths go with them), whatever failed before."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        _delete_orphans()
         self.made: list[str] = []
         self.ips: dict[str, str] = {}
+        self.bridge = ""
+
+    def open(self) -> Net:
+        _delete_orphans()
         self.bridge = self._ns("pub")
         sh("ip", "link", "add", "br0", "type", "bridge", ns=self.bridge)
         sh("ip", "link", "set", "br0", "up", ns=self.bridge)
+        return self
 
     def _ns(self, name: str) -> str:
         ns = f"{self.prefix}{name}"
@@ -150,7 +164,7 @@ def net(procs):
     """Namespaces for one test; deleted after its processes are killed (procs is torn down after this)."""
     n = Net(f"{NS_PREFIX}{os.getpid()}x")
     try:
-        yield n
+        yield n.open()
     finally:
         procs.kill_all()  # first the processes (and their p2pd), then the namespaces they ran in
         n.close()
