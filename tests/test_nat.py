@@ -39,7 +39,7 @@ def _why_no_namespaces() -> str | None:
         return "network namespaces need root (CI runs as root)"
     for tool in ("ip", "nft"):
         if shutil.which(tool) is None:
-            return f"no `{tool}` on this machine (.ci/run installs nftables on Debian)"
+            return f"no `{tool}` on this machine (.ci/run installs iproute2 and nftables on Debian)"
     # What the test builds, in miniature: a namespace, a bridge and a veth in it, an nftables NAT table.
     probe = f"p2nprobe{os.getpid()}"
     steps = [["ip", "netns", "add", probe],
