@@ -44,7 +44,7 @@ def _why_no_namespaces() -> str | None:
     probe = f"p2nprobe{os.getpid()}"
     steps = [["ip", "netns", "add", probe],
              ["ip", "netns", "exec", probe, "ip", "link", "add", "br0", "type", "bridge"],
-             ["ip", "netns", "exec", probe, "ip", "link", "add", "a", "type", "veth", "peer", "name", "b"],
+             ["ip", "netns", "exec", probe, "ip", "link", "add", "name", "va", "type", "veth", "peer", "name", "vb"],
              ["ip", "netns", "exec", probe, "nft", "add", "table", "ip", "nat"]]
     try:
         for step in steps:
