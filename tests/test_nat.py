@@ -242,7 +242,7 @@ def test_peer_that_reaches_nothing_of_the_swarm_learns_through_the_drive_bridge(
     for i, n in enumerate(("boot", "ann", "bridge"), start=1):
         net.host(n, i)
     net.nat("cat", forward=False)
-    assert connect_from(net, "cat", "ann") == ""  # the swarm's ports are blocked from the inside too
+    assert connect_from(net, "cat", "ann") == ""  # the router forwards nothing from the inside
     boot = start_boot(procs, net)
     # All three start at once (each waits for what it should get, however slowly the others start). cat tries
     # the DHT, cannot reach it, and runs on the shared folder, waiting for two batches a round: the bridge's
@@ -265,5 +265,5 @@ def test_peer_that_reaches_nothing_of_the_swarm_learns_through_the_drive_bridge(
     # ... and its own batches reached ann on the DHT side, relayed by the bridge.
     assert [r["swarm_groups_received"] for r in played["ann"]] == [2 * 4] * ROUNDS_SEEN, played["ann"]
     relayed = played["ann"][-1]["comm"]["per_peer"][ids["cat"]]
-    assert relayed["groups"] == ROUNDS_SEEN * 4 and relayed["relayed"] >= 1, relayed
-    assert by_name(played["ann"][-1]["comm"]["per_peer"])["bridge"]["groups"] == ROUNDS_SEEN * 4
+    assert relayed["groups"] >= ROUNDS_SEEN * 4 and relayed["relayed"] >= 1, relayed
+    assert by_name(played["ann"][-1]["comm"]["per_peer"])["bridge"]["groups"] >= ROUNDS_SEEN * 4
