@@ -267,3 +267,33 @@ def test_peer_that_reaches_nothing_of_the_swarm_learns_through_the_drive_bridge(
     relayed = played["ann"][-1]["comm"]["per_peer"][ids["cat"]]
     assert relayed["groups"] >= ROUNDS_SEEN * 4 and relayed["relayed"] >= 1, relayed
     assert by_name(played["ann"][-1]["comm"]["per_peer"])["bridge"]["groups"] >= ROUNDS_SEEN * 4
+
+
+def _inline_batches() -> bool:
+    """Whether client-mode peers send their batches on the gossip topic itself (the `gossip_inline` setting):
+    the only path between two peers behind different NATs, since neither can dial the other."""
+    from p2pswarm.settings import Settings
+
+    return "gossip_inline" in Settings.model_fields
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _inline_batches(), reason="two NAT'd peers need batches inline on the gossip topic; "
+                                                   "this transport has no such path (docs/hivemind.md#behind-nat)")
+def test_two_peers_behind_different_nats_exchange_every_round(procs, net, tmp_path):
+    for i, n in enumerate(("boot", "ann"), start=1):
+        net.host(n, i)
+    net.nat("cat", forward=True, router_octet=254)
+    net.nat("dog", forward=True, router_octet=253)  # its own router, the same private subnet behind it
+    assert connect_from(net, "dog", "ann") == f"{PUBLIC}.253"
+    boot = start_boot(procs, net)
+    names = ["ann", "cat", "dog"]
+    for n in names:
+        procs.start(n, peer(tmp_path, net, n, "--initial-peers", boot, *sets("collect_peers=2", "collect_timeout=240"),
+                            *(["--client-mode"] if n != "ann" else [])))
+    played = play(procs, tmp_path, names)
+    ids = {n: procs.peer_id(n) for n in names}
+    for n in names:
+        assert [r["swarm_groups_received"] for r in played[n]] == [2 * 4] * ROUNDS_SEEN, (n, played[n])
+        per_peer = played[n][-1]["comm"]["per_peer"]
+        assert all(per_peer[ids[m]]["groups"] >= ROUNDS_SEEN * 4 for m in names if m != n), (n, per_peer)
