@@ -383,7 +383,7 @@ def code_label() -> dict:
         return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
 
     rev = git("rev-parse", "--short", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(git("status", "--porcelain", "--", "p2pswarm", "bootstrap"))  # the code the nodes run, not bench/
     return {"label": rev + ("-dirty" if dirty else ""), "commit": git("rev-parse", "HEAD"), "branch": git("branch", "--show-current")}
 
 

@@ -673,6 +673,7 @@ def run_swarm(workdir: Path, n: int, per_proc: int, phases: list[dict], *, timeo
     their p2pd's TCP traffic per rounds phase."""
     sw = Swarm(workdir, code)
     sw.comm_args = comm_args or {}
+    load = [round(x, 1) for x in os.getloadavg()]  # others' work on this machine slows every timing here
     meter = SocketMeter()
     done = False
     try:
@@ -723,6 +724,7 @@ def run_swarm(workdir: Path, n: int, per_proc: int, phases: list[dict], *, timeo
         done = True
         ret = {"n": n, "timeout": timeout, "per_process": per_proc, "all_up_s": all_up_s, "ready": ready, "results": results,
                "boot_cpu": boot_cpu, "boot_memory": boot_mem, "plan": plan,
+               "loadavg": {"start": load, "end": [round(x, 1) for x in os.getloadavg()]},
                "traffic": traffic(meter, plan, ready, results, children(sw.boot.pid))}
     finally:
         meter.stop()
@@ -822,7 +824,7 @@ def summarize_exchange(run: dict, phases: list[dict]) -> list[dict]:
         pulls = [x["pull_s"] for x in raws if x["pull_ok"]]
         nbytes = statistics.median(payload_bytes) if payload_bytes else 0
         out.append({
-            "n": n, "size": size, "transport": transport(run), "payload_bytes": nbytes, "rounds": len(rounds), "period_s": ph["period"],
+            "n": n, "size": size, "transport": transport(run), "loadavg": run.get("loadavg"), "payload_bytes": nbytes, "rounds": len(rounds), "period_s": ph["period"],
             "pairs_expected": expected, "pairs_delivered": delivered,
             "delivery_fraction": round(delivered / expected, 4) if expected else None,
             "wanted_fraction_met": wanted_met(run, res, names, rounds, lambda nm, rnd: next((r for r in rows[nm] if r["round"] == rnd), None)),
@@ -927,7 +929,7 @@ def summarize_sim(run: dict, ph: dict) -> dict:
                     lat.append(rr["arrived"][sender] - by[sender]["publish_start"])
         both = sum(1 for a in names for b in names if a != b and by[a] and by[b])
         per_round.append(round(d / both, 4) if both else None)
-    return {"peers": n, "transport": transport(run), "processes": len({v["startup"]["launch"] for v in res.values()}), "variant": label,
+    return {"peers": n, "transport": transport(run), "loadavg": run.get("loadavg"), "processes": len({v["startup"]["launch"] for v in res.values()}), "variant": label,
             "rounds": len(rounds), "round_period_s": ph["period"], "collect_timeout_s": run["timeout"], "want_peers": want,
             "bench_validation_cache": bool(ph.get("cache")),
             "delivery_fraction": round(delivered / expected, 4) if expected else None,
@@ -1193,7 +1195,7 @@ def run_row(e: dict, code: str, kind: str) -> dict:
         ex = {"p50": e["collect_ms"]["p50"] and round((e["publish_ms"]["p50"] or 0) + e["collect_ms"]["p50"], 1),
               "p95": e["collect_ms"]["p95"] and round((e["publish_ms"]["p95"] or 0) + e["collect_ms"]["p95"], 1)}
     t = e.get("per_peer_per_round") or {}
-    return {"code": code, "transport": e["transport"], "peers_are": kind, "n": n,
+    return {"code": code, "transport": e["transport"], "peers_are": kind, "n": n, "loadavg": e.get("loadavg"),
             "payload": e.get("size", "30KB"), "variant": e.get("variant"),
             "delivered_fraction": e["delivery_fraction"], "wanted_fraction_met": e.get("wanted_fraction_met"),
             "rounds_skipped_fraction": e.get("rounds_skipped_fraction"),
@@ -1213,7 +1215,7 @@ def brief_traffic(t: dict | None) -> str:
 def this_code() -> dict:
     """The tree this file belongs to, as its git revision (+ "-dirty" with uncommitted changes)."""
     rev = git("rev-parse", "--short", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(git("status", "--porcelain", "--", "p2pswarm", "bootstrap"))  # the code the peers run, not bench/
     return {"label": rev + ("-dirty" if dirty else ""), "ref": "worktree", "commit": git("rev-parse", "HEAD"),
             "path": ROOT, "slug": "here"}
 
