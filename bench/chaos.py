@@ -8,9 +8,12 @@ What runs: a bootstrap peer with `--coordinator` on a fixed port and identity (s
 at the same address, as an operator would restart it) and N headless nodes (`python -m p2pswarm run`, the
 embedded policy, 4 tasks a round, a checkpoint every round), all on 127.0.0.1 with the code this file
 belongs to. After a warm-up (every node played a round), for `--minutes` a victim is drawn at random (the
-bootstrap with probability `--boot-share`, else a peer) every `--gap` seconds (uniform), SIGKILLed (its
-Python process only, as a crash or OOM kill: its p2pd must go by itself), and restarted with the same
-command after `--down` seconds (uniform). Then the swarm is watched for `--settle` seconds with no faults,
+bootstrap with probability `--boot-share`, and always for the second fault if the first hit a peer, else a
+peer), SIGKILLed (its Python process only, as a crash or OOM kill: its p2pd must go by itself), and
+restarted with the same command after `--down` seconds (uniform). The next fault comes `--gap` seconds
+(uniform) after the victim plays again (a round finished; for the bootstrap, its clock logged) or after
+`--wait-back` seconds: a restart takes tens of seconds on a busy machine, and a fault on a node still
+starting would show nothing about healing. Then the swarm is watched for `--settle` seconds with no faults,
 and everything is stopped.
 
 What is recorded, from the files the nodes write (metrics.jsonl, events.jsonl) and the bootstrap's log, as a
@@ -278,6 +281,13 @@ class Chaos:
         return {k: v for k, v in left.items() if v}
 
 
+def playing_again(ch: Chaos, node: Node, since: float) -> bool:
+    """A restarted peer finished a round; a restarted bootstrap logged its clock again."""
+    if node is ch.boot:
+        return any(t >= since for t, _ in ch.boot_clock)
+    return any(r["seen"] >= since for r in ch.rows[node.name])
+
+
 def is_p2pd(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"p2pd")
@@ -315,11 +325,16 @@ def analyse_kill(ch: Chaos, k: dict, until: float) -> dict:
         victim_heard = max(status, moved) if status and moved and max(status, moved) <= until else None
         k["clock_moved_again_s"] = round(moved - t_up, 1) if moved and moved <= until else None
         k["victim_rounds_lost"] = None
+        back = first_time(ch.boot_clock, t_up, lambda v: True)
     else:
         victim_heard = hears_all(victim)
         before = [r["round"] for r in ch.rows[victim] if r["seen"] <= t_kill]
-        after = [r["round"] for r in ch.rows[victim] if r["seen"] > t_up and r["seen"] <= until]
-        k["victim_rounds_lost"] = (after[0] - before[-1] - 1) if before and after else None
+        # not cut at the next fault: a fault elsewhere does not change which rounds this one missed
+        after = [r for r in ch.rows[victim] if r["seen"] > t_up]
+        k["victim_rounds_lost"] = (after[0]["round"] - before[-1] - 1) if before and after else None
+        back = after[0]["seen"] if after else None
+    # start-up on a busy machine (imports, model, p2pd) is most of a restart: apart from the healing
+    k["victim_playing_again_s"] = round(back - t_up, 1) if back else None
     others = [p for p in running if p != victim]
     heard = [hears_all(p) for p in others] + [victim_heard]
     all_heard = max(heard) if all(h is not None for h in heard) else None
@@ -398,6 +413,8 @@ def main() -> None:
                     help="seconds a victim stays dead (default 2 10)")
     ap.add_argument("--boot-share", type=float, default=0.3, help="probability that a victim is the bootstrap")
     ap.add_argument("--settle", type=float, default=45.0, help="seconds watched without faults at the end")
+    ap.add_argument("--wait-back", type=float, default=120.0,
+                    help="the next fault's gap counts from when the last victim plays again, or this many seconds")
     ap.add_argument("--tolerance", type=int, default=2, help="rounds apart that still count as one clock")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
@@ -428,7 +445,8 @@ def main() -> None:
         faults_at = time.time()
         end_faults = faults_at + 60 * minutes
         print(f"warm-up done in {faults_at - t_begin:.0f} s; faults for {minutes} min", flush=True)
-        next_kill = time.time() + rng.uniform(*gap)
+        next_kill: float | None = time.time() + rng.uniform(*gap)
+        back_from: tuple[Node, float] | None = None  # the last victim and its restart time, until it plays again
         pending_orphans: list[tuple[float, str, list[int]]] = []
         while True:
             now = time.time()
@@ -441,8 +459,12 @@ def main() -> None:
                     print(f"  orphaned p2pd of {item[1]}: {still}", flush=True)
             if now >= end_faults and not pending_orphans:
                 break
-            if now >= next_kill and now < end_faults:
-                victim = ch.boot if rng.random() < args.boot_share else rng.choice(ch.peers)
+            if back_from is not None and (playing_again(ch, *back_from) or now - back_from[1] > args.wait_back):
+                back_from = None  # the gap to the next fault counts from here, so each fault's effect shows
+                next_kill = now + rng.uniform(*gap)
+            if next_kill is not None and now >= next_kill and now < end_faults:
+                first_boot = len(kills) == 1 and kills[0]["victim"] != BOOT  # the keeper goes down at least once
+                victim = ch.boot if first_boot or rng.random() < args.boot_share else rng.choice(ch.peers)
                 down = rng.uniform(*args.down)
                 daemons = ch.kill(victim)
                 t_kill = time.time()
@@ -455,7 +477,7 @@ def main() -> None:
                 ch.start(victim)
                 kills.append({"victim": victim.name, "killed_at": t_kill, "restarted_at": time.time(), "down_s": round(down, 1),
                               "daemons_at_kill": len(daemons)})
-                next_kill = time.time() + rng.uniform(*gap)
+                back_from, next_kill = (victim, time.time()), None
             time.sleep(0.5)
         print(f"faults over; settling for {args.settle:.0f} s", flush=True)
         t_settle = time.time() + args.settle
@@ -470,7 +492,7 @@ def main() -> None:
     for i, k in enumerate(kills):
         until = kills[i + 1]["killed_at"] if i + 1 < len(kills) else t_end
         analyse_kill(ch, k, until)
-        print(f"  kill {i}: {k['victim']}: healed {k['healed']}, victim hears swarm {k['victim_hears_swarm_s']} s, all "
+        print(f"  kill {i}: {k['victim']}: playing again {k['victim_playing_again_s']} s, healed {k['healed']}, victim hears swarm {k['victim_hears_swarm_s']} s, all "
               f"{k['all_hear_swarm_s']} s, victim lost {k['victim_rounds_lost']} round(s), others skipped "
               f"{k['others_rounds_skipped']}", flush=True)
     timeline = [(t, c) for t, c in ch.timeline if faults_at and t >= faults_at]
@@ -493,6 +515,7 @@ def main() -> None:
             "kills": len(kills), "bootstrap_kills": sum(k["victim"] == BOOT for k in kills),
             "healed": sum(k["healed"] for k in kills),
             "all_hear_swarm_s": {"p50": median(heal), "max": max(heal, default=None)},
+            "victim_playing_again_s_p50": median([k["victim_playing_again_s"] for k in kills if k["victim_playing_again_s"]]),
             "victim_rounds_lost_total": sum(k["victim_rounds_lost"] or 0 for k in kills),
             "others_rounds_skipped_total": sum(k["others_rounds_skipped"] for k in kills),
             "partitions": len(parts), "partitions_over_30s": sum(p["duration_s"] > 30 for p in parts),
