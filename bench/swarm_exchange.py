@@ -268,7 +268,7 @@ def worker(spec_path: str) -> None:
                         if late > ph["period"] / 2:  # the last round overran this one's slot: skip it, as a peer
                             skipped.append({"round": r, "phase": ph["label"], "late_s": late})  # behind the clock does
                             continue
-                        drops0 = Counter(comm.inbox.drops)
+                        drops0 = Counter(getattr(getattr(comm, "inbox", None), "drops", {}))
                         tp0 = time.time()
                         error = None
                         try:
@@ -286,8 +286,8 @@ def worker(spec_path: str) -> None:
                             comm.arrived_at.setdefault((r, 0, g.peer), tc1)
                         rounds.append({"round": r, "size": ph["size"], "phase": ph["label"], "late_s": late, "publish_start": tp0, "publish_s": tp1 - tp0,
                                        "collect_s": tc1 - tp1, "collect_end": tc1, "polls": comm.polls - polls0,
-                                       "error": error, "live": len(comm.live_trainers()),
-                                       "drops": dict(Counter(comm.inbox.drops) - drops0),
+                                       "error": error, "live": len(comm.live_peers()),
+                                       "drops": dict(Counter(getattr(getattr(comm, "inbox", None), "drops", {})) - drops0),
                                        "groups": len(swarm), "bytes": len(served(comm, r)),
                                        "seen": {ids_rev[p]: t for (rr, _, p), t in comm.seen_at.items() if rr == r and p in ids_rev},
                                        "arrived": {ids_rev[p]: t for (rr, _, p), t in comm.arrived_at.items() if rr == r and p in ids_rev}})
