@@ -25,8 +25,8 @@ monitor reads them every 0.5 s:
   counts every other running peer; for the bootstrap: its status line counts every running peer and its
   clock advanced again), and until every running node does; censored (null, `healed: false`) when the next
   fault came first;
-- partitions: live nodes are grouped by their clock (the round each plays), nodes more than `--tolerance`
-  rounds apart are in different groups (see `partitions`); every interval with more than one group is one
+- partitions: live nodes are grouped by their clock (the round each peer plays; the keeper's: the round its
+  clock is at), nodes more than `--tolerance` rounds apart are in different groups (see `partitions`); every interval with more than one group is one
   partition, with its groups and how long it lived (goal: none outliving 30 s);
 - orphaned daemons: p2pd processes whose node was killed and that still ran 15 s later, and any p2pd of ours
   still running after the final stop (goal 0; they are killed then, and counted).
@@ -247,6 +247,11 @@ class Chaos:
             # a node plays the round after the last one it finished; one restarted but not yet playing is left out
             if p.proc is not None and p.proc.poll() is None and rows and rows[-1]["incarnation"] == len(p.started):
                 clocks[p.name] = rows[-1]["round"] + 1
+        # the keeper's clock is one more: a restarted keeper stuck on an old round is a swarm split in two
+        since = self.boot.started[-1] if self.boot.started else now
+        kept = [r for t, r in self.boot_clock if t >= since]
+        if self.boot.proc is not None and self.boot.proc.poll() is None and kept:
+            clocks[BOOT] = kept[-1]
         self.timeline.append((now, clocks))
 
     def close(self) -> dict:
@@ -412,7 +417,7 @@ def main() -> None:
     ap.add_argument("--down", type=float, nargs=2, default=(2.0, 10.0), metavar=("MIN", "MAX"),
                     help="seconds a victim stays dead (default 2 10)")
     ap.add_argument("--boot-share", type=float, default=0.3, help="probability that a victim is the bootstrap")
-    ap.add_argument("--settle", type=float, default=45.0, help="seconds watched without faults at the end")
+    ap.add_argument("--settle", type=float, default=90.0, help="seconds watched without faults at the end")
     ap.add_argument("--wait-back", type=float, default=120.0,
                     help="the next fault's gap counts from when the last victim plays again, or this many seconds")
     ap.add_argument("--tolerance", type=int, default=2, help="rounds apart that still count as one clock")
@@ -530,6 +535,8 @@ def main() -> None:
         "kills": kills, "partitions": [p | {"start_s": rel(p["start"]), "end_s": rel(p["end"])} for p in parts],
         "orphans_after_kill": orphans_after_kill, "orphans_after_stop": left,
         "faults_started_at": faults_at, "wall_s": round(time.time() - t_begin, 1),
+        # every 2nd sample: [seconds since the first fault, {node: round it plays}] (boot: the keeper's clock)
+        "timeline": [[rel(t), c] for t, c in timeline[::2]],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

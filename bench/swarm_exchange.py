@@ -232,7 +232,8 @@ def worker(spec_path: str) -> None:
             peers.append((name, node, comm, startup))
             Path(d / f"{name}.ready.json").write_text(json.dumps({
                 "peer_id": ident.peer_id, "startup": startup, "transport": transport_of(os.getpid()), "p2pd_pids": p2pd,
-                "comm_settings": {k: getattr(comm, k) for k in ("timeout", "want_peers", "sample_peers") if hasattr(comm, k)}}))
+                "comm_settings": {k: getattr(comm, k) for k in ("timeout", "want_peers", "sample_peers") if hasattr(comm, k)},
+                "imported": sys.modules["p2pswarm"].__file__}))  # proof of which tree the peer ran
         mem_idle = memory(os.getpid())
 
         go = d / "go.json"
@@ -824,7 +825,7 @@ def summarize_exchange(run: dict, phases: list[dict]) -> list[dict]:
         pulls = [x["pull_s"] for x in raws if x["pull_ok"]]
         nbytes = statistics.median(payload_bytes) if payload_bytes else 0
         out.append({
-            "n": n, "size": size, "transport": transport(run), "loadavg": run.get("loadavg"), "payload_bytes": nbytes, "rounds": len(rounds), "period_s": ph["period"],
+            "n": n, "size": size, "transport": transport(run), "imported_from": imported_from(run), "loadavg": run.get("loadavg"), "payload_bytes": nbytes, "rounds": len(rounds), "period_s": ph["period"],
             "pairs_expected": expected, "pairs_delivered": delivered,
             "delivery_fraction": round(delivered / expected, 4) if expected else None,
             "wanted_fraction_met": wanted_met(run, res, names, rounds, lambda nm, rnd: next((r for r in rows[nm] if r["round"] == rnd), None)),
@@ -929,7 +930,7 @@ def summarize_sim(run: dict, ph: dict) -> dict:
                     lat.append(rr["arrived"][sender] - by[sender]["publish_start"])
         both = sum(1 for a in names for b in names if a != b and by[a] and by[b])
         per_round.append(round(d / both, 4) if both else None)
-    return {"peers": n, "transport": transport(run), "loadavg": run.get("loadavg"), "processes": len({v["startup"]["launch"] for v in res.values()}), "variant": label,
+    return {"peers": n, "transport": transport(run), "imported_from": imported_from(run), "loadavg": run.get("loadavg"), "processes": len({v["startup"]["launch"] for v in res.values()}), "variant": label,
             "rounds": len(rounds), "round_period_s": ph["period"], "collect_timeout_s": run["timeout"], "want_peers": want,
             "bench_validation_cache": bool(ph.get("cache")),
             "delivery_fraction": round(delivered / expected, 4) if expected else None,
@@ -951,6 +952,11 @@ def summarize_sim(run: dict, ph: dict) -> dict:
             "collect_ms": {"p50": ms(pct(coll, .5)), "p95": ms(pct(coll, .95)), "max": ms(max(coll, default=None))},
             "latency_cdf_s": [round(x, 3) for x in sorted(lat)[:: max(1, len(lat) // 200)]],
             "pairs_expected": expected, "pairs_delivered": delivered}
+
+
+def imported_from(run: dict) -> list[str]:
+    """The p2pswarm package(s) the peers imported: one, inside the code under test."""
+    return sorted({str(Path(v["imported"]).parent.parent) for v in run["ready"].values() if v.get("imported")})
 
 
 def transport(run: dict) -> str:
