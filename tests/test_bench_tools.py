@@ -1,5 +1,6 @@
-"""Pure functions of the benchmarks that their results rest on (bench/chaos.py): how clock groups and
-partitions are told apart in a fault run's timeline."""
+"""Pure functions of the benchmarks that their results rest on: how clock groups and partitions are told
+apart in a fault run's timeline (bench/chaos.py), and how a peer's traffic in a window is taken from
+per-socket counter samples (bench/swarm_exchange.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import sys
 from helpers import ROOT
 
 
-def _chaos():
-    spec = importlib.util.spec_from_file_location("bench_chaos", ROOT / "bench" / "chaos.py")
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
 
-chaos = _chaos()
+chaos = _bench("chaos")
+swarm_exchange = _bench("swarm_exchange")
 
 
 def test_nodes_a_round_or_two_apart_are_one_swarm():
@@ -54,3 +56,21 @@ def test_first_time_looks_from_a_moment_on():
     assert chaos.first_time(samples, 0.0, lambda v: v >= 3) == 2.0
     assert chaos.first_time(samples, 2.5, lambda v: v >= 3) == 4.0
     assert chaos.first_time(samples, 4.5, lambda v: v >= 3) is None
+
+
+def test_socket_meter_counts_a_window_from_the_samples_around_it():
+    m = swarm_exchange.SocketMeter()
+    pid = 7
+    # (bytes sent, bytes received, data segments out, in) per socket inode, as tcp_info reports them
+    m.samples = [
+        (0.0, {pid: {1: (100, 50, 1, 1)}}),
+        (1.0, {pid: {1: (300, 150, 3, 2)}}),  # the window opens after this sample
+        (2.0, {pid: {1: (800, 650, 8, 6), 2: (40, 0, 1, 0)}}),  # socket 2 opened inside: counted in full
+        (3.0, {pid: {2: (90, 10, 2, 1)}}),  # socket 1 closed: its last sample stands
+        (4.0, {pid: {2: (500, 10, 9, 1)}}),  # the first sample after the window closes it
+        (5.0, {pid: {2: (9000, 10, 99, 1)}}),  # later traffic: not counted
+    ]
+    got = m.between(pid, 1.5, 3.5)
+    assert got == {"bytes_sent": 500 + 500, "bytes_received": 500 + 10, "messages_sent": 5 + 9, "messages_received": 4 + 1}
+    assert m.between(pid, 9.0, 10.0) is None  # no sample inside: not metered, rather than zero
+    assert m.between(8, 1.5, 3.5) == {"bytes_sent": 0, "bytes_received": 0, "messages_sent": 0, "messages_received": 0}
