@@ -378,11 +378,13 @@ def plot(result: dict, timeline: list, path: Path) -> None:
 
     t0 = result["faults_started_at"]
     fig, ax = plt.subplots(figsize=(12, 4.5))
-    names = sorted({n for _, c in timeline for n in c})
-    for name in names:
+    names = sorted({n for _, c in timeline for n in c} - {BOOT})
+    for i, name in enumerate(names):  # nodes on one clock overlap: a small offset keeps each visible
         xs = [t - t0 for t, c in timeline if name in c]
-        ys = [c[name] for t, c in timeline if name in c]
-        ax.plot(xs, ys, ".", ms=2, label=name)
+        ys = [c[name] + 0.6 * i for t, c in timeline if name in c]
+        ax.plot(xs, ys, ".", ms=2, label=f"{name} (+{0.6 * i:.1f})" if i else name)
+    xs = [t - t0 for t, c in timeline if BOOT in c]
+    ax.plot(xs, [c[BOOT] for t, c in timeline if BOOT in c], "k.", ms=1.5, alpha=.7, label="keeper's clock")
     for k in result["kills"]:
         ax.axvspan(k["killed_at"] - t0, k["restarted_at"] - t0, color="red" if k["victim"] == BOOT else "grey", alpha=.2)
     for p in result["partitions"]:
@@ -424,7 +426,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, run folders)")
+    ap.add_argument("--replot", type=Path, metavar="JSON", help="redraw the PNG beside a result JSON, then exit")
     args = ap.parse_args()
+    if args.replot:
+        res = json.loads(args.replot.read_text())
+        t0 = res["faults_started_at"]
+        plot(res, [(t0 + t, c) for t, c in res["timeline"]], args.replot.with_suffix(".png"))
+        return
     minutes = args.minutes if args.minutes is not None else (2.0 if args.quick else 10.0)
     n = args.peers or (3 if args.quick else 4)
     gap = args.gap or ((15.0, 30.0) if args.quick else (20.0, 60.0))
