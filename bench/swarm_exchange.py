@@ -806,8 +806,9 @@ def summarize_exchange(run: dict, phases: list[dict]) -> list[dict]:
                         lat = rr["arrived"][sender] - s["publish_start"]
                         lats.append(lat)
                         pair_lat.append(lat)
-                        seen_lat.append(rr["seen"][sender] - s["publish_start"])
-                        pull_lat.append(rr["arrived"][sender] - rr["seen"][sender])
+                        if sender in rr["seen"]:  # only where the code has the old `_fetch` hook
+                            seen_lat.append(rr["seen"][sender] - s["publish_start"])
+                            pull_lat.append(rr["arrived"][sender] - rr["seen"][sender])
                 if lats and len(lats) == sum(1 for nm in names if nm != sender and by[nm]):
                     all_lat.append(max(lats))
             for nm in names:
