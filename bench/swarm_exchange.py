@@ -584,9 +584,10 @@ class SocketMeter:
 
     Every `every` seconds a thread reads `ss -tinHe` (all TCP sockets with their inode and counters) and keeps,
     per socket of a watched process, the last bytes_acked (sent), bytes_received and data_segs_out/in seen.
-    `between(pid, t0, t1)` is what the process's sockets sent/received in that window, widened to the samples
-    around it: a socket open before t0 counts from its last sample at or before t0, one opened later counts in
-    full, and the first sample after t1 closes the window (so up to `every` s of what follows may count). What a socket opened and
+    `between(pid, t0, t1, limit)` is what the process's sockets sent/received in that window, widened to the
+    samples around it: a socket open before t0 counts from its last sample at or before t0, one opened later
+    counts in full, and the first sample after t1 closes the window, unless it is past `limit` (the next
+    phase's start), where the last sample before `limit` does. What a socket opened and
     closed between two samples carried is missed (libp2p keeps one connection per peer pair, so few are).
     "Messages" are data-carrying TCP segments: on loopback one segment holds up to 64 KB, so a small RPC or
     pubsub message is one segment and a 1 MB payload about 16."""
@@ -648,11 +649,13 @@ class SocketMeter:
                                                          ("bytes_acked", "bytes_received", "data_segs_out", "data_segs_in"))
         return out
 
-    def between(self, pid: int, t0: float, t1: float) -> dict[str, int] | None:
+    def between(self, pid: int, t0: float, t1: float, limit: float | None = None) -> dict[str, int] | None:
         before = [s.get(pid, {}) for t, s in self.samples if t <= t0]
-        # up to and including the first sample after t1: what was sent just before t1 shows there
-        after = [i for i, (t, _) in enumerate(self.samples) if t > t1]
-        last_i = after[0] if after else len(self.samples) - 1
+        # up to and including the first sample after t1 (what was sent just before t1 shows there), unless that
+        # sample is past `limit` (the next phase's start: its traffic is not this one's)
+        after = [i for i, (t, _) in enumerate(self.samples) if t > t1 and (limit is None or t <= limit)]
+        upto = [i for i, (t, _) in enumerate(self.samples) if t <= (t1 if limit is None else limit)]
+        last_i = after[0] if after else (upto[-1] if upto else len(self.samples) - 1)
         inside = [s.get(pid, {}) for t, s in self.samples[:last_i + 1] if t > t0]
         if not inside:
             return None
@@ -739,9 +742,10 @@ def traffic(meter: SocketMeter, plan: list[dict], ready: dict, results: dict, bo
     """Per rounds phase: each peer's p2pd TCP traffic per round it played, from the phase's start to the end of
     its last collect (whoever ended last); the bootstrap's p2pd apart."""
     out = {}
-    for ph in plan:
+    for j, ph in enumerate(plan):
         if ph["kind"] != "rounds":
             continue
+        limit = plan[j + 1]["t0"] if j + 1 < len(plan) else None  # the raw floor or the next variant starts there
         label = ph["label"]
         rows = {nm: [r for r in v["rounds"] if r["phase"] == label] for nm, v in results.items()}
         ends = [r["collect_end"] for rs in rows.values() for r in rs]
@@ -751,11 +755,11 @@ def traffic(meter: SocketMeter, plan: list[dict], ready: dict, results: dict, bo
         per_peer = {}
         for nm, v in ready.items():
             played = len(rows.get(nm, []))
-            got = [meter.between(pid, t0, t1) for pid in v.get("p2pd_pids", [])]
+            got = [meter.between(pid, t0, t1, limit) for pid in v.get("p2pd_pids", [])]
             got = [g for g in got if g]
             if played and got:
                 per_peer[nm] = {k: sum(g[k] for g in got) / played for k in got[0]}
-        boot = [meter.between(pid, t0, t1) for pid in boot_p2pd]
+        boot = [meter.between(pid, t0, t1, limit) for pid in boot_p2pd]
         boot = [b for b in boot if b]
         out[label] = {"window_s": round(t1 - t0, 2), "rounds": ph["rounds"], "per_peer": per_peer,
                       "bootstrap_per_round": {k: round(sum(b[k] for b in boot) / ph["rounds"]) for k in boot[0]} if boot else None}

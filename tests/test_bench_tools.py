@@ -72,5 +72,8 @@ def test_socket_meter_counts_a_window_from_the_samples_around_it():
     ]
     got = m.between(pid, 1.5, 3.5)
     assert got == {"bytes_sent": 500 + 500, "bytes_received": 500 + 10, "messages_sent": 5 + 9, "messages_received": 4 + 1}
+    # the next phase starts at 3.8: the sample at 4.0 holds its traffic, so the one at 3.0 closes the window
+    assert m.between(pid, 1.5, 3.5, limit=3.8) == {"bytes_sent": 500 + 90, "bytes_received": 500 + 10,
+                                                   "messages_sent": 5 + 2, "messages_received": 4 + 1}
     assert m.between(pid, 9.0, 10.0) is None  # no sample inside: not metered, rather than zero
     assert m.between(8, 1.5, 3.5) == {"bytes_sent": 0, "bytes_received": 0, "messages_sent": 0, "messages_received": 0}
