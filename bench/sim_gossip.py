@@ -112,12 +112,16 @@ def calibrate(paths: list[Path]) -> dict:
             continue
         big = max(rows, key=lambda e: e["n"])  # the most peers: the most load per pull
         src = f"{path.relative_to(ROOT)} ({res.get('date')}), N={big['n']} 30KB"
-        t = big.get("per_peer_per_round")
-        if t and big.get("transport") == "dht" and big["n"] > 1 and "bytes_received" not in cal["wire_overhead"]:
-            pulled = (big["n"] - 1) * big["payload_bytes"]  # the old path pulls every other peer's batch
-            cal["wire_overhead"] = {"value": round(t["bytes_received"]["mean"] / pulled, 3), "bytes_received": True,
-                                    "source": src + " per-peer TCP bytes received / (N-1) payloads (includes the DHT "
-                                                    "polling: an upper bound)"}
+        # framing: from the 1 MB rows, where payloads dwarf the DHT polling that every row also carries
+        mb = [e for e in res.get("exchange", []) if e.get("size") == "1MB" and e.get("per_peer_per_round")
+              and e.get("transport") == "dht" and e["n"] > 1]
+        if mb and "bytes_received" not in cal["wire_overhead"]:
+            e = max(mb, key=lambda e: e["n"])
+            pulled = (e["n"] - 1) * e["payload_bytes"]  # the old path pulls every other peer's batch
+            cal["wire_overhead"] = {"value": round(e["per_peer_per_round"]["bytes_received"]["mean"] / pulled, 3),
+                                    "bytes_received": True,
+                                    "source": f"{path.relative_to(ROOT)} ({res.get('date')}), N={e['n']} 1MB per-peer TCP "
+                                              "bytes received / (N-1) payloads (DHT polling included: an upper bound)"}
         if timing_from:
             continue
         timing_from = str(path.relative_to(ROOT))
