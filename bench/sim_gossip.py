@@ -364,6 +364,16 @@ def simulate(p: Params) -> dict:
     }
 
 
+def code_revision() -> str:
+    """This tree's revision: the model's version (it runs none of p2pswarm's code)."""
+    import subprocess
+
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "bench/sim_gossip.py"],
+                           capture_output=True, text=True).stdout.strip()
+    return rev + ("-dirty" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, nargs="*", help="swarm sizes (default 1000 10000; quick 1000)")
@@ -384,7 +394,7 @@ def main() -> None:
     load0 = os.getloadavg()
     result = {"benchmark": "sim_gossip", "label": "SIMULATION (simulated time; calibrated on real runs, not measured)",
               "command": "python " + " ".join(["bench/sim_gossip.py", *os.sys.argv[1:]]),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "calibration": cal,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "calibration": cal, "code": code_revision(),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": [round(x, 1) for x in load0]},
               "runs": []}
     for sc in scenarios:
