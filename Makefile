@@ -32,12 +32,16 @@ bench: install
 	$(PY) bench/round_time.py
 	$(PY) bench/trainer_speed.py
 	$(PY) bench/swarm_exchange.py
+	$(PY) bench/chaos.py
+	$(PY) bench/sim_gossip.py
 	$(PY) bench/sapo.py
 
 bench-quick: install
 	$(PY) bench/round_time.py
 	$(PY) bench/trainer_speed.py --quick
 	$(PY) bench/swarm_exchange.py --quick
+	$(PY) bench/chaos.py --quick
+	$(PY) bench/sim_gossip.py --quick
 	$(PY) bench/sapo.py --quick
 
 policy: install

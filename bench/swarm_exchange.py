@@ -1,7 +1,8 @@
 """Swarm exchange over hivemind on 127.0.0.1: publish-to-delivery latency, delivery, bytes, start-up, memory.
 
-    python bench/swarm_exchange.py            # N = 2, 4, 8 peers + simulations of 16, 32, 64 (~10 min)
-    python bench/swarm_exchange.py --quick    # N = 2, 4 + a 16-peer simulation (~2 min)
+    python bench/swarm_exchange.py                       # N = 2, 4, 8 peers + simulations of 8, 32, 64 (~10 min)
+    python bench/swarm_exchange.py --quick               # N = 4 + simulations of 8, 16 (~3 min)
+    python bench/swarm_exchange.py --ref bdf3333         # the same on revision bdf3333 first, then on this tree
 
 One bootstrap peer (`python -m bootstrap`) and N peer processes, no model. Every round each peer calls
 `HivemindComm.publish(r, 0, groups)` then `HivemindComm.collect(r, 0)`, exactly as the trainer does
@@ -11,6 +12,15 @@ wall-clock schedule (all processes share this machine's clock), so publish and d
 directly. After each payload size, a raw floor on the same bytes between ring neighbours: a plain
 `DHTNode.store` + `DHTNode.get` of the payload, and one raw stream pull (payloads.pull) with no DHT and no
 checks. The simulation runs many peers several to a process (each its own HivemindNode with its own p2pd).
+
+Side by side (--ref REF, repeatable): REF is exported with `git archive` into the work directory and its
+peers and bootstrap run with PYTHONPATH set to it; this file's own measurement code drives both, and every
+hook into the code under test is optional (what a revision lacks is left unmeasured, not failed). Each run
+records its transport, read from the daemon the code started (`gossip` when p2pd runs with -pubsub, else
+`dht`), and each peer's messages and bytes per round: the kernel's tcp_info counters of the sockets of that
+peer's p2pd (SocketMeter), i.e. everything the peer's daemon sent and received over TCP (DHT, pubsub, pulls,
+their libp2p framing), not what Python asked for. The "runs" list in the JSON has one compact row per
+(code, N, payload or variant).
 
 Writes bench/results/swarm_exchange.json and bench/results/swarm_exchange.png (overwritten each full run;
 --quick writes swarm_exchange.quick.json/.png). Every process started here is killed by process group at the
@@ -155,12 +165,23 @@ def worker(spec_path: str) -> None:
     from p2pswarm.comm.hivemind.payloads import pull
     from p2pswarm.identity import Identity
 
+    import importlib.util
+
+    GOSSIP = importlib.util.find_spec("p2pswarm.comm.hivemind.gossip") is not None  # announcements on a topic
     t_imp1 = time.time()
-    cache_record_validation()  # off unless a phase turns it on
-    admit_raw_floor_records()
+    # The code under test may be another revision (--ref): every hook below is optional, and what a revision
+    # lacks is left unmeasured rather than failing the run.
+    for hook in (cache_record_validation, admit_raw_floor_records):
+        try:
+            hook()
+        except (ImportError, AttributeError) as e:
+            print(f"bench hook {hook.__name__} not installed on this code: {e}", flush=True)
+    timed_fetch = _has_params(getattr(HivemindComm, "_fetch", None), ["self", "a", "round", "stage", "deadline"])
+    timed_members = _has_params(getattr(HivemindComm, "fetch_members", None), ["self"])
 
     class TimedComm(HivemindComm):
-        """HivemindComm unchanged, plus when each announcement was first seen and each batch was in hand."""
+        """HivemindComm unchanged, plus when each announcement was first seen (where the code has the old
+        `_fetch`) and each batch was in hand (every accepted batch goes through SignedTransport.accept)."""
 
         def __init__(self, *a, **kw):
             self.seen_at: dict = {}
@@ -168,39 +189,60 @@ def worker(spec_path: str) -> None:
             self.polls = 0
             super().__init__(*a, **kw)
 
-        async def fetch_members(self):
-            self.polls += 1
-            return await super().fetch_members()
-
-        async def _fetch(self, a, round, stage, deadline):
-            self.seen_at[(round, stage, a.peer_id)] = time.time()
-            peer, batch, retry = await super()._fetch(a, round, stage, deadline)
+        def accept(self, data, *a, **kw):
+            batch = super().accept(data, *a, **kw)
             if batch is not None:
-                self.arrived_at[(round, stage, peer)] = time.time()
-            return peer, batch, retry
+                self.arrived_at.setdefault((batch.round, batch.stage, batch.peer), time.time())
+            return batch
 
+        if timed_members:
+            async def fetch_members(self):
+                self.polls += 1
+                return await super().fetch_members()
+
+        if timed_fetch:
+            async def _fetch(self, a, round, stage, deadline):
+                self.seen_at.setdefault((round, stage, a.peer_id), time.time())
+                return await super()._fetch(a, round, stage, deadline)
+
+    import inspect
+
+    accepted = set(inspect.signature(HivemindComm.__init__).parameters)
+    comm_kw = {k: v for k, v in {"timeout": spec["timeout"], "want_peers": spec["want_peers"], **spec.get("comm_args", {})}.items()
+               if k in accepted}
     peers = []  # [(name, node, comm, startup)]
     try:
         for name in spec["names"]:
             t0 = time.time()
             ident = Identity.load_or_create(d / f"{name}.key")
             node = HivemindNode(ident, d / f"{name}.key", NetConfig(initial_peers=[spec["boot"]], host="127.0.0.1"))
+            kids = set(children(os.getpid()))
             node.start()
+            p2pd = sorted(set(children(os.getpid())) - kids)  # this peer's daemon: the orchestrator meters its sockets
             t1 = time.time()
-            while True:  # first DHT contact: the swarm's member list, with at least the bootstrap in it
+            # first contact, on the DHT transport: the member list (with the bootstrap in it); the gossip transport
+            # has none in the DHT (its join asks the initial peers over the catch-up stream instead)
+            while not GOSSIP and hasattr(records, "members_key"):
                 got = node.call(node.dht.get(records.members_key(SWARM), latest=True), timeout=30)
                 if got is not None and isinstance(got.value, dict) and got.value:
                     break
                 time.sleep(0.05)
             t2 = time.time()
-            comm = TimedComm(node, SWARM, name=name, timeout=spec["timeout"], want_peers=spec["want_peers"])
+            comm = TimedComm(node, SWARM, name=name, **comm_kw)
+            for _ in range(600):  # gossip: until the topic (or the join's catch-up) has shown another member
+                if not GOSSIP or len(node.call(comm.fetch_members(), timeout=30)) > 1:
+                    break
+                time.sleep(0.05)
             t3 = time.time()
             startup = {"launch": spec["t_launch"], "interpreter_s": _T_MAIN - spec["t_launch"], "import_s": t_imp1 - t_imp0,
                        "node_start_s": t1 - t0, "first_contact_s": t2 - t1, "join_s": t3 - t2,
                        "to_first_contact_s": t2 - spec["t_launch"], "to_ready_s": t3 - spec["t_launch"],
                        "peers_in_process_before": len(peers)}
             peers.append((name, node, comm, startup))
-            Path(d / f"{name}.ready.json").write_text(json.dumps({"peer_id": ident.peer_id, "startup": startup}))
+            Path(d / f"{name}.ready.json").write_text(json.dumps({
+                "peer_id": ident.peer_id, "startup": startup, "transport": transport_of(os.getpid()), "p2pd_pids": p2pd,
+                "comm_settings": {k: getattr(comm, k) for k in ("timeout", "want_peers", "sample_peers") if hasattr(comm, k)},
+                "imported": sys.modules["p2pswarm"].__file__}))  # proof of which tree the peer ran
         mem_idle = memory(os.getpid())
 
         go = d / "go.json"
@@ -236,7 +278,7 @@ def worker(spec_path: str) -> None:
                         if late > ph["period"] / 2:  # the last round overran this one's slot: skip it, as a peer
                             skipped.append({"round": r, "phase": ph["label"], "late_s": late})  # behind the clock does
                             continue
-                        drops0 = Counter(comm.inbox.drops)
+                        drops0 = Counter(getattr(getattr(comm, "inbox", None), "drops", {}))
                         tp0 = time.time()
                         error = None
                         try:
@@ -250,21 +292,26 @@ def worker(spec_path: str) -> None:
                         except Exception as e:  # noqa: BLE001
                             error, swarm = f"collect: {type(e).__name__}", []
                         tc1 = time.time()
+                        for g in swarm:  # a batch the hook did not see (another code path): in hand by the end
+                            comm.arrived_at.setdefault((r, 0, g.peer), tc1)
                         rounds.append({"round": r, "size": ph["size"], "phase": ph["label"], "late_s": late, "publish_start": tp0, "publish_s": tp1 - tp0,
                                        "collect_s": tc1 - tp1, "collect_end": tc1, "polls": comm.polls - polls0,
-                                       "error": error, "live": len(comm.live_trainers()),
-                                       "drops": dict(Counter(comm.inbox.drops) - drops0),
-                                       "groups": len(swarm), "bytes": comm.server.get(r, 0).__len__(),
-                                       "seen": {ids_rev[p]: t for (rr, _, p), t in comm.seen_at.items() if rr == r},
-                                       "arrived": {ids_rev[p]: t for (rr, _, p), t in comm.arrived_at.items() if rr == r}})
+                                       "error": error, "live": len(comm.live_peers()),
+                                       "drops": dict(Counter(getattr(getattr(comm, "inbox", None), "drops", {})) - drops0),
+                                       "groups": len(swarm), "bytes": len(served(comm, r)),
+                                       "seen": {ids_rev[p]: t for (rr, _, p), t in comm.seen_at.items() if rr == r and p in ids_rev},
+                                       "arrived": {ids_rev[p]: t for (rr, _, p), t in comm.arrived_at.items() if rr == r and p in ids_rev}})
                 elif ph["kind"] == "raw":  # the floor: the same bytes through the DHT, and one raw stream pull
                     me = order.index(comm.peer_id)
                     nb = order[(me + 1) % len(order)]
-                    data = comm.server.get(ph["round"], 0)
+                    data = served(comm, ph["round"])
                     if not data:  # this peer skipped that round: serve one of the same size now
                         data = wire.encode(wire.RolloutBatch(SWARM, ph["round"], 0, comm.peer_id, make_groups(
                             ph["size"], comm.peer_id, seed=zlib.crc32(f"{name}/{ph['size']}".encode()))), comm.identity)
-                        comm.server.put(ph["round"], 0, data)
+                        try:
+                            comm.server.put(ph["round"], 0, data)
+                        except Exception:  # noqa: BLE001 - another revision's payload store: the pull floor fails
+                            pass
                     for k in range(ph["reps"]):
                         base = ph["t0"] + k * ph["period"]
                         key = f"bench/raw/{ph['size']}/{k}"
@@ -334,6 +381,38 @@ def worker(spec_path: str) -> None:
             print(f"{name}: closed in {time.time() - t:.2f} s", flush=True)
 
 
+def _has_params(fn, names: list[str]) -> bool:
+    import inspect
+
+    try:
+        return fn is not None and list(inspect.signature(fn).parameters) == names
+    except (TypeError, ValueError):
+        return False
+
+
+def served(comm, round: int) -> bytes:
+    """This peer's own signed batch of (round, stage 0), or b"" where the code keeps it elsewhere."""
+    try:
+        return comm.server.get(round, 0) or b""
+    except Exception:  # noqa: BLE001 - another revision's payload store
+        return b""
+
+
+def transport_of(pid: int) -> dict:
+    """Which exchange the code under test runs, read from the p2pd it started rather than from its source:
+    'gossip' when the daemon runs with pubsub on (`-pubsub=1`/`-pubsub=true`), else 'dht'."""
+    args = []
+    for c in children(pid):
+        try:
+            cmd = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"p2pd"):
+            args = [a.decode(errors="replace") for a in cmd[1:] if a]
+    pubsub = any(re.fullmatch(r"-+pubsub(=(1|true|True))?", a) for a in args)
+    return {"transport": "gossip" if pubsub else "dht", "p2pd_flags": sorted(a.split("=")[0] for a in args)}
+
+
 VALIDATION_CACHE = {"on": False}
 
 
@@ -399,12 +478,13 @@ def memory(pid: int) -> dict:
 class Swarm:
     """A bootstrap peer and worker processes, each in its own session; killed by process group in close()."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, code: Path = ROOT):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.boot_stop_s = self.workers_left_s = None
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # `code`: the project tree whose p2pswarm and bootstrap the peers import (this one, or a --ref export)
+        self.env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def _popen(self, cmd: list[str], log: str) -> subprocess.Popen:
         p = subprocess.Popen(cmd, stdout=open(self.dir / log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -430,7 +510,8 @@ class Swarm:
     def start_worker(self, names: list[str], boot: str, timeout: float, want_peers: int) -> subprocess.Popen:
         spec = self.dir / f"{names[0]}.spec.json"
         spec.write_text(json.dumps({"dir": str(self.dir), "names": names, "boot": boot, "timeout": timeout,
-                                    "want_peers": want_peers, "t_launch": time.time()}))
+                                    "want_peers": want_peers, "t_launch": time.time(),
+                                    "comm_args": getattr(self, "comm_args", {})}))
         return self._popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)], f"{names[0]}.log")
 
     def wait_files(self, names: list[str], suffix: str, timeout: float) -> dict[str, dict]:
@@ -507,10 +588,106 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
+class SocketMeter:
+    """TCP traffic of chosen processes (each peer's p2pd), sampled from the kernel's per-socket tcp_info.
+
+    Every `every` seconds a thread reads `ss -tinHe` (all TCP sockets with their inode and counters) and keeps,
+    per socket of a watched process, the last bytes_acked (sent), bytes_received and data_segs_out/in seen.
+    `between(pid, t0, t1, limit)` is what the process's sockets sent/received in that window, widened to the
+    samples around it: a socket open before t0 counts from its last sample at or before t0, one opened later
+    counts in full, and the first sample after t1 closes the window, unless it is past `limit` (the next
+    phase's start), where the last sample before `limit` does. What a socket opened and
+    closed between two samples carried is missed (libp2p keeps one connection per peer pair, so few are).
+    "Messages" are data-carrying TCP segments: on loopback one segment holds up to 64 KB, so a small RPC or
+    pubsub message is one segment and a 1 MB payload about 16."""
+
+    def __init__(self, every: float = 0.5):
+        self.every = every
+        self.pids: set[int] = set()
+        self.samples: list[tuple[float, dict[int, dict[int, tuple[int, int, int, int]]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.available = shutil.which("ss") is not None
+
+    def watch(self, pids) -> None:
+        self.pids.update(pids)
+
+    def start(self) -> "SocketMeter":
+        if self.available:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.time(), self.sample()))
+            except Exception as e:  # noqa: BLE001 - a missed sample only widens the window
+                print(f"socket meter: {type(e).__name__}: {e}", flush=True)
+            self._stop.wait(self.every)
+
+    def sample(self) -> dict[int, dict[int, tuple[int, int, int, int]]]:
+        owner = {}
+        for pid in list(self.pids):
+            try:
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    try:
+                        link = os.readlink(fd)
+                    except OSError:
+                        continue
+                    if link.startswith("socket:["):
+                        owner[int(link[8:-1])] = pid
+            except OSError:
+                continue
+        out: dict[int, dict[int, tuple[int, int, int, int]]] = {}
+        text_ = subprocess.run(["ss", "-tinHe"], capture_output=True, text=True, timeout=20).stdout
+        ino = None
+        for line in text_.splitlines():
+            if not line.startswith(("\t", " ")):
+                m = re.search(r"\bino:(\d+)", line)
+                ino = int(m.group(1)) if m else None
+                continue
+            if ino not in owner:
+                continue
+            f = dict(re.findall(r"\b(bytes_acked|bytes_received|data_segs_out|data_segs_in):(\d+)", line))
+            out.setdefault(owner[ino], {})[ino] = tuple(int(f.get(k, 0)) for k in
+                                                         ("bytes_acked", "bytes_received", "data_segs_out", "data_segs_in"))
+        return out
+
+    def between(self, pid: int, t0: float, t1: float, limit: float | None = None) -> dict[str, int] | None:
+        before = [s.get(pid, {}) for t, s in self.samples if t <= t0]
+        # up to and including the first sample after t1 (what was sent just before t1 shows there), unless that
+        # sample is past `limit` (the next phase's start: its traffic is not this one's)
+        after = [i for i, (t, _) in enumerate(self.samples) if t > t1 and (limit is None or t <= limit)]
+        upto = [i for i, (t, _) in enumerate(self.samples) if t <= (t1 if limit is None else limit)]
+        last_i = after[0] if after else (upto[-1] if upto else len(self.samples) - 1)
+        inside = [s.get(pid, {}) for t, s in self.samples[:last_i + 1] if t > t0]
+        if not inside:
+            return None
+        base = before[-1] if before else {}
+        last: dict[int, tuple[int, ...]] = {}
+        for s in inside:
+            last.update(s)
+        tot = [0, 0, 0, 0]
+        for ino, v in last.items():
+            b = base.get(ino, (0, 0, 0, 0))
+            for i in range(4):
+                tot[i] += max(0, v[i] - b[i])
+        return dict(zip(("bytes_sent", "bytes_received", "messages_sent", "messages_received"), tot))
+
+
 def run_swarm(workdir: Path, n: int, per_proc: int, phases: list[dict], *, timeout: float, want_peers: int,
-              staggered: bool, raw: dict | None, log=print) -> dict:
-    """Start a bootstrap and n peers (per_proc to a process), run `phases`, return every peer's records."""
-    sw = Swarm(workdir)
+              staggered: bool, raw: dict | None, log=print, code: Path = ROOT, comm_args: dict | None = None) -> dict:
+    """Start a bootstrap and n peers (per_proc to a process), run `phases`, return every peer's records and
+    their p2pd's TCP traffic per rounds phase."""
+    sw = Swarm(workdir, code)
+    sw.comm_args = comm_args or {}
+    load = [round(x, 1) for x in os.getloadavg()]  # others' work on this machine slows every timing here
+    meter = SocketMeter()
     done = False
     try:
         boot = sw.start_bootstrap()
@@ -541,6 +718,9 @@ def run_swarm(workdir: Path, n: int, per_proc: int, phases: list[dict], *, timeo
                              "gap": gap, "t0": t})
                 t += raw["reps"] * 3 * gap
         peer_ids = {k: v["peer_id"] for k, v in ready.items()}
+        meter.watch(pid for v in ready.values() for pid in v.get("p2pd_pids", []))
+        meter.watch(children(sw.boot.pid))
+        meter.start()
         (sw.dir / "go.json.tmp").write_text(json.dumps({"phases": plan, "peer_ids": peer_ids}))
         (sw.dir / "go.json.tmp").rename(sw.dir / "go.json")
         boot_cpu = {}
@@ -552,14 +732,61 @@ def run_swarm(workdir: Path, n: int, per_proc: int, phases: list[dict], *, timeo
             boot_cpu[size] = {"cpu_s": b1["python"] + b1["p2pd"] - b0["python"] - b0["p2pd"], "wall_s": b - a}
         boot_mem = sw.boot_memory()
         results = sw.wait_files(names, "result", max(0, t - time.time()) + 120 + 3 * n)
+        time.sleep(2 * meter.every)  # a sample after the last collect
+        meter.stop()
         done = True
         ret = {"n": n, "timeout": timeout, "per_process": per_proc, "all_up_s": all_up_s, "ready": ready, "results": results,
-               "boot_cpu": boot_cpu, "boot_memory": boot_mem, "plan": plan}
+               "boot_cpu": boot_cpu, "boot_memory": boot_mem, "plan": plan,
+               "loadavg": {"start": load, "end": [round(x, 1) for x in os.getloadavg()]},
+               "traffic": traffic(meter, plan, ready, results, children(sw.boot.pid))}
     finally:
+        meter.stop()
         sw.close(grace=20.0 if done else 0.0)
     ret["workers_exit_s"] = sw.workers_left_s  # from all results in to every worker process gone
     ret["bootstrap_sigterm_exit_s"] = sw.boot_stop_s
     return ret
+
+
+def traffic(meter: SocketMeter, plan: list[dict], ready: dict, results: dict, boot_p2pd: list[int]) -> dict:
+    """Per rounds phase: each peer's p2pd TCP traffic per round it played, from the phase's start to the end of
+    its last collect (whoever ended last); the bootstrap's p2pd apart."""
+    out = {}
+    for j, ph in enumerate(plan):
+        if ph["kind"] != "rounds":
+            continue
+        limit = plan[j + 1]["t0"] if j + 1 < len(plan) else None  # the raw floor or the next variant starts there
+        label = ph["label"]
+        rows = {nm: [r for r in v["rounds"] if r["phase"] == label] for nm, v in results.items()}
+        ends = [r["collect_end"] for rs in rows.values() for r in rs]
+        if not ends:
+            continue
+        t0, t1 = ph["t0"] - 0.05, max(ends) + 0.05
+        per_peer = {}
+        for nm, v in ready.items():
+            played = len(rows.get(nm, []))
+            got = [meter.between(pid, t0, t1, limit) for pid in v.get("p2pd_pids", [])]
+            got = [g for g in got if g]
+            if played and got:
+                per_peer[nm] = {k: sum(g[k] for g in got) / played for k in got[0]}
+        boot = [meter.between(pid, t0, t1, limit) for pid in boot_p2pd]
+        boot = [b for b in boot if b]
+        out[label] = {"window_s": round(t1 - t0, 2), "rounds": ph["rounds"], "per_peer": per_peer,
+                      "bootstrap_per_round": {k: round(sum(b[k] for b in boot) / ph["rounds"]) for k in boot[0]} if boot else None}
+    return out
+
+
+def traffic_summary(run: dict, label: str) -> dict | None:
+    """Mean, median and busiest peer's TCP messages and bytes per round (sent and received by its p2pd)."""
+    t = run.get("traffic", {}).get(label)
+    if not t or not t["per_peer"]:
+        return None
+    rows = list(t["per_peer"].values())
+    out = {"method": "kernel tcp_info of each peer's p2pd sockets (ss -tinHe), data segments = messages",
+           "peers_metered": len(rows), "window_s": t["window_s"], "bootstrap_per_round": t["bootstrap_per_round"]}
+    for k in ("messages_sent", "messages_received", "bytes_sent", "bytes_received"):
+        xs = [r[k] for r in rows]
+        out[k] = {"mean": round(statistics.mean(xs)), "p50": round(statistics.median(xs)), "max": round(max(xs))}
+    return out
 
 
 def summarize_exchange(run: dict, phases: list[dict]) -> list[dict]:
@@ -592,8 +819,9 @@ def summarize_exchange(run: dict, phases: list[dict]) -> list[dict]:
                         lat = rr["arrived"][sender] - s["publish_start"]
                         lats.append(lat)
                         pair_lat.append(lat)
-                        seen_lat.append(rr["seen"][sender] - s["publish_start"])
-                        pull_lat.append(rr["arrived"][sender] - rr["seen"][sender])
+                        if sender in rr["seen"]:  # only where the code has the old `_fetch` hook
+                            seen_lat.append(rr["seen"][sender] - s["publish_start"])
+                            pull_lat.append(rr["arrived"][sender] - rr["seen"][sender])
                 if lats and len(lats) == sum(1 for nm in names if nm != sender and by[nm]):
                     all_lat.append(max(lats))
             for nm in names:
@@ -611,9 +839,11 @@ def summarize_exchange(run: dict, phases: list[dict]) -> list[dict]:
         pulls = [x["pull_s"] for x in raws if x["pull_ok"]]
         nbytes = statistics.median(payload_bytes) if payload_bytes else 0
         out.append({
-            "n": n, "size": size, "payload_bytes": nbytes, "rounds": len(rounds), "period_s": ph["period"],
+            "n": n, "size": size, "transport": transport(run), "imported_from": imported_from(run), "loadavg": run.get("loadavg"), "payload_bytes": nbytes, "rounds": len(rounds), "period_s": ph["period"],
             "pairs_expected": expected, "pairs_delivered": delivered,
             "delivery_fraction": round(delivered / expected, 4) if expected else None,
+            "wanted_fraction_met": wanted_met(run, res, names, rounds, lambda nm, rnd: next((r for r in rows[nm] if r["round"] == rnd), None)),
+            "per_peer_per_round": traffic_summary(run, size),
             "latency_ms": {"p50": ms(pct(pair_lat, .5)), "p95": ms(pct(pair_lat, .95)), "max": ms(max(pair_lat, default=None))},
             "latency_all_receivers_ms": {"p50": ms(pct(all_lat, .5)), "p95": ms(pct(all_lat, .95))},
             "announce_seen_ms_p50": ms(pct(seen_lat, .5)), "pull_and_check_ms_p50": ms(pct(pull_lat, .5)),
@@ -714,20 +944,12 @@ def summarize_sim(run: dict, ph: dict) -> dict:
                     lat.append(rr["arrived"][sender] - by[sender]["publish_start"])
         both = sum(1 for a in names for b in names if a != b and by[a] and by[b])
         per_round.append(round(d / both, 4) if both else None)
-    target = got = 0  # what the collects asked for: want_peers (0: every other peer that took part in the round)
-    for rnd in rounds:
-        by = {nm: next((r for r in res[nm]["rounds"] if r["round"] == rnd), None) for nm in names}
-        for recv, rr in by.items():
-            if rr:
-                others = [s for s in names if s != recv and by[s]]
-                t = min(want, len(others)) if want else len(others)
-                target += t
-                got += min(t, sum(1 for s in others if s in rr["arrived"]))
-    return {"peers": n, "processes": len({v["startup"]["launch"] for v in res.values()}), "variant": label,
+    return {"peers": n, "transport": transport(run), "imported_from": imported_from(run), "loadavg": run.get("loadavg"), "processes": len({v["startup"]["launch"] for v in res.values()}), "variant": label,
             "rounds": len(rounds), "round_period_s": ph["period"], "collect_timeout_s": run["timeout"], "want_peers": want,
             "bench_validation_cache": bool(ph.get("cache")),
             "delivery_fraction": round(delivered / expected, 4) if expected else None,
-            "wanted_fraction_met": round(got / target, 4) if target else None,
+            "wanted_fraction_met": wanted_met(run, res, names, rounds, lambda nm, rnd: next((r for r in res[nm]["rounds"] if r["round"] == rnd), None), want),
+            "per_peer_per_round": traffic_summary(run, label),
             "cpu_s_per_peer_round": cpu_per_round(run, label, n, len(rounds)),
             "dht_polls_per_collect_p50": pct([r["polls"] for nm in names for r in res[nm]["rounds"]], .5),
             "round_errors": sorted({r["error"] for nm in names for r in res[nm]["rounds"] if r.get("error")}),
@@ -744,6 +966,36 @@ def summarize_sim(run: dict, ph: dict) -> dict:
             "collect_ms": {"p50": ms(pct(coll, .5)), "p95": ms(pct(coll, .95)), "max": ms(max(coll, default=None))},
             "latency_cdf_s": [round(x, 3) for x in sorted(lat)[:: max(1, len(lat) // 200)]],
             "pairs_expected": expected, "pairs_delivered": delivered}
+
+
+def imported_from(run: dict) -> list[str]:
+    """The p2pswarm package(s) the peers imported: one, inside the code under test."""
+    return sorted({str(Path(v["imported"]).parent.parent) for v in run["ready"].values() if v.get("imported")})
+
+
+def transport(run: dict) -> str:
+    """'gossip' or 'dht' as the peers' daemons ran (mixed: both seen, which would be a bench bug)."""
+    kinds = sorted({v.get("transport", {}).get("transport", "dht") for v in run["ready"].values()})
+    return kinds[0] if len(kinds) == 1 else "+".join(kinds)
+
+
+def wanted_met(run: dict, res: dict, names: list[str], rounds: list[int], row, want: int | None = None) -> float | None:
+    """Share of the batches the collects asked for that arrived: min(K, others in the round) per collect, where K
+    is the phase's want_peers, else the code's own sample size (`sample_peers`, gossip) or want_peers, and 0
+    means every other peer that took part in the round."""
+    target = got = 0
+    for rnd in rounds:
+        by = {nm: row(nm, rnd) for nm in names}
+        for recv, rr in by.items():
+            if not rr:
+                continue
+            cs = run["ready"].get(recv, {}).get("comm_settings", {})
+            k = want if want else (cs.get("sample_peers") or cs.get("want_peers") or 0)
+            others = [s for s in names if s != recv and by[s]]
+            t = min(k, len(others)) if k else len(others)
+            target += t
+            got += min(t, sum(1 for s in others if s in rr["arrived"]))
+    return round(got / target, 4) if target else None
 
 
 def round_drops(rounds) -> dict:
@@ -766,8 +1018,9 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ex = result["exchange"]
-    sims = result.get("simulations", [])
+    code = result["codes"][-1]["label"] if result.get("codes") else None  # the current tree's runs (see "runs" for all)
+    ex = [e for e in result["exchange"] if e.get("code", code) == code]
+    sims = [s for s in result.get("simulations", []) if s.get("code", code) == code]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     colors = {"30KB": "tab:blue", "1MB": "tab:red"}
 
@@ -846,12 +1099,12 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="N = 2, 4, fewer rounds, a 16-peer simulation (~2 min)")
-    ap.add_argument("--ns", type=int, nargs="*", help="peer counts (default 2 4 8; quick 2 4)")
+    ap.add_argument("--quick", action="store_true", help="N = 4, fewer rounds, 8- and 16-peer simulations (~3 min a code)")
+    ap.add_argument("--ns", type=int, nargs="*", help="peer counts (default 2 4 8; quick 4)")
     ap.add_argument("--sim", nargs="*", metavar="PEERS[:VARIANTS]",
                     help="simulations, each PEERS[:VARIANT,...]: 'all' = want_peers 0, every live peer (the settings "
                          "default); 'wantK' = want_peers K; 'cache' = all + a bench-only record-validation cache. One swarm "
-                         "per PEERS runs its variants one after another. Default 16 32 64:all,want8; quick 16; "
+                         "per PEERS runs its variants one after another. Default 8 32 64:all,want8; quick 8 16; "
                          "none: --sim with no value")
     ap.add_argument("--per-process", type=int, default=8, help="simulation peers per Python process")
     ap.add_argument("--sim-timeout", type=float, default=10.0, help="simulation collect deadline (settings default)")
@@ -859,6 +1112,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="result JSON (the PNG goes beside it)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, per-peer records)")
     ap.add_argument("--replot", type=Path, metavar="JSON", help="redraw the PNG beside a result JSON, then exit")
+    ap.add_argument("--ref", action="append", default=[], metavar="REF",
+                    help="also measure this git revision (e.g. bdf3333, the DHT-polling exchange), exported with git "
+                         "archive and run first, then the current tree: old and new side by side (repeatable)")
+    ap.add_argument("--comm-arg", action="append", default=[], metavar="KEY=JSON",
+                    help="extra HivemindComm keyword for every peer, where the code under test accepts it "
+                         "(e.g. sample_peers=8); ignored by a revision that has no such keyword")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -868,15 +1127,17 @@ def main() -> None:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
     quick = args.quick
-    ns = args.ns if args.ns is not None else ([2, 4] if quick else [2, 4, 8])
+    ns = args.ns if args.ns is not None else ([4] if quick else [2, 4, 8])
     sims = [(int(v.split(":")[0]), (v.split(":")[1] if ":" in v else "all").split(",")) for v in
-            (args.sim if args.sim is not None else (["16"] if quick else ["16", "32", "64:all,want8"]))]
+            (args.sim if args.sim is not None else (["8", "16"] if quick else ["8", "32", "64:all,want8"]))]
     out = args.out or RESULTS / ("swarm_exchange.quick.json" if quick else "swarm_exchange.json")
     rounds = {"30KB": 3, "1MB": 2} if quick else {"30KB": 10, "1MB": 5}
     period = {"30KB": 1.5, "1MB": 3.0}
     phases = [{"size": s, "rounds": rounds[s], "period": period[s]} for s in ("30KB", "1MB")]
     raw = {"reps": 1 if quick else 3, "gap": {"30KB": 0.5, "1MB": 1.0}}
     collect_timeout = 10.0  # the settings default (collect_timeout), want_peers 0 = every live member
+    comm_args = dict(kv.split("=", 1) for kv in args.comm_arg)
+    comm_args = {k: json.loads(v) for k, v in comm_args.items()}
     work = Path(tempfile.mkdtemp(prefix="swarm_exchange-"))
     load0 = os.getloadavg()
     t_begin = time.time()
@@ -886,45 +1147,53 @@ def main() -> None:
                                 "loadavg_start": [round(x, 1) for x in load0],
                                 "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
                     "settings": {"collect_timeout_s": collect_timeout, "want_peers": 0, "round_period_s": period,
+                                 "comm_args": comm_args,
                                  "payload_shape": {k: {"groups": g, "completions": c, "chars": ch} for k, (g, c, ch) in SIZES.items()},
                                  "raw_floor_reps": raw["reps"]},
-                    "exchange": [], "peers": []}
+                    "codes": [], "runs": [], "exchange": [], "peers": [], "simulations": [], "simulation_startup": []}
     try:
-        for n in ns:
-            print(f"N={n}: {n} peer processes + bootstrap, staggered start, {phases}", flush=True)
-            run = run_swarm(work / f"n{n}", n, 1, phases, timeout=collect_timeout, want_peers=0, staggered=True, raw=raw)
-            ex = summarize_exchange(run, phases)
-            pe = summarize_peers(run) | {"n": n}
-            result["exchange"].extend(ex)
-            result["peers"].append(pe)
-            for e in ex:
-                print(f"  {e['size']:>5} ({e['payload_bytes'] / 1024:.0f} KiB): delivered {e['delivery_fraction']:.3f}, "
-                      f"pair p50/p95 {e['latency_ms']['p50']}/{e['latency_ms']['p95']} ms, all-peers p50/p95 "
-                      f"{e['latency_all_receivers_ms']['p50']}/{e['latency_all_receivers_ms']['p95']} ms, publish+collect "
-                      f"p50 {e['exchange_per_round_ms']['p50']} ms; floor DHT {e['floor_ms']['dht_store_plus_get_p50']} ms, "
-                      f"stream {e['floor_ms']['stream_pull_p50']} ms", flush=True)
-            print(f"  start-up {pe['startup_s']}; memory/peer {pe['memory_mb_per_peer']}", flush=True)
-        result["simulations"] = []
-        result["simulation_startup"] = []
-        for sim_peers, variants in sims:
-            per = min(args.per_process, sim_peers)
-            sim_rounds = args.sim_rounds or (2 if quick else 3)
-            phases_sim = [{"size": "30KB", "label": v, "rounds": sim_rounds, "period": args.sim_timeout + 4, "gap_after": 6.0,
-                           "want_peers": int(v[4:]) if v.startswith("want") else 0, "cache": v == "cache"} for v in variants]
-            print(f"simulation: {sim_peers} peers, {per} per process, variants {variants} ({sim_rounds} rounds each)", flush=True)
-            mem_before = avail_mb()
-            run = run_swarm(work / f"sim{sim_peers}", sim_peers, per, phases_sim, timeout=args.sim_timeout, want_peers=0,
-                            staggered=False, raw=None)
-            st = summarize_peers(run) | {"peers": sim_peers, "peers_per_process": per, "mem_available_before_mb": mem_before}
-            result["simulation_startup"].append(st)
-            print(f"  up in {st['all_up_s']} s; memory/peer {st['memory_mb_per_peer']}", flush=True)
-            for ph in phases_sim:
-                sim = summarize_sim(run, ph) | {"peers_per_process": per}
-                result["simulations"].append(sim)
-                print(f"  [{ph['label']}] delivered {sim['delivery_fraction']} (per round {sim['delivery_fraction_per_round']}), "
-                      f"wanted met {sim['wanted_fraction_met']}, latency {sim['latency_ms']}, collect {sim['collect_ms']}, "
-                      f"publish {sim['publish_ms']}, cpu {sim['cpu_s_per_peer_round']}, errors {sim['rounds_with_error']}",
-                      flush=True)
+        codes = [export_ref(ref, work) for ref in args.ref] + [this_code()]
+        for code in codes:
+            result["codes"].append({k: v for k, v in code.items() if k != "path"})
+            label = code["label"]
+            print(f"=== code under test: {label} ({code['path']})", flush=True)
+            for n in ns:
+                print(f"N={n}: {n} peer processes + bootstrap, staggered start, {phases}", flush=True)
+                run = run_swarm(work / f"{code['slug']}-n{n}", n, 1, phases, timeout=collect_timeout, want_peers=0,
+                                staggered=True, raw=raw, code=code["path"], comm_args=comm_args)
+                ex = [e | {"code": label} for e in summarize_exchange(run, phases)]
+                pe = summarize_peers(run) | {"n": n, "code": label}
+                result["exchange"].extend(ex)
+                result["peers"].append(pe)
+                result["runs"].extend(run_row(e, label, "processes") for e in ex)
+                for e in ex:
+                    print(f"  {e['size']:>5} ({e['payload_bytes'] / 1024:.0f} KiB) [{e['transport']}]: delivered "
+                          f"{e['delivery_fraction']}, pair p50/p95 {e['latency_ms']['p50']}/{e['latency_ms']['p95']} ms, "
+                          f"publish+collect p50/p95 {e['exchange_per_round_ms']['p50']}/{e['exchange_per_round_ms']['p95']} ms; "
+                          f"per peer per round {brief_traffic(e['per_peer_per_round'])}", flush=True)
+                print(f"  start-up {pe['startup_s']}; memory/peer {pe['memory_mb_per_peer']}", flush=True)
+            for sim_peers, variants in sims:
+                per = min(args.per_process, sim_peers)
+                sim_rounds = args.sim_rounds or (2 if quick else 3)
+                phases_sim = [{"size": "30KB", "label": v, "rounds": sim_rounds, "period": args.sim_timeout + 4, "gap_after": 6.0,
+                               "want_peers": int(v[4:]) if v.startswith("want") else 0, "cache": v == "cache"} for v in variants]
+                print(f"simulation: {sim_peers} peers, {per} per process, variants {variants} ({sim_rounds} rounds each)", flush=True)
+                mem_before = avail_mb()
+                run = run_swarm(work / f"{code['slug']}-sim{sim_peers}", sim_peers, per, phases_sim, timeout=args.sim_timeout,
+                                want_peers=0, staggered=False, raw=None, code=code["path"], comm_args=comm_args)
+                st = summarize_peers(run) | {"peers": sim_peers, "peers_per_process": per, "mem_available_before_mb": mem_before,
+                                             "code": label}
+                result["simulation_startup"].append(st)
+                print(f"  up in {st['all_up_s']} s; memory/peer {st['memory_mb_per_peer']}", flush=True)
+                for ph in phases_sim:
+                    sim = summarize_sim(run, ph) | {"peers_per_process": per, "code": label}
+                    result["simulations"].append(sim)
+                    result["runs"].append(run_row(sim, label, "simulated"))
+                    print(f"  [{ph['label']}] [{sim['transport']}] delivered {sim['delivery_fraction']} (per round "
+                          f"{sim['delivery_fraction_per_round']}), wanted met {sim['wanted_fraction_met']}, latency "
+                          f"{sim['latency_ms']}, collect {sim['collect_ms']}, publish {sim['publish_ms']}, skipped "
+                          f"{sim['rounds_skipped_fraction']}, per peer per round {brief_traffic(sim['per_peer_per_round'])}",
+                          flush=True)
     finally:
         result["machine"]["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
         result["wall_s"] = round(time.time() - t_begin, 1)
@@ -936,6 +1205,54 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} in {result['wall_s']} s")
+
+
+def run_row(e: dict, code: str, kind: str) -> dict:
+    """The issue's per-run record: what to compare between codes and N at a glance."""
+    n = e.get("n", e.get("peers"))
+    ex = e.get("exchange_per_round_ms")
+    if ex is None:  # a simulation: publish + collect of the same rounds
+        ex = {"p50": e["collect_ms"]["p50"] and round((e["publish_ms"]["p50"] or 0) + e["collect_ms"]["p50"], 1),
+              "p95": e["collect_ms"]["p95"] and round((e["publish_ms"]["p95"] or 0) + e["collect_ms"]["p95"], 1)}
+    t = e.get("per_peer_per_round") or {}
+    return {"code": code, "transport": e["transport"], "peers_are": kind, "n": n, "loadavg": e.get("loadavg"),
+            "payload": e.get("size", "30KB"), "variant": e.get("variant"),
+            "delivered_fraction": e["delivery_fraction"], "wanted_fraction_met": e.get("wanted_fraction_met"),
+            "rounds_skipped_fraction": e.get("rounds_skipped_fraction"),
+            "exchange_ms": ex,
+            "per_peer_per_round": {k: t[k]["mean"] for k in ("messages_sent", "messages_received", "bytes_sent", "bytes_received")
+                                   if k in t} | ({"busiest_peer_bytes": max(t["bytes_sent"]["max"], t["bytes_received"]["max"])}
+                                                 if t else {})}
+
+
+def brief_traffic(t: dict | None) -> str:
+    if not t:
+        return "not metered"
+    return (f"{t['messages_sent']['mean']} msgs / {t['bytes_sent']['mean'] / 1024:.0f} KiB out, "
+            f"{t['bytes_received']['mean'] / 1024:.0f} KiB in (busiest {t['bytes_sent']['max'] / 1024:.0f} KiB out)")
+
+
+def this_code() -> dict:
+    """The tree this file belongs to, as its git revision (+ "-dirty" with uncommitted changes)."""
+    rev = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--", "p2pswarm", "bootstrap"))  # the code the peers run, not bench/
+    return {"label": rev + ("-dirty" if dirty else ""), "ref": "worktree", "commit": git("rev-parse", "HEAD"),
+            "path": ROOT, "slug": "here"}
+
+
+def export_ref(ref: str, work: Path) -> dict:
+    """`git archive REF` of this repository, unpacked into the work directory: its peers and bootstrap import it.
+    The bench itself (this file) stays the current one, so both codes are measured the same way."""
+    commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    dest = work / f"ref-{commit[:10]}"
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return {"label": commit[:7], "ref": ref, "commit": commit, "path": dest, "slug": f"ref-{commit[:7]}"}
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def avail_mb() -> int:
