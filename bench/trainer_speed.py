@@ -270,6 +270,8 @@ def summarise(res: dict) -> dict:
         "iqr_generate_s": [q(gen, 0.25), q(gen, 0.75)],
         "iqr_train_s": [q(train, 0.25), q(train, 0.75)],
         "median_gen_tokens_per_s": statistics.median(tps),
+        "median_decode_tokens_per_s": (statistics.median(s["decode_tokens_per_s"] for s in timed)
+                                       if all("decode_tokens_per_s" in s for s in timed) else None),
         "mean_completion_tokens": statistics.fmean(s["gen_tokens"] / s["rows"] for s in timed),
         "mean_longest_completion": statistics.fmean(s["longest"] for s in timed),
         "completions_per_step": timed[0]["rows"],
@@ -477,6 +479,9 @@ def efficiency(results: dict, hw: dict, configs: list[dict]) -> dict:
                                        "fraction_of_peak": tps / peak_tps,
                                        "fraction_of_linear_shapes_bound": tps / pb["linear_bound_tokens_per_s"],
                                        "fraction_of_tighter_bound": tps / tighter,
+                                       "decode_only_tokens_per_s": r.get("median_decode_tokens_per_s"),
+                                       "decode_only_fraction_of_tighter_bound":
+                                           (r.get("median_decode_tokens_per_s") or 0) / tighter,
                                        "fraction_of_bare_forward": tps / pb["decode_forward_tokens_per_s"]}
         out[cfg["name"]] = e
     return out

@@ -168,6 +168,9 @@ class Decoder:
         step_t = torch.zeros((), dtype=torch.long, device=dev)
         tok, lp = sample_next(out.logits[:, -1].float(), step_t, eos, **opts)
         finished = torch.isin(tok, eos)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # so that the split below is prefill vs decoding, not launch vs wait
+        t_prefill = time.perf_counter()
         next_pos = pos[:, -1] + 1
         toks, lps = [tok], [lp]
         step = self._step(opts)
@@ -186,7 +189,12 @@ class Decoder:
         if progress is not None:
             progress(T, T)
         new = torch.stack(toks, 1)
-        self.last = {"seconds": time.perf_counter() - t0, "steps": done, "rows": B, "cache_len": L}
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
+        # decode_tokens_per_s: rows x steps after the first, over the time after prefill (the bench's figure)
+        self.last = {"seconds": t1 - t0, "prefill_s": t_prefill - t0, "decode_s": t1 - t_prefill, "steps": done,
+                     "rows": B, "cache_len": L, "decode_tokens_per_s": B * (done - 1) / max(t1 - t_prefill, 1e-9)}
         if return_logprobs:
             return new, _after_eos_zero(new, torch.stack(lps, 1), eos)
         return new
@@ -203,8 +211,9 @@ class Decoder:
             return step
         key = tuple(sorted(opts.items()))
         if self._step_fn is None or self._step_fn[0] != key:
-            mode = "reduce-overhead" if next(self.model.parameters()).device.type == "cuda" else None
-            self._step_fn = (key, _GuardedCompile(torch.compile(step, mode=mode, dynamic=False), step))
+            cuda = next(self.model.parameters()).device.type == "cuda"
+            compiled = torch.compile(step, mode="reduce-overhead" if cuda else None, dynamic=False)
+            self._step_fn = (key, _GuardedCompile(compiled, step, cuda))
         return self._step_fn[1]
 
     # ---- fallback ------------------------------------------------------------------------------
@@ -251,14 +260,19 @@ def _after_eos_zero(new: torch.Tensor, lp: torch.Tensor, eos: torch.Tensor) -> t
 
 
 class _GuardedCompile:
-    """A compiled step that falls back to the eager one (logged once) if compiling it fails."""
+    """A compiled step that falls back to the eager one (logged once) if compiling it fails. Under CUDA graphs
+    a replay overwrites the previous replay's outputs, so each step's outputs are copied out (a few hundred
+    bytes) before the loop keeps them."""
 
-    def __init__(self, compiled: Callable, eager: Callable):
-        self.compiled, self.eager, self.failed = compiled, eager, False
+    def __init__(self, compiled: Callable, eager: Callable, cuda: bool):
+        self.compiled, self.eager, self.cuda, self.failed = compiled, eager, cuda, False
 
     def __call__(self, *args):
         if not self.failed:
             try:
+                if self.cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return tuple(o.clone() for o in self.compiled(*args))
                 return self.compiled(*args)
             except Exception as e:  # noqa: BLE001 - inductor/dynamo errors have no common base worth naming
                 self.failed = True

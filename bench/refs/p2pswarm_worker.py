@@ -66,7 +66,10 @@ while ch.recv() == "step":
     t3 = c.now()
     lengths = [len(ids) for g in groups for ids in g.completion_ids]
     assert not stats.skipped and stats.local_groups == len(groups), stats
-    ch.send(**c.step_record(t1 - t0, t3 - t2, sum(lengths), len(lengths), max(lengths), opt.count - n0, watch.delta()))
+    rec = c.step_record(t1 - t0, t3 - t2, sum(lengths), len(lengths), max(lengths), opt.count - n0, watch.delta())
+    if not trainer.decoder.uses_hf:  # our loop's own split: decoding steps alone, without prefill
+        rec["decode_tokens_per_s"] = trainer.decoder.last["decode_tokens_per_s"]
+    ch.send(**rec)
     step += 1
 
 ch.send(event="done", peak_rss_mb=c.peak_rss_mb(), optimizer_steps=opt.count)
