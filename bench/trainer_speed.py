@@ -144,6 +144,8 @@ class Worker:
         self.side = side
         self.log_path = log_dir / f"{side}-{cfg['name'].replace(' ', '_')}.log"
         self.log = open(self.log_path, "w")
+        if side == "p2pswarm":  # this checkout's code, not whatever copy the venv has installed
+            env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [str(venv_python(side)), str(REFS / f"{side}_worker.py"), json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REFS, env=env,

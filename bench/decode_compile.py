@@ -1,0 +1,60 @@
+"""Does torch.compile pay for our decoding step (p2pswarm/decoding.py) on this machine?
+
+    python bench/decode_compile.py            # embedded policy, 8 prompts x G=4, 64 tokens, 1 thread
+
+Times Decoder.generate with the step eager and compiled (inductor on CPU; CUDA graphs on CUDA), 5 calls each
+after a first call that pays for compiling, and writes bench/results/decode_compile.json. decoder_compile=auto
+follows this: on CPU the step stays eager (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from p2pswarm import models  # noqa: E402
+from p2pswarm.decoding import Decoder  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "decode_compile.json"
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    device = models.pick_device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    model, tok = models.load("embedded", device, torch.float32)
+    model.eval()
+    texts = [("question %d " % k) * (5 + 7 * k) for k in range(8)]  # 8 prompts of different lengths
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    eos = [model.generation_config.eos_token_id]
+    res: dict = {"device": str(device), "rows": 32, "new_tokens": 64, "loadavg_start": os.getloadavg()}
+    for mode in ("off", "on"):
+        d = Decoder(model, eos, tok.pad_token_id, choice="ours", compile=mode)
+        run = lambda: d.generate(enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=64,  # noqa: E731
+                                 min_new_tokens=64)
+        t = time.perf_counter()
+        run()
+        first = time.perf_counter() - t
+        calls = []
+        for _ in range(5):
+            t = time.perf_counter()
+            run()
+            calls.append(time.perf_counter() - t)
+        res[f"compile_{mode}"] = {"first_call_s": first, "calls_s": calls, "median_s": statistics.median(calls),
+                                  "tokens_per_s": 32 * 64 / statistics.median(calls),
+                                  "compile_failed": bool(d._step_fn and d._step_fn[1].failed)}
+        print(mode, res[f"compile_{mode}"], flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    res["speedup_compiled"] = res["compile_off"]["median_s"] / res["compile_on"]["median_s"]
+    OUT.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
