@@ -107,7 +107,7 @@ class Decoder:
         device = next(model.parameters()).device
         self.compile = compile == "on" or (compile == "auto" and device.type == "cuda")
         self._step_fn: Callable | None = None
-        self._caches: dict[tuple, Any] = {}  # (rows, length) -> StaticCache, reused: CUDA graphs keep its address
+        self._caches: dict[tuple, Any] = {}  # (rows, length, device) -> StaticCache, when compiled
         self.last: dict[str, float] = {}
 
     @property
@@ -149,13 +149,17 @@ class Decoder:
         # written, so one (B, L) mask serves every step and the step's shapes never change.
         full_mask = torch.cat([mask, mask.new_ones((B, L - P))], 1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        # A compiled step (CUDA graphs above all) wants the same cache tensors at every call of a shape, so
+        # those caches are kept (a few: a node sees the training and the evaluation shapes); an eager step
+        # gets a fresh one, so a CPU node does not hold its KV memory between rounds.
         key = (B, L, str(dev))
-        cache = self._caches.get(key)
+        cache = self._caches.get(key) if self.compile else None
         if cache is None:
-            if len(self._caches) >= 8:  # bounded: a long-lived node sees a few shapes, never many
-                self._caches.pop(next(iter(self._caches)))
             cache = StaticCache(config=model.config, max_cache_len=L)
-            self._caches[key] = cache
+            if self.compile:
+                if len(self._caches) >= 4:
+                    self._caches.pop(next(iter(self._caches)))
+                self._caches[key] = cache
         else:
             cache.reset()
         eos = torch.tensor(self.eos_ids, device=dev)
