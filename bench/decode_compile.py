@@ -1,6 +1,7 @@
 """Does torch.compile pay for our decoding step (p2pswarm/decoding.py) on this machine?
 
     python bench/decode_compile.py            # embedded policy, 8 prompts x G=4, 64 tokens, 1 thread
+    python bench/decode_compile.py --ops      # only count aten ops per generated token: ours vs HF generate
 
 Times Decoder.generate with the step eager and compiled (inductor on CPU; CUDA graphs on CUDA), 5 calls each
 after a first call that pays for compiling, and writes bench/results/decode_compile.json. decoder_compile=auto
@@ -25,14 +26,51 @@ from p2pswarm.decoding import Decoder  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results" / "decode_compile.json"
 
 
+def ops_per_token(model, tok, enc, eos) -> dict:
+    """aten ops per generated token (eager): (ops of 33 tokens - ops of 1) / 32, for our loop and for generate.
+    A count, not a timing: it does not depend on the machine's load."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    d = Decoder(model, eos, tok.pad_token_id, choice="ours", compile="off")
+    sides = {
+        "ours": lambda T: d.generate(enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=T, min_new_tokens=T),
+        "hf_generate": lambda T: model.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=True, top_k=0,
+                                                num_return_sequences=4, pad_token_id=tok.pad_token_id, eos_token_id=eos),
+    }
+    out = {}
+    for name, f in sides.items():
+        counts = []
+        for T in (1, 33):
+            Count.n = 0
+            with Count():
+                f(T)
+            counts.append(Count.n)
+        out[name] = (counts[1] - counts[0]) / 32
+    return out
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    device = models.pick_device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    device = models.pick_device(args[0] if args else "cpu")
     model, tok = models.load("embedded", device, torch.float32)
     model.eval()
     texts = [("question %d " % k) * (5 + 7 * k) for k in range(8)]  # 8 prompts of different lengths
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     eos = [model.generation_config.eos_token_id]
+    if "--ops" in sys.argv:
+        res = json.loads(OUT.read_text()) if OUT.exists() else {}
+        res["aten_ops_per_token"] = ops_per_token(model, tok, enc, eos)
+        print(res["aten_ops_per_token"])
+        OUT.write_text(json.dumps(res, indent=1) + "\n")
+        return
     res: dict = {"device": str(device), "rows": 32, "new_tokens": 64, "loadavg_start": os.getloadavg()}
     for mode in ("off", "on"):
         d = Decoder(model, eos, tok.pad_token_id, choice="ours", compile=mode)
