@@ -559,7 +559,11 @@ def plot(results: dict, configs: list[dict], eff: dict, path: Path, title: str) 
     kinds = [("achieved p2pswarm", lambda e: e["achieved"].get("p2pswarm", {}).get("tokens_per_s"), colors["p2pswarm"]),
              ("achieved GenRL", lambda e: e["achieved"].get("genrl", {}).get("tokens_per_s"), colors["genrl"]),
              ("achieved TRL", lambda e: e["achieved"].get("trl", {}).get("tokens_per_s"), colors["trl"]),
+             ("p2pswarm decoding steps only (no prefill)",
+              lambda e: e["achieved"].get("p2pswarm", {}).get("decode_only_tokens_per_s"), "#17becf"),
              ("bare HF forward (KV cache, no sampling)", lambda e: e["bare_forward_bound_tokens_per_s"], "#7f7f7f"),
+             ("weights read once per step at this memory bandwidth",
+              lambda e: e.get("weight_streaming_bound_tokens_per_s"), "#9467bd"),
              ("the model's matmuls alone, at their shapes", lambda e: e["linear_shapes_bound_tokens_per_s"], "#bcbd22"),
              ("FLOPs at peak matmul throughput", lambda e: e["peak_matmul_bound_tokens_per_s"], "#d62728")]
     w = 0.8 / len(kinds)
