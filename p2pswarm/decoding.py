@@ -11,6 +11,10 @@ Sampling matches HF's `do_sample=True, top_k=0`: min_new_tokens masks eos first,
 draw is the exponential-race form of a categorical sample (argmax of p / E, E ~ Exp(1)): the same
 distribution as torch.multinomial, with no host synchronisation and fit for CUDA graphs.
 
+The model's generation_config sampling extras (repetition_penalty, top_k, ...) are not applied: the loop samples
+the policy's own distribution at the trainer's temperature and top-p, the one training's log-probs are taken
+under. HF `generate` (the fallback) is called with top_k=0 for the same reason.
+
 Positions are those HF `generate` gives a left-padded batch (each row's first real token at position 0), so
 the log-probs of the training forward (trainer._logprobs) are the sampling distribution's.
 """
@@ -42,7 +46,11 @@ def unsupported_reason(model) -> str | None:
         return "it is not a decoder-only transformers model"
     if not getattr(model, "_can_compile_fullgraph", False):
         return f"{type(model).__name__} does not declare static-cache support (_can_compile_fullgraph)"
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) not in ("sdpa", "eager", None):
+    text_cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    if "sliding_attention" in (getattr(text_cfg, "layer_types", None) or []) or (
+            getattr(text_cfg, "sliding_window", None) and getattr(text_cfg, "use_sliding_window", True)):
+        return "sliding-window attention layers (a static cache sizes them apart; not checked with our loop)"
+    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager", None):
         return f"attention implementation {cfg._attn_implementation!r} is not one our loop has been checked with"
     return None
 
