@@ -2,6 +2,7 @@
 
     python bench/decode_compile.py            # embedded policy, 8 prompts x G=4, 64 tokens, 1 thread
     python bench/decode_compile.py --ops      # only count aten ops per generated token: ours vs HF generate
+    python bench/decode_compile.py --train    # only the training forward + backward, eager vs compiled
 
 Times Decoder.generate with the step eager and compiled (inductor on CPU; CUDA graphs on CUDA), 5 calls each
 after a first call that pays for compiling, and writes bench/results/decode_compile.json. decoder_compile=auto
@@ -56,6 +57,37 @@ def ops_per_token(model, tok, enc, eos) -> dict:
     return out
 
 
+def train_compile(model, tok) -> dict:
+    """One micro-batch of the training forward + backward (8 rows x 256 tokens, logits kept for the last 65
+    positions, as trainer._logprobs does), eager vs torch.compile(model): does compiling the training pay?"""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(tok), (8, 256), generator=g)
+    attn = torch.ones_like(ids)
+    attn[:, :40] = 0  # left padding, as the trainer's batches have
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    model.train()
+
+    def step(m):
+        out = m(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=65, use_cache=False).logits
+        out.float().log_softmax(-1).mean().backward()
+
+    res = {}
+    for mode, m in (("eager", model), ("compiled", torch.compile(model))):
+        t = time.perf_counter()
+        step(m)
+        first = time.perf_counter() - t
+        calls = []
+        for _ in range(5):
+            t = time.perf_counter()
+            step(m)
+            calls.append(time.perf_counter() - t)
+        res[mode] = {"first_call_s": first, "calls_s": calls, "median_s": statistics.median(calls)}
+        print(mode, res[mode], flush=True)
+    res["speedup_compiled"] = res["eager"]["median_s"] / res["compiled"]["median_s"]
+    model.eval()
+    return res
+
+
 def main() -> None:
     torch.set_num_threads(1)
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
@@ -65,6 +97,11 @@ def main() -> None:
     texts = [("question %d " % k) * (5 + 7 * k) for k in range(8)]  # 8 prompts of different lengths
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     eos = [model.generation_config.eos_token_id]
+    if "--train" in sys.argv:
+        res = json.loads(OUT.read_text()) if OUT.exists() else {}
+        res["train_forward_backward"] = train_compile(model, tok) | {"loadavg": os.getloadavg()}
+        OUT.write_text(json.dumps(res, indent=1) + "\n")
+        return
     if "--ops" in sys.argv:
         res = json.loads(OUT.read_text()) if OUT.exists() else {}
         res["aten_ops_per_token"] = ops_per_token(model, tok, enc, eos)
