@@ -5,6 +5,15 @@ TRL's GRPOTrainer on the same model (the embedded policy), the same prompts, the
     python bench/trainer_speed.py --quick      # 2 configs, 1 warm-up + 5 timed steps (a few minutes)
     python bench/trainer_speed.py              # 6 configs, 2 warm-up + 8 timed steps (about 12 minutes)
     python bench/trainer_speed.py --threads 2  # on an idle machine
+    python bench/trainer_speed.py --model qwen2.5-0.5b --sides p2pswarm --grid 4:16:fixed --prompts 2 \
+        --max-prompt-tokens 64 --gc both --sequential --warmup 0 --reps 1   # the 0.5B-shaped model (below)
+    python bench/trainer_speed.py --device cuda --dtype bfloat16   # on a GPU machine (the GPU is recorded)
+
+--model qwen2.5-0.5b builds a model from Qwen2.5-0.5B's configuration (QWEN25_05B below, written out: no hub)
+with random weights, seed 0, and the embedded policy's tokenizer (throughput does not depend on the weights;
+ids past the tokenizer's 512 decode to nothing). It is saved once to a temporary folder every side loads.
+--sequential runs the sides one after another instead of interleaved, for a model whose three trainers do not
+fit in memory together. --gc both runs every config with gradient checkpointing off and on (peak RSS).
 
 Each trainer runs in its own process and its own virtualenv (the project's .venv; bench/.venv-genrl with
 gensyn-genrl; bench/.venv-trl with trl; created on first use). Per config the three workers are started, then
@@ -38,6 +47,35 @@ BENCH = ROOT / "bench"
 REFS = BENCH / "refs"
 RESULTS = BENCH / "results"
 MODEL = ROOT / "p2pswarm" / "assets" / "default_policy"
+
+# Qwen/Qwen2.5-0.5B's config.json (the fields that shape the compute), ids remapped to the embedded tokenizer's.
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "hidden_act": "silu",
+    "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": None, "max_window_layers": 24,
+    "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,  # Qwen's 151643 is past the embedded tokenizer
+}
+MODELS = {"embedded": "embedded policy (p2pswarm/assets/default_policy)",
+          "qwen2.5-0.5b": "Qwen2.5-0.5B-shaped, random weights (bench/trainer_speed.py: QWEN25_05B)"}
+
+
+def build_model(name: str, tmp: Path) -> Path:
+    """The folder of the model every side loads: the embedded policy, or a 0.5B-shaped one built here."""
+    if name == "embedded":
+        return MODEL
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp / name
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B))
+    model.generation_config.eos_token_id = QWEN25_05B["eos_token_id"]
+    model.generation_config.pad_token_id = QWEN25_05B["pad_token_id"]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(MODEL).save_pretrained(out)
+    return out
 
 # Versions the recorded results were measured with. The reference venvs pin transformers to the project's
 # version so that all three sides run the same modelling and generation code.
@@ -106,6 +144,8 @@ class Worker:
         self.side = side
         self.log_path = log_dir / f"{side}-{cfg['name'].replace(' ', '_')}.log"
         self.log = open(self.log_path, "w")
+        if side == "p2pswarm":  # this checkout's code, not whatever copy the venv has installed
+            env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [str(venv_python(side)), str(REFS / f"{side}_worker.py"), json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REFS, env=env,
@@ -171,7 +211,7 @@ def make_prompts(steps: int, path: Path) -> None:
 
 def run_config(cfg: dict, sides: list[str], args, env: dict, log_dir: Path) -> dict:
     steps = args.warmup + args.reps
-    wcfg = {**cfg, "model": str(MODEL), "prompts_file": str(log_dir / "prompts.json"), "prompts": N_PROMPTS, "micro_batch": MICRO_BATCH, "lr": LR, "seed": args.seed,
+    wcfg = {**cfg, "model": cfg.get("model_dir", str(MODEL)), "prompts_file": str(log_dir / "prompts.json"), "prompts": N_PROMPTS, "micro_batch": MICRO_BATCH, "lr": LR, "seed": args.seed,
             "threads": args.threads, "steps": steps, "flush_denormal": not args.no_flush_denormal}
     out: dict[str, dict] = {}
     workers: dict[str, Worker] = {}
@@ -232,6 +272,8 @@ def summarise(res: dict) -> dict:
         "iqr_generate_s": [q(gen, 0.25), q(gen, 0.75)],
         "iqr_train_s": [q(train, 0.25), q(train, 0.75)],
         "median_gen_tokens_per_s": statistics.median(tps),
+        "median_decode_tokens_per_s": (statistics.median(s["decode_tokens_per_s"] for s in timed)
+                                       if all("decode_tokens_per_s" in s for s in timed) else None),
         "mean_completion_tokens": statistics.fmean(s["gen_tokens"] / s["rows"] for s in timed),
         "mean_longest_completion": statistics.fmean(s["longest"] for s in timed),
         "completions_per_step": timed[0]["rows"],
@@ -273,9 +315,9 @@ def ratios(result: dict) -> dict:
 
 
 # ---- what the hardware allows --------------------------------------------------------------------------------
-def model_flops(prompt_tokens: float, new_tokens: float) -> dict:
+def model_flops(prompt_tokens: float, new_tokens: float, model_dir: Path = MODEL) -> dict:
     """Forward FLOPs per generated token for this Qwen2 (decoding with a KV cache), counting matmuls only."""
-    c = json.loads((MODEL / "config.json").read_text())
+    c = json.loads((model_dir / "config.json").read_text())
     d, L, V, inter = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
     nh, nkv = c["num_attention_heads"], c["num_key_value_heads"]
     hd = d // nh
@@ -312,7 +354,16 @@ def _time(fn, min_s: float = 0.3, reps: int = 5) -> float:
     return best
 
 
-def hardware_probe(threads: int, batches: list[int], prompts_file: Path) -> dict:
+def stream_gbps(dtype) -> float:
+    """This machine's memory read bandwidth, GB/s: the best of summing a 512 MB tensor (far past any cache)."""
+    import torch
+
+    x = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
+    return x.numel() * 4 / _time(lambda: x.sum(), min_s=0.5, reps=3) / 1e9
+
+
+def hardware_probe(threads: int, batches: list[int], prompts_file: Path, model_dir: Path = MODEL,
+                   decode_steps: int = 64, max_prompt_tokens: int = 1024) -> dict:
     import torch
     import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -320,7 +371,7 @@ def hardware_probe(threads: int, batches: list[int], prompts_file: Path) -> dict
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-    c = json.loads((MODEL / "config.json").read_text())
+    c = json.loads((model_dir / "config.json").read_text())
     d, inter, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = d // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * hd
@@ -333,18 +384,22 @@ def hardware_probe(threads: int, batches: list[int], prompts_file: Path) -> dict
     out["peak_gflops"] = max(peak.values())
     tiny = torch.ones(1)
     out["tiny_op_us"] = _time(lambda: torch.add(tiny, 1.0)) * 1e6
+    out["memory_read_gbps"] = stream_gbps(torch.float32)
 
     # The model's own linear layers at the decoding batch (one token per row): F.linear, as nn.Linear calls it.
     L = c["num_hidden_layers"]
     shapes = {"q_proj/o_proj": (d, d, 2 * L), "k_proj/v_proj": (d, kv, 2 * L), "gate/up_proj": (d, inter, 2 * L),
               "down_proj": (inter, d, L), "lm_head": (d, V, 1)}
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
     out["params_total"] = sum(p.numel() for p in model.parameters())
+    # Bytes a decoding step must read: every weight once (tied embeddings: the lm_head reads the table; the
+    # embedding lookup of one row per token is negligible), fp32 here.
+    out["weight_bytes_per_decode_step"] = sum(p.numel() * p.element_size() for p in model.parameters())
     out["params_without_embeddings"] = out["params_total"] - model.get_input_embeddings().weight.numel()
     prompts = json.loads(prompts_file.read_text())[0]
     texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
-    lens = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    lens = [min(len(tok(t, add_special_tokens=False)["input_ids"]), max_prompt_tokens) for t in texts]
     out["prompt_tokens_mean"] = statistics.fmean(lens)
     out["per_batch"] = {}
     for B in batches:
@@ -358,14 +413,14 @@ def hardware_probe(threads: int, batches: list[int], prompts_file: Path) -> dict
             step_s += count * t
         # A bare decoding step: the model's forward for one new token per row with a KV cache, greedy.
         enc = tok([texts[k % len(texts)] for k in range(B)], return_tensors="pt", padding=True, padding_side="left",
-                  add_special_tokens=False)
+                  add_special_tokens=False, truncation=True, truncation_side="left", max_length=max_prompt_tokens)
         with torch.no_grad():
             pre = model(**enc, use_cache=True)
             past = pre.past_key_values
             nxt = pre.logits[:, -1:].argmax(-1)
             mask = enc["attention_mask"]
             times = []
-            for _ in range(64):
+            for _ in range(decode_steps):
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
                 t0 = time.perf_counter()
                 o_ = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
@@ -382,9 +437,11 @@ def hardware_probe(threads: int, batches: list[int], prompts_file: Path) -> dict
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
             with Count():
                 model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
-        fwd = min(times[8:])
+        warm = times[min(8, len(times) // 2):]
+        fwd = min(warm)
         out["per_batch"][str(B)] = {
-            "decode_forward_step_s_median": statistics.median(times[8:]),
+            "decode_forward_step_s_median": statistics.median(warm),
+            "weight_streaming_bound_tokens_per_s": B * out["memory_read_gbps"] * 1e9 / out["weight_bytes_per_decode_step"],
             "linear": per,
             "linear_only_step_s": step_s,
             "linear_bound_tokens_per_s": B / step_s,
@@ -403,20 +460,30 @@ def efficiency(results: dict, hw: dict, configs: list[dict]) -> dict:
         B = N_PROMPTS * cfg["G"]
         ref = res.get("p2pswarm", {})
         new = ref.get("mean_completion_tokens", cfg["max_new_tokens"])
-        fl = model_flops(hw["prompt_tokens_mean"], new)
+        fl = model_flops(hw["prompt_tokens_mean"], new, Path(hw["model_dir"]))
         pb = hw["per_batch"][str(B)]
         peak_tps = hw["peak_gflops"] * 1e9 / fl["flops_per_token"]
+        # The tighter of the two bounds of the issue: reading every weight once per step, or the model's own
+        # matmul shapes at this batch on this CPU.
+        tighter = min(pb["weight_streaming_bound_tokens_per_s"], pb["linear_bound_tokens_per_s"])
         e = {"batch_rows": B, "flops_per_token": fl["flops_per_token"], "mean_ctx": fl["mean_ctx"],
              "peak_matmul_bound_tokens_per_s": peak_tps,
              "linear_shapes_bound_tokens_per_s": pb["linear_bound_tokens_per_s"],
+             "weight_streaming_bound_tokens_per_s": pb["weight_streaming_bound_tokens_per_s"],
+             "tighter_bound_tokens_per_s": tighter,
              "bare_forward_bound_tokens_per_s": pb["decode_forward_tokens_per_s"], "achieved": {}}
-        for side, r in res.items():
+        for side, r in ((k, v) for k, v in res.items() if isinstance(v, dict)):
             if "median_gen_tokens_per_s" in r:
                 tps = r["median_gen_tokens_per_s"]
                 best = max(s["gen_tokens"] / s["gen_s"] for s in r["per_step"] if not s["warmup"])
                 e["achieved"][side] = {"tokens_per_s": tps, "best_tokens_per_s": best,
                                        "gflops": tps * fl["flops_per_token"] / 1e9,
                                        "fraction_of_peak": tps / peak_tps,
+                                       "fraction_of_linear_shapes_bound": tps / pb["linear_bound_tokens_per_s"],
+                                       "fraction_of_tighter_bound": tps / tighter,
+                                       "decode_only_tokens_per_s": r.get("median_decode_tokens_per_s"),
+                                       "decode_only_fraction_of_tighter_bound":
+                                           (r.get("median_decode_tokens_per_s") or 0) / tighter,
                                        "fraction_of_bare_forward": tps / pb["decode_forward_tokens_per_s"]}
         out[cfg["name"]] = e
     return out
@@ -492,7 +559,11 @@ def plot(results: dict, configs: list[dict], eff: dict, path: Path, title: str) 
     kinds = [("achieved p2pswarm", lambda e: e["achieved"].get("p2pswarm", {}).get("tokens_per_s"), colors["p2pswarm"]),
              ("achieved GenRL", lambda e: e["achieved"].get("genrl", {}).get("tokens_per_s"), colors["genrl"]),
              ("achieved TRL", lambda e: e["achieved"].get("trl", {}).get("tokens_per_s"), colors["trl"]),
+             ("p2pswarm decoding steps only (no prefill)",
+              lambda e: e["achieved"].get("p2pswarm", {}).get("decode_only_tokens_per_s"), "#17becf"),
              ("bare HF forward (KV cache, no sampling)", lambda e: e["bare_forward_bound_tokens_per_s"], "#7f7f7f"),
+             ("weights read once per step at this memory bandwidth",
+              lambda e: e.get("weight_streaming_bound_tokens_per_s"), "#9467bd"),
              ("the model's matmuls alone, at their shapes", lambda e: e["linear_shapes_bound_tokens_per_s"], "#bcbd22"),
              ("FLOPs at peak matmul throughput", lambda e: e["peak_matmul_bound_tokens_per_s"], "#d62728")]
     w = 0.8 / len(kinds)
@@ -528,6 +599,7 @@ def machine_info(threads: int) -> dict:
 
 
 def main() -> None:
+    global N_PROMPTS, MICRO_BATCH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 configs (G=4, 64 tokens), 1 warm-up + 5 timed steps")
     ap.add_argument("--setup", action="store_true", help="create / check the reference venvs, then exit")
@@ -538,6 +610,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2; quick 1)")
     ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of p2pswarm,genrl,trl")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", choices=sorted(MODELS), default="embedded")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (with --dtype bfloat16 on a GPU machine)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--prompts", type=int, default=N_PROMPTS, help="prompts per step (default 8)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompts cut to their last N tokens")
+    ap.add_argument("--grid", default=None, help="configs as G:T:mode,... (mode fixed or eos), e.g. 4:16:fixed")
+    ap.add_argument("--gc", choices=["off", "on", "both"], default="off", help="gradient checkpointing per config")
+    ap.add_argument("--sequential", action="store_true", help="one side after another (memory), not interleaved")
+    ap.add_argument("--decode-steps", type=int, default=64, help="bare decoding steps timed in the hardware probe")
     ap.add_argument("--no-flush-denormal", action="store_true",
                     help="do not torch.set_flush_denormal(True) in the workers (p2pswarm's node does it)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/trainer_speed[.quick].json)")
@@ -563,23 +644,37 @@ def main() -> None:
         sys.exit(1 if setup_errors else 0)
     run_sides = [s for s in sides if s not in setup_errors]
 
+    N_PROMPTS = args.prompts
+    MICRO_BATCH = min(MICRO_BATCH, N_PROMPTS * 2)
     args.reps = args.reps or (5 if args.quick else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     grid = [(4, 64, "fixed"), (4, 64, "eos")] if args.quick else \
         [(4, 64, "fixed"), (4, 128, "fixed"), (8, 64, "fixed"), (8, 128, "fixed"), (4, 64, "eos"), (8, 64, "eos")]
-    configs = [{"name": f"G{g} T{t} {mode}", "G": g, "max_new_tokens": t, "length": mode,
-                "min_new_tokens": t if mode == "fixed" else 0} for g, t, mode in grid]
+    if args.grid:
+        grid = [(int(g), int(t), m) for g, t, m in (x.split(":") for x in args.grid.split(","))]
+    gcs = {"off": [False], "on": [True], "both": [False, True]}[args.gc]
+    configs = [{"name": f"G{g} T{t} {mode}" + (" gc" if gc else ""), "G": g, "max_new_tokens": t, "length": mode,
+                "min_new_tokens": t if mode == "fixed" else 0, "gradient_checkpointing": gc,
+                "device": args.device, "dtype": args.dtype, "max_prompt_tokens": args.max_prompt_tokens}
+               for g, t, mode in grid for gc in gcs]
 
     tmp = Path(tempfile.mkdtemp(prefix="trainer_speed-"))
     prompts_file = tmp / "prompts.json"
     make_prompts(args.warmup + args.reps, prompts_file)
     env = worker_env(args.threads)
     info = machine_info(args.threads)
+    if args.device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "requested, none found"
+    model_dir = build_model(args.model, tmp)
     print(f"trainer speed: {len(configs)} configs x {run_sides}, {args.warmup} warm-up + {args.reps} timed steps, "
           f"{args.threads} thread(s); worker logs in {tmp}", flush=True)
     t_start = time.perf_counter()
     print("hardware probe (matmul throughput, bare decoding step) ...", flush=True)
-    hw = hardware_probe(args.threads, sorted({N_PROMPTS * c["G"] for c in configs}), prompts_file)
+    hw = hardware_probe(args.threads, sorted({N_PROMPTS * c["G"] for c in configs}), prompts_file, model_dir,
+                        args.decode_steps, args.max_prompt_tokens)
+    hw["model_dir"] = str(model_dir)
     print(f"  peak {hw['peak_gflops']:.1f} GFLOP/s; decode forward at batch 32: "
           f"{hw['per_batch'].get('32', {}).get('decode_forward_step_s', float('nan')) * 1e3:.2f} ms/step", flush=True)
     results: dict[str, dict] = {}
@@ -587,7 +682,18 @@ def main() -> None:
         print(f"[{cfg['name']}] 8 prompts x G={cfg['G']}, max_new_tokens {cfg['max_new_tokens']}, "
               f"{'every completion exactly max_new_tokens (eos masked until then)' if cfg['length'] == 'fixed' else 'stop at eos'}",
               flush=True)
-        results[cfg["name"]] = run_config(cfg, run_sides, args, env, tmp)
+        cfg_run = {**cfg, "model_dir": str(model_dir)}
+        if args.sequential:  # one side at a time: a 0.5B model's three trainers do not fit in memory together
+            results[cfg["name"]] = {}
+            for side in run_sides:
+                results[cfg["name"]].update(run_config(cfg_run, [side], args, env, tmp))
+        else:
+            results[cfg["name"]] = run_config(cfg_run, run_sides, args, env, tmp)
+        r = results[cfg["name"]]
+        for ref in ("trl", "genrl"):  # the issue's figures, per config: p2pswarm step time / the reference's
+            if "median_step_s" in r.get("p2pswarm", {}) and "median_step_s" in r.get(ref, {}):
+                r[f"step_ratio_vs_{ref}"] = r["p2pswarm"]["median_step_s"] / r[ref]["median_step_s"]
+        r["params"] = hw["params_total"]
         for s, e in setup_errors.items():
             results[cfg["name"]][s] = {"error": e}
     rat = {n: ratios(r) for n, r in results.items()}
@@ -611,7 +717,8 @@ def main() -> None:
         "pins": {s: REFERENCES[s]["pins"] for s in REFERENCES} | {"torch": TORCH_SPEC},
         "setup_errors": setup_errors,
         "workload": {
-            "model": "embedded policy (p2pswarm/assets/default_policy)", "prompts": N_PROMPTS,
+            "model": MODELS[args.model], "params": hw["params_total"], "device": args.device, "dtype": args.dtype,
+            "max_prompt_tokens": args.max_prompt_tokens, "prompts": N_PROMPTS,
             "prompt_source": "p2pswarm easy preset, seed 0, the same prompts in the same order for every trainer",
             "reward": "seeded uniform [0,1) per (step, prompt, completion), the same for every trainer",
             "step": "one generate of 8 x G completions + one train step = one optimizer step over all 8 x G",
@@ -627,11 +734,13 @@ def main() -> None:
         "hardware": hw,
         "efficiency": eff,
         "table": report,
-        "plot_title": f"8 prompts x G, embedded policy (279k params), {args.threads} thread(s), {info['cpu']}; "
-                      f"median of {args.reps} interleaved steps",
+        "plot_title": f"{N_PROMPTS} prompts x G, {args.model} ({hw['params_total'] / 1e6:.1f}M params), "
+                      f"{args.threads} thread(s), {info.get('gpu') or info['cpu']}; median of {args.reps} "
+                      f"{'sequential' if args.sequential else 'interleaved'} steps",
     }
     if not args.no_save:
-        out = args.out or RESULTS / ("trainer_speed.quick.json" if args.quick else "trainer_speed.json")
+        stem = "trainer_speed" + ("" if args.model == "embedded" else f"_{args.model}")
+        out = args.out or RESULTS / (f"{stem}.quick.json" if args.quick else f"{stem}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         png = out.with_suffix(".png")

@@ -251,6 +251,16 @@ class Settings(BaseSettings):
                                   description="sequences per forward/backward (gradient accumulation over the rest)")
     gradient_checkpointing: bool = Field(False, validation_alias=_env("gradient_checkpointing"))
 
+    # --- decoding (p2pswarm/decoding.py) ---------------------------------------------------------
+    decoder: Literal["auto", "ours", "hf"] = Field(
+        "auto", validation_alias=_env("decoder"),
+        description="sampling loop: 'ours' (static KV cache, sampling on the device), 'hf' (transformers' generate), "
+                    "'auto' (ours where the model allows it, else generate, said once in the log)")
+    decoder_compile: Literal["auto", "on", "off"] = Field(
+        "auto", validation_alias=_env("decoder_compile"),
+        description="torch.compile our decoding step: 'auto' on CUDA only (CUDA graphs; on CPU it did not pay, "
+                    "bench/README.md), 'on', 'off'")
+
     # --- checkpoints -----------------------------------------------------------------------------
     checkpoint_every: int = Field(5, validation_alias=_env("checkpoint_every", "CHECKPOINT_INTERVAL"), ge=1)
     keep_checkpoints: int = Field(3, validation_alias=_env("keep_checkpoints"), ge=1)

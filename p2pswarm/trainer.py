@@ -1,6 +1,7 @@
 """GRPO with SAPO mixing on any transformers causal LM.
 
-generate(): one batched `model.generate` call per stage for all prompts x G (KV cache, left padding).
+generate(): one batched decoding call per stage for all prompts x G (p2pswarm/decoding.py: our static-KV-cache
+            loop, or HF `generate` for a model it can't drive; left padding).
 train():    drop groups whose rewards are all equal, sample I local + J swarm groups, compute old
             log-probs once, then `num_iterations` clipped-surrogate steps (AdamW, grad clipping).
 Swarm completions are text: they are re-tokenised with the local tokenizer under the local prompt.
@@ -20,28 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-
 from p2pswarm import grpo
 from p2pswarm.components import Trainer, TrainStats
+from p2pswarm.decoding import Decoder
 from p2pswarm.errors import UserError
 from p2pswarm.types import GameState, Group, Task
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-class _StepProgress(StoppingCriteria):
-    """Never stops generation; reports each decoding step so a UI can draw a progress bar."""
-
-    def __init__(self, progress: Progress, total: int):
-        self.progress, self.total, self.step = progress, total, 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.step += 1
-        self.progress("generate", min(self.step, self.total), self.total)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class GRPOTrainer(Trainer):
@@ -72,6 +60,8 @@ class GRPOTrainer(Trainer):
         if settings.beta > 0:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.last_generate: dict[str, float] = {}
+        self.decoder = Decoder(model, self.eos_ids, tokenizer.pad_token_id, choice=settings.decoder,
+                               compile=settings.decoder_compile)
 
     # ---- prompts -------------------------------------------------------------------------------
     def _render(self, task: Task) -> str:
@@ -110,20 +100,14 @@ class GRPOTrainer(Trainer):
         """Completion token ids per task (n per task), each cut after its first eos (kept)."""
         enc = self._encode_prompts(tasks)
         self.model.eval()
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=self.s.max_new_tokens,
-            num_return_sequences=n,
-            pad_token_id=self.tok.pad_token_id,
-            eos_token_id=self.eos_ids,
-        )
-        if greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=self.s.temperature, top_p=self.s.top_p, top_k=0)
-        if progress is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StepProgress(progress, self.s.max_new_tokens)])
-        out = self.model.generate(**enc, **kwargs)
-        gen = out[:, enc["input_ids"].shape[1] :].tolist()
+        on_step = None if progress is None else (lambda done, total: progress("generate", done, total))
+        # generation_config.min_new_tokens is honoured, as generate did (the trainer-speed bench sets it)
+        min_new = getattr(self.model.generation_config, "min_new_tokens", None) or 0
+        gen = self.decoder.generate(
+            enc["input_ids"], enc["attention_mask"], n=n, max_new_tokens=self.s.max_new_tokens,
+            min_new_tokens=min(min_new, self.s.max_new_tokens), greedy=greedy, temperature=self.s.temperature,
+            top_p=self.s.top_p, progress=on_step,
+        ).tolist()
         eos = set(self.eos_ids)
         result: list[list[list[int]]] = []
         for i in range(len(tasks)):
@@ -172,7 +156,9 @@ class GRPOTrainer(Trainer):
         return picked_local, picked_swarm
 
     def _batch(self, groups: list[Group]) -> dict[str, torch.Tensor]:
-        """Right-padded prompt+completion rows; mask marks completion targets; advantage per row."""
+        """Left-padded prompts then right-padded completions, so every completion starts at the same column and
+        the forward keeps logits only for completion positions (not for the prompts' tails); mask marks the
+        completion targets; advantage per row."""
         rows: list[tuple[list[int], list[int]]] = []
         advantages: list[torch.Tensor] = []
         scale = self.s.loss_type != "dr_grpo"
@@ -181,27 +167,28 @@ class GRPOTrainer(Trainer):
             completions = g.completion_ids if g.completion_ids is not None else [self._completion_ids(c) for c in g.completions]
             advantages.append(grpo.group_advantages(torch.tensor(g.rewards, dtype=torch.float32), scale=scale))
             rows.extend((prompt, c) for c in completions)
-        L = max(len(p) + len(c) for p, c in rows)
+        P = max(len(p) for p, _ in rows)
+        C = max(len(c) for _, c in rows)
         pad = self.tok.pad_token_id
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)
-        attn = torch.zeros((len(rows), L), dtype=torch.long)
-        target_mask = torch.zeros((len(rows), L - 1), dtype=torch.float32)
+        ids = torch.full((len(rows), P + C), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), P + C), dtype=torch.long)
+        target_mask = torch.zeros((len(rows), C), dtype=torch.float32)
         for i, (p, c) in enumerate(rows):
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            attn[i, : len(p) + len(c)] = 1
-            target_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1  # logits at t predict token t+1
-        first = min(len(p) for p, _ in rows) - 1  # no completion target before this position
+            ids[i, P - len(p) : P + len(c)] = torch.tensor(p + c)
+            attn[i, P - len(p) : P + len(c)] = 1
+            target_mask[i, : len(c)] = 1
         return {
             "input_ids": ids,
             "attention_mask": attn,
-            "mask": target_mask[:, first:],
-            "keep": L - first,
+            "mask": target_mask,
+            "keep": C + 1,  # logits at P-1 .. P+C-1: the last one predicts nothing and is dropped
             "advantages": torch.cat(advantages),
         }
 
     def _logprobs(self, model, ids: torch.Tensor, attn: torch.Tensor, keep: int) -> torch.Tensor:
-        """(B, keep-1) log-probs of the targets ids[:, L-keep+1:], at the sampling temperature."""
-        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        """(B, keep-1) log-probs of the targets ids[:, L-keep+1:], at the sampling temperature. Positions count
+        real tokens only (each row's first real token at 0), as in left-padded generation."""
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep, use_cache=False).logits
         logits = logits[:, :-1] / self.s.temperature
         return grpo.sequence_logprobs(logits, ids[:, ids.shape[1] - keep + 1 :])

@@ -25,10 +25,10 @@ def test_generate_is_one_batched_call_with_g_completions_per_task(tmp_path, fres
     model, tok = fresh_policy
     trainer = GRPOTrainer(model, tok, make_settings(tmp_path, num_generations=4))
     calls = []
-    original = model.generate
-    model.generate = lambda *a, **k: calls.append(k) or original(*a, **k)
+    original = trainer.decoder.generate
+    trainer.decoder.generate = lambda *a, **k: calls.append(k) or original(*a, **k)
     groups = trainer.generate(tasks_with_prompts(8))
-    assert len(calls) == 1 and calls[0]["num_return_sequences"] == 4
+    assert len(calls) == 1 and calls[0]["n"] == 4
     assert len(groups) == 8 and all(len(g.completions) == 4 == len(g.completion_ids) for g in groups)
     assert trainer.last_generate["tokens"] > 0
 

@@ -63,6 +63,15 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a worker would report the driver's
+    # peak (the hardware probe's) whenever that is higher than its own. VmHWM belongs to this process's memory.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

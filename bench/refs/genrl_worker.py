@@ -56,10 +56,11 @@ class RewardManager:
 
 
 torch.manual_seed(seed)
-model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+dtype = cfg.get("dtype", "float32")  # GenRL picks CUDA itself when it sees one
+model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=getattr(torch, dtype))
 conf = GRPOTrainerConfig(
-    epsilon=0.2, epsilon_high=0.28, beta=0.0, temperature=1.0, top_p=1.0, dtype="float32",
-    enable_gradient_checkpointing=False, max_new_tokens=cfg["max_new_tokens"], num_generations=G,
+    epsilon=0.2, epsilon_high=0.28, beta=0.0, temperature=1.0, top_p=1.0, dtype=dtype,
+    enable_gradient_checkpointing=cfg.get("gradient_checkpointing", False), max_new_tokens=cfg["max_new_tokens"], num_generations=G,
     learning_rate=cfg["lr"], ppo_epochs=1, minibatch_size=n_prompts * G,
 )
 # processing_class left out: GenRL loads the tokenizer itself from model.config._name_or_path (the local folder).

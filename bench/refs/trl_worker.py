@@ -42,15 +42,16 @@ def seeded_reward(prompts, completions, step, pidx, **kwargs):
 
 
 torch.manual_seed(seed)
-model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+on_cuda, bf16 = cfg.get("device", "cpu").startswith("cuda"), cfg.get("dtype", "float32") == "bfloat16"
+model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
 tok = AutoTokenizer.from_pretrained(cfg["model"])
 args = GRPOConfig(
-    output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, fp16=False, seed=seed,
+    output_dir=tempfile.mkdtemp(), use_cpu=not on_cuda, bf16=bf16, fp16=False, seed=seed,
     per_device_train_batch_size=cfg["micro_batch"], gradient_accumulation_steps=n_prompts * G // cfg["micro_batch"],
     num_generations=G, max_completion_length=cfg["max_new_tokens"], num_iterations=1, max_steps=steps,
     learning_rate=cfg["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
     beta=0.0, loss_type="grpo", epsilon=0.2, epsilon_high=0.28, temperature=1.0, top_p=1.0,
-    gradient_checkpointing=False, shuffle_dataset=False, dataloader_num_workers=0,
+    gradient_checkpointing=cfg.get("gradient_checkpointing", False), shuffle_dataset=False, dataloader_num_workers=0,
     report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
     # fixed-length mode: eos is masked until max_new_tokens (generate's own min_new_tokens)
     generation_kwargs={"min_new_tokens": cfg["min_new_tokens"]} if cfg["min_new_tokens"] else None,
