@@ -258,6 +258,18 @@ class Settings(BaseSettings):
                                 description="rounds between Hub pushes, at the first checkpoint after each "
                                             "(RL Swarm's 20); the last checkpoint is pushed at a clean stop (0: never push)")
 
+    # --- experiment trackers (p2pswarm/trackers.py): the rows of metrics.jsonl, live ---------------
+    tensorboard_dir: Path | None = Field(
+        None, validation_alias=_env("tensorboard_dir"),
+        description="write TensorBoard event files to <tensorboard_dir>/<node name> (pip install 'p2pswarm[tensorboard]')")
+    wandb_project: str | None = Field(
+        None, validation_alias=_env("wandb_project"),
+        description="log to this Weights & Biases project, one W&B run per node (pip install 'p2pswarm[wandb]')")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", validation_alias=_env("wandb_mode"),
+        description="offline: a run folder under the node's output (upload later with `wandb sync`), no "
+                    "network or account needed; online: stream to wandb.ai (needs `wandb login` or WANDB_API_KEY)")
+
     @field_validator("game", mode="before")
     @classmethod
     def _game(cls, v: Any) -> Any:
