@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     learning_rate: float = Field(0.0, validation_alias=_env("learning_rate"), ge=0,
                                  description="0: 3e-5 for the embedded policy, 1e-6 for any other model")
     weight_decay: float = Field(0.0, validation_alias=_env("weight_decay"), ge=0)
+    adam_beta2: float = Field(0.99, validation_alias=_env("adam_beta2"), gt=0, lt=1,
+                              description="AdamW's second-moment decay (0.99: its step size follows the noisy "
+                                          "policy gradient's scale within ~100 updates)")
     beta: float = Field(0.0, validation_alias=_env("beta"), ge=0, description="KL weight (a reference model only when > 0)")
     epsilon: float = Field(0.2, validation_alias=_env("epsilon"), gt=0, lt=1)
     epsilon_high: float = Field(0.28, validation_alias=_env("epsilon_high"), gt=0)
