@@ -21,10 +21,10 @@ was NOT warm-started on, shared minus alone: a specialist's own rollouts of a da
 carry no signal and the skill cannot be learned; with sharing it sees the other specialist's rollouts.
 
     python bench/hetero.py --quick       # 10 rounds, 1 seed: a smoke run, bench/results/hetero_quick.json
-    python bench/hetero.py               # 2 agents x 80 rounds x 1 seed, both arms: ~20 min of 2 idle cores
+    python bench/hetero.py               # 2 agents x 60 rounds x 1 seed, both arms: ~20 min of 2 cores
     python bench/hetero.py --full        # 4 agents x 500 rounds x 3 seeds (hours)
 
-The specialists are built once into runs/hetero/policies/<name>/ (about 3 min each on 2 idle cores; rebuilt
+The specialists are built once into runs/hetero/policies/<name>/ (about 2 min each on 2 idle cores; rebuilt
 when the build options change) and reused. Every (arm, seed) run is a child process, recorded in the results
 JSON as soon as it ends; a rerun skips what is recorded. Run it under `nice` on a shared machine: the JSON
 records the load average, since wall times are noisy when the machine is shared.
@@ -59,7 +59,7 @@ SPECIALISTS = {
 ARMS = {"alone": (8, 0), "shared": (4, 4)}
 MODES = {  # name: (rounds, seeds, agents, results stem)
     "quick": (10, 1, 2, "hetero_quick"),
-    "default": (80, 1, 2, "hetero"),
+    "default": (60, 1, 2, "hetero"),
     "full": (500, 3, 4, "hetero_full"),
 }
 
@@ -137,6 +137,7 @@ def run_one(arm: str, seed_index: int, rounds: int, agents: int, tasks: int, lr:
         out.write_text(json.dumps({
             "arm": arm, "I": I, "J": J, "seed_index": seed_index, "seed": seed_for(seed_index), "rounds": rounds,
             "agents": agents, "tasks_per_round": tasks, "G": s.num_generations, "learning_rate": s.learning_rate,
+            "num_iterations": s.num_iterations, "adam_beta2": s.adam_beta2,
             "wall_seconds": time.perf_counter() - t0, "train_seconds": train_s,
             "cpu_seconds": time.process_time() - c0, "loadavg_end": os.getloadavg(), "per_agent": per_agent,
         }))
@@ -223,9 +224,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int)
     ap.add_argument("--agents", type=int, help="agents alternate between the specialists (default by mode)")
     ap.add_argument("--tasks", type=int, default=8, help="tasks per round and agent")
-    # 1e-4: the design-phase prototype's rate (issue 14); the trainer's 3e-5 hardly moves the policy in 80 rounds
+    # The embedded policy's rate: a specialist is loaded from a folder, and any other model's default is 1e-6
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--build-steps", type=int, default=500, help="warm-start steps of each specialist")
+    ap.add_argument("--build-steps", type=int, default=300, help="warm-start steps of each specialist")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (separate processes)")
     ap.add_argument("--results", type=Path, help="results file (default by mode: bench/results/hetero[_quick|_full].json)")
     ap.add_argument("--child", nargs=3, metavar=("ARM", "SEED_INDEX", "OUT"), help=argparse.SUPPRESS)

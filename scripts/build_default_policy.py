@@ -65,6 +65,7 @@ parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
 # A specialist for heterogeneous swarms (bench/hetero.py): the warm start sees only these datasets of the
 # preset. The tokenizer is still trained on all of them, so every specialist of one seed shares its ids.
+parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine others are busy on)")
 parser.add_argument("--datasets", default="", help="comma-separated datasets of the preset to warm-start on (default: all)")
 args = parser.parse_args()
 
@@ -97,7 +98,7 @@ CHAT_TEMPLATE = (
 
 t_build = time.time()
 torch.set_flush_denormal(True)  # denormals made CPU training ~50x slower
-torch.set_num_threads(2)
+torch.set_num_threads(args.threads)
 transformers.utils.logging.disable_progress_bar()
 torch.manual_seed(args.seed)
 random.seed(args.seed)
