@@ -47,7 +47,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
+sys.path[:0] = [str(REPO), str(BENCH)]  # this checkout's p2pswarm, whatever else is installed; sapo.py beside it
 from sapo import save_results, seed_for, write_identities  # noqa: E402 - one copy of the paired-seed set-up
 
 RESULTS_DIR = BENCH / "results"
@@ -245,6 +245,10 @@ def main() -> None:
     build = {k: json.loads((Path(v) / "build_info.json").read_text()) for k, v in policies.items()}
     todo = [(arm, k) for k in range(seeds) for arm in ARMS]
     doc = load_results(path)
+    other = {run_key(r)[2:] for r in doc["runs"]} - {(rounds, agents, args.tasks, args.lr)}
+    if other:  # the summary pools every run of a file: one configuration per file
+        ap.error(f"{path} holds runs of another configuration (rounds, agents, tasks, lr) {sorted(other)}; "
+                 f"pass --results for a new file")
     done = {run_key(r) for r in doc["runs"]}
     todo = [(arm, k) for arm, k in todo if (arm, k, rounds, agents, args.tasks, args.lr) not in done]
     print(f"{len(todo)} run(s) to do: {agents} agents, {rounds} rounds, lr {args.lr}", flush=True)
