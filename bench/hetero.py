@@ -21,7 +21,7 @@ was NOT warm-started on, shared minus alone: a specialist's own rollouts of a da
 carry no signal and the skill cannot be learned; with sharing it sees the other specialist's rollouts.
 
     python bench/hetero.py --quick       # 10 rounds, 1 seed: a smoke run, bench/results/hetero_quick.json
-    python bench/hetero.py               # 2 agents x 60 rounds x 1 seed, both arms: ~20 min of 2 cores
+    python bench/hetero.py               # 2 agents x 150 rounds x 2 seeds, both arms: ~10 min of 2 idle cores
     python bench/hetero.py --full        # 4 agents x 500 rounds x 3 seeds (hours)
 
 The specialists are built once into runs/hetero/policies/<name>/ (about 2 min each on 2 idle cores; rebuilt
@@ -59,7 +59,7 @@ SPECIALISTS = {
 ARMS = {"alone": (8, 0), "shared": (4, 4)}
 MODES = {  # name: (rounds, seeds, agents, results stem)
     "quick": (10, 1, 2, "hetero_quick"),
-    "default": (60, 1, 2, "hetero"),
+    "default": (150, 2, 2, "hetero"),
     "full": (500, 3, 4, "hetero_full"),
 }
 
