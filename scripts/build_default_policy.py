@@ -49,7 +49,7 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 )
 
-from p2pswarm.data.reasoning_gym import ReasoningGymData  # noqa: E402
+from p2pswarm.data.reasoning_gym import ReasoningGymData, load_preset  # noqa: E402
 from p2pswarm.rewards import rgym_score  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -96,6 +96,11 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+KNOWN_DATASETS = [spec["name"] for spec in load_preset(PRESET)]
+WARM_DATASETS = [d.strip() for d in args.datasets.split(",") if d.strip()] or KNOWN_DATASETS
+if unknown := sorted(set(WARM_DATASETS) - set(KNOWN_DATASETS)):
+    parser.error(f"--datasets: {unknown} not in the {PRESET} preset ({', '.join(KNOWN_DATASETS)})")
+
 t_build = time.time()
 torch.set_flush_denormal(True)  # denormals made CPU training ~50x slower
 torch.set_num_threads(args.threads)
@@ -109,10 +114,6 @@ data = ReasoningGymData(PRESET, seed=args.seed)
 heldout = data.eval_tasks()
 heldout_questions = {t.question for t in heldout}
 rng = random.Random(args.seed)
-KNOWN_DATASETS = [spec["name"] for spec in data.specs]
-WARM_DATASETS = [d.strip() for d in args.datasets.split(",") if d.strip()] or KNOWN_DATASETS
-if unknown := sorted(set(WARM_DATASETS) - set(KNOWN_DATASETS)):
-    parser.error(f"--datasets: {unknown} not in the {PRESET} preset ({', '.join(KNOWN_DATASETS)})")
 
 
 def sample_warm(n: int) -> list:
