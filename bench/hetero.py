@@ -199,15 +199,20 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
-    lines = ["| specialist | arm | held-out before → after, per dataset | own datasets gain | missing datasets gain "
-             "| swarm groups / update | skipped updates |", "|---|---|---|---|---|---|---|"]
+    """Markdown: a row per specialist and arm, held-out accuracy before → after per dataset (* marks the
+    datasets the specialist was warm-started on)."""
+    first = next(v for arms in summary.values() for a, v in arms.items() if a in ARMS)
+    datasets = list(first["heldout_before"])
+    lines = ["| specialist | arm | " + " | ".join(datasets) + " | gain, own datasets | gain, missing datasets "
+             "| swarm groups / update |", "|---|---|" + "---|" * (len(datasets) + 3)]
     for name, arms in summary.items():
         for arm, v in arms.items():
             if arm not in ARMS:
                 continue
-            per = ", ".join(f"{d} {v['heldout_before'][d]:.2f}→{v['heldout_after'][d]:.2f}" for d in v["heldout_before"])
-            lines.append(f"| {name} | {arm} | {per} | {v['gain_own_datasets']:+.3f} | {v['gain_missing_datasets']:+.3f} "
-                         f"| {v['swarm_groups_trained']:.2f} | {v['skipped_updates']:.0%} |")
+            cells = [f"{v['heldout_before'][d]:.2f} → {v['heldout_after'][d]:.2f}{'*' if d in SPECIALISTS[name] else ''}"
+                     for d in datasets]
+            lines.append(f"| {name} | {arm} | " + " | ".join(cells) + f" | {v['gain_own_datasets']:+.3f} "
+                         f"| {v['gain_missing_datasets']:+.3f} | {v['swarm_groups_trained']:.2f} |")
     return "\n".join(lines)
 
 
