@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/chaos.py
 	$(PY) bench/sim_gossip.py
 	$(PY) bench/sapo.py
+	$(PY) bench/hetero.py
 
 bench-quick: install
 	$(PY) bench/round_time.py
@@ -43,6 +44,7 @@ bench-quick: install
 	$(PY) bench/chaos.py --quick
 	$(PY) bench/sim_gossip.py --quick
 	$(PY) bench/sapo.py --quick
+	$(PY) bench/hetero.py --quick
 
 policy: install
 	$(PY) scripts/build_default_policy.py

@@ -27,6 +27,7 @@ from p2pswarm.identity import Identity
 from p2pswarm.rewards import ReasoningGymRewards
 from p2pswarm.run import RunDir
 from p2pswarm.settings import Settings, ignored_fork_variables
+from p2pswarm.trackers import attach_trackers
 from p2pswarm.trainer import GRPOTrainer
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
         if isinstance(folder, FolderComm):
             attach_mirror(folder, run, events, keep=settings.keep_checkpoints)
     attach_hub_push(settings, run, events, name)
+    attach_trackers(settings, run, events, name)
     game_cls = LockstepGameManager if torch_rank else GameManager
     return game_cls(
         data=data,

@@ -239,13 +239,18 @@ class Settings(BaseSettings):
     temperature: float = Field(1.0, validation_alias=_env("temperature"), gt=0)
     top_p: float = Field(1.0, validation_alias=_env("top_p"), gt=0, le=1)
     learning_rate: float = Field(0.0, validation_alias=_env("learning_rate"), ge=0,
-                                 description="0: 3e-5 for the embedded policy, 1e-6 for any other model")
+                                 description="0: 1e-4 for the embedded policy, 1e-6 for any other model")
     weight_decay: float = Field(0.0, validation_alias=_env("weight_decay"), ge=0)
+    adam_beta2: float = Field(0.99, validation_alias=_env("adam_beta2"), gt=0, lt=1,
+                              description="AdamW's second-moment decay (0.99: its step size follows the noisy "
+                                          "policy gradient's scale within ~100 updates)")
     beta: float = Field(0.0, validation_alias=_env("beta"), ge=0, description="KL weight (a reference model only when > 0)")
     epsilon: float = Field(0.2, validation_alias=_env("epsilon"), gt=0, lt=1)
     epsilon_high: float = Field(0.28, validation_alias=_env("epsilon_high"), gt=0)
     loss_type: str = Field("grpo", validation_alias=_env("loss_type"))
-    num_iterations: int = Field(2, validation_alias=_env("num_iterations"), ge=1)
+    num_iterations: int = Field(1, validation_alias=_env("num_iterations"), ge=1,
+                                description="gradient steps per batch (1: the plain policy gradient; more reuse the "
+                                            "batch off-policy under the clip)")
     max_grad_norm: float = Field(1.0, validation_alias=_env("max_grad_norm"), ge=0)
     micro_batch_size: int = Field(8, validation_alias=_env("micro_batch_size"), ge=1,
                                   description="sequences per forward/backward (gradient accumulation over the rest)")
@@ -278,6 +283,18 @@ class Settings(BaseSettings):
     hub_push_every: int = Field(20, validation_alias=_env("hub_push_every"), ge=0,
                                 description="rounds between Hub pushes, at the first checkpoint after each "
                                             "(RL Swarm's 20); the last checkpoint is pushed at a clean stop (0: never push)")
+
+    # --- experiment trackers (p2pswarm/trackers.py): the rows of metrics.jsonl, live ---------------
+    tensorboard_dir: Path | None = Field(
+        None, validation_alias=_env("tensorboard_dir"),
+        description="write TensorBoard event files to <tensorboard_dir>/<node name> (pip install 'p2pswarm[tensorboard]')")
+    wandb_project: str | None = Field(
+        None, validation_alias=_env("wandb_project"),
+        description="log to this Weights & Biases project, one W&B run per node (pip install 'p2pswarm[wandb]')")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", validation_alias=_env("wandb_mode"),
+        description="offline: a run folder under the node's output (upload later with `wandb sync`), no "
+                    "network or account needed; online: stream to wandb.ai (needs `wandb login` or WANDB_API_KEY)")
 
     @field_validator("game", mode="before")
     @classmethod
@@ -369,9 +386,9 @@ class Settings(BaseSettings):
         if self.dist_timeout == 0.0:
             self.dist_timeout = max(60.0, 6 * self.collect_timeout)
         if self.learning_rate == 0.0:
-            # Measured on the embedded policy: 1e-4 and above drift its held-out accuracy down (Adam turns
-            # noisy policy gradients into full-size steps); 3e-5 improves it steadily.
-            self.learning_rate = 3e-5 if self.model == "embedded" else 1e-6
+            # The embedded policy: 1e-4 with one step per batch and Adam's beta2 0.99 (bench/learning.py);
+            # 3e-4 collapsed it. Pretrained models of 0.5B+ parameters need far smaller steps.
+            self.learning_rate = 1e-4 if self.model == "embedded" else 1e-6
         if self.chain is not None and self.chain != "local":
             if not self.chain.startswith(("http://", "https://")):
                 raise ValueError(f"chain must be 'local' or an http(s):// JSON-RPC URL, not {self.chain!r}")

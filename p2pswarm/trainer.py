@@ -55,6 +55,7 @@ class GRPOTrainer(Trainer):
             [p for p in model.parameters() if p.requires_grad],
             lr=settings.learning_rate,
             weight_decay=settings.weight_decay,
+            betas=(0.9, settings.adam_beta2),
         )
         self.ref_model = None
         if settings.beta > 0:

@@ -8,6 +8,8 @@ Rerun (about 6 minutes on 2 idle CPU cores; the same seed and steps give the sam
     . .venv/bin/activate
     python scripts/build_default_policy.py                       # defaults: --steps 3000 --seed 0
     python scripts/build_default_policy.py --steps 200 --out /tmp/policy   # quick smoke build
+    python scripts/build_default_policy.py --datasets basic_arithmetic,chain_sum --steps 600 --out /tmp/arith
+                                                                 # a specialist (bench/hetero.py)
 
 Steps, top to bottom:
   1. train a small BPE tokenizer (byte-level alphabet + merges, 512 ids, Qwen2's pre-tokenizer) on easy-preset
@@ -47,7 +49,7 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 )
 
-from p2pswarm.data.reasoning_gym import ReasoningGymData  # noqa: E402
+from p2pswarm.data.reasoning_gym import ReasoningGymData, load_preset  # noqa: E402
 from p2pswarm.rewards import rgym_score  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -61,6 +63,10 @@ parser.add_argument("--out", type=Path, default=REPO / "p2pswarm" / "assets" / "
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+# A specialist for heterogeneous swarms (bench/hetero.py): the warm start sees only these datasets of the
+# preset. The tokenizer is still trained on all of them, so every specialist of one seed shares its ids.
+parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine others are busy on)")
+parser.add_argument("--datasets", default="", help="comma-separated datasets of the preset to warm-start on (default: all)")
 args = parser.parse_args()
 
 PRESET = "easy"
@@ -90,9 +96,14 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+KNOWN_DATASETS = [spec["name"] for spec in load_preset(PRESET)]
+WARM_DATASETS = [d.strip() for d in args.datasets.split(",") if d.strip()] or KNOWN_DATASETS
+if unknown := sorted(set(WARM_DATASETS) - set(KNOWN_DATASETS)):
+    parser.error(f"--datasets: {unknown} not in the {PRESET} preset ({', '.join(KNOWN_DATASETS)})")
+
 t_build = time.time()
 torch.set_flush_denormal(True)  # denormals made CPU training ~50x slower
-torch.set_num_threads(2)
+torch.set_num_threads(args.threads)
 transformers.utils.logging.disable_progress_bar()
 torch.manual_seed(args.seed)
 random.seed(args.seed)
@@ -103,6 +114,14 @@ data = ReasoningGymData(PRESET, seed=args.seed)
 heldout = data.eval_tasks()
 heldout_questions = {t.question for t in heldout}
 rng = random.Random(args.seed)
+
+
+def sample_warm(n: int) -> list:
+    """n training-stream tasks of the warm-start datasets (rejection sampling keeps the preset's mix among them)."""
+    out: list = []
+    while len(out) < n:
+        out += [t for t in data.sample_train(n, rng) if t.dataset in WARM_DATASETS]
+    return out[:n]
 
 
 def completion_text(task) -> str:
@@ -297,7 +316,7 @@ model.train()
 t_train = time.time()
 losses = []
 for step in range(args.steps):
-    batch_tasks = data.sample_train(args.batch_size, rng)
+    batch_tasks = sample_warm(args.batch_size)
     assert not any(t.question in heldout_questions for t in batch_tasks)
     input_ids, attention, labels = make_batch(batch_tasks)
     for g in optimizer.param_groups:
@@ -378,6 +397,7 @@ info = {
     "vocab_size": VOCAB_SIZE,
     "model": {**MODEL, "max_position_embeddings": MAX_POSITIONS, "tie_word_embeddings": True},
     "preset": PRESET,
+    "datasets": WARM_DATASETS,
     "steps": args.steps,
     "batch_size": args.batch_size,
     "lr": args.lr,

@@ -425,3 +425,35 @@ def test_the_header_chain_line_says_the_round_the_registration_or_why_the_chain_
 
     status = None if reading is None else ChainStatus(**{"flavour": "p2pswarm", "eoa": "0x" + "ab12" * 10, **reading})
     assert chain_line(status).plain.startswith(shown)
+
+
+@pytest.mark.timeout(900)
+def test_reward_plot_draws_the_running_mean_and_the_held_out_curve(tmp_path):
+    from p2pswarm.headless import AVG_WINDOW
+
+    app = SwarmApp(factory(tmp_path, agents=1, comm="inprocess", eval_every=2, eval_size=8, tasks_per_round=2, threads=1),
+                   autostart=True)
+
+    async def scenario():
+        async with running(app, (80, 24)) as pilot:
+            await dashboard_opens(pilot, app)
+            dash = app.screen
+            plot = dash.query_one(RewardPlot)
+            await until(pilot, lambda: plot.eval_points >= 2, "two held-out evaluations on the reward plot")
+            await pilot.press("q")
+            await until(pilot, lambda: app.return_value is not None, "the app to exit")
+            return plot
+
+    plot = asyncio.run(scenario())
+    rows = metrics(app)
+    mine = {m["round"]: m["reward_local_mean"] for m in rows}
+    # the held-out curve: the node's evaluations, every eval_every rounds, as metrics.jsonl has them
+    assert plot._eval == {m["round"]: m["eval_reward"] for m in rows if "eval_reward" in m}
+    assert sorted(plot._eval)[:2] == [1, 3]
+    # the running mean of this node's reward over the last AVG_WINDOW rounds, as the console's avg line
+    trend = plot.trend()
+    assert set(trend) == set(mine)
+    for r in mine:
+        window = [mine[x] for x in mine if r - AVG_WINDOW < x <= r]
+        assert trend[r] == pytest.approx(sum(window) / len(window))
+    assert "held-out" in RewardPlot.legend() and f"avg{AVG_WINDOW}" in RewardPlot.legend()

@@ -72,7 +72,8 @@ def metrics(r: int) -> dict:
     return {"round": r, "reward_mean": (local + 2 * swarm) / 3, "reward_local_mean": local, "reward_swarm_mean": swarm,
             "loss": -0.004 + 0.001 * r, "kl": 0.0, "gen_tokens_per_s": 350.0 + 10 * r, "round_seconds": 1.8,
             "local_groups": 4, "swarm_groups": 4, "swarm_peers": 2, "swarm_groups_received": 8,
-            "signal_fraction": 0.75, "clip_fraction": 0.012, "comm": {"dropped_bad_signature": 0}}
+            "signal_fraction": 0.75, "clip_fraction": 0.012, "comm": {"dropped_bad_signature": 0},
+            **({"eval_reward": 0.25 + 0.06 * r} if r % 2 else {})}  # held-out every 2 rounds
 
 
 def sample(r: int, peer: str, n: int) -> dict:

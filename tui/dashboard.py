@@ -133,7 +133,9 @@ class DashboardScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one("#peers").border_title = "peers"
-        self.query_one("#plot").border_title = "rewards  " + RewardPlot.legend()
+        # five series do not fit one border of an 80-column plot: this node's on top, the others below
+        self.query_one("#plot").border_title = "rewards  " + RewardPlot.legend(0, 2)
+        self.query_one("#plot").border_subtitle = RewardPlot.legend(2)
         self.query_one("#training").border_title = "training"
         self.query_one("#rollouts-panel").border_title = "rollouts"
         self.query_one("#log-panel").border_title = "log"

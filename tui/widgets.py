@@ -16,7 +16,7 @@ from textual.reactive import reactive
 from textual.widgets import DataTable, ProgressBar, RichLog, Static
 from textual_plotext import PlotextPlot
 
-from p2pswarm.headless import round_line
+from p2pswarm.headless import AVG_WINDOW, round_line
 from p2pswarm.identity import friendly_name
 
 from tui.engine import (CheckpointSaved, Evaluated, LogLine, NodeError, NodeEvent, NodeStarted, NodeStopped, Paused,
@@ -192,17 +192,25 @@ class PeersTable(DataTable):
 
 
 class RewardPlot(PlotextPlot):
-    """Reward per round: this node's own rollouts, the swarm's (as this node scored them), the best peer."""
+    """Reward per round: this node's own rollouts (each round, faint, and their trailing mean over AVG_WINDOW
+    rounds, bold: one round's reward is a handful of samples, the mean shows the trend), the swarm's (as this
+    node scored them), the best peer, and the held-out greedy accuracy at each evaluation (every eval_every
+    rounds)."""
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self._mine: dict[int, float] = {}
         self._swarm: dict[int, float] = {}
         self._best: dict[int, float] = {}
+        self._eval: dict[int, float] = {}
 
     @property
     def points(self) -> int:
         return len(self._mine)
+
+    @property
+    def eval_points(self) -> int:
+        return len(self._eval)
 
     def prefill(self, rows: list[dict]) -> None:
         """Earlier rounds of this node (metrics.jsonl), so a resumed node shows its history."""
@@ -218,6 +226,8 @@ class RewardPlot(PlotextPlot):
             self._mine[r] = m["reward_local_mean"]
         if m.get("reward_swarm_mean") is not None:
             self._swarm[r] = m["reward_swarm_mean"]
+        if m.get("eval_reward") is not None:
+            self._eval[r] = m["eval_reward"]
 
     def on_round_finished(self, message: RoundFinished) -> None:
         self._add_round(message.metrics)
@@ -228,26 +238,37 @@ class RewardPlot(PlotextPlot):
             r, best = message.round, max(message.peer_rewards.values())
             self._best[r] = max(best, self._best.get(r, best))
 
-    SERIES = (("this node", "#33c3f0"), ("swarm mean", "#ff9f1c"), ("best peer", "#7bd389"))
+    def trend(self) -> dict[int, float]:
+        """This node's reward averaged over the AVG_WINDOW rounds up to each round (fewer at the start)."""
+        xs = sorted(self._mine)
+        out: dict[int, float] = {}
+        for i, x in enumerate(xs):
+            window = [self._mine[x2] for x2 in xs[max(0, i - AVG_WINDOW + 1) : i + 1] if x2 > x - AVG_WINDOW]
+            out[x] = fmean(window)
+        return out
+
+    SERIES = (("this node", "#1f5f7a"), (f"avg{AVG_WINDOW}", "#33c3f0"), ("swarm", "#ff9f1c"),
+              ("best peer", "#7bd389"), ("held-out", "#e86fd0"))
 
     @classmethod
-    def legend(cls) -> str:
-        """Markup for the panel's title: the series and their colours."""
-        return "  ".join(f"[{color}]━[/] {label}" for label, color in cls.SERIES)
+    def legend(cls, start: int = 0, stop: int | None = None) -> str:
+        """Markup for the panel's border: the series (SERIES[start:stop]) and their colours."""
+        return "  ".join(f"[{color}]━[/] {label}" for label, color in cls.SERIES[start:stop])
 
     def replot(self) -> None:
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
         top = 1.0
-        for data, (label, color) in zip((self._mine, self._swarm, self._best), self.SERIES):
+        # the faint per-round line first, so that the others are drawn over it
+        for data, (label, color) in zip((self._mine, self.trend(), self._swarm, self._best, self._eval), self.SERIES):
             xs = sorted(data)
             if xs:
                 ys = [data[x] for x in xs]
                 top = max(top, *ys)
                 plt.plot(xs, ys, color=tuple(int(color[i:i + 2], 16) for i in (1, 3, 5)), marker="braille")
         plt.ylim(0, top)
-        rounds = sorted(set(self._mine) | set(self._swarm) | set(self._best))
+        rounds = sorted(set(self._mine) | set(self._swarm) | set(self._best) | set(self._eval))
         if rounds:
             lo, hi = rounds[0], max(rounds[-1], rounds[0] + 1)
             plt.xlim(lo, hi)
