@@ -58,6 +58,8 @@ def run_one(seed: int, rounds: int, eval_every: int, out: Path) -> None:
         node = build_swarm(s)[0]
         tasks = node.data.with_prompts(node.data.eval_tasks())
         before = node.trainer.evaluate(tasks, node.rewards.reward)
+        print(f"  seed {seed}: held-out {before['eval_reward']:.3f} before round 0; metrics in {node.run_dir.path}",
+              flush=True)
         run_agents([node], rounds)
         rows = sorted(node.run_dir.read_metrics(), key=lambda m: m["round"])
         if len(rows) != rounds:
