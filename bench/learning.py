@@ -115,7 +115,8 @@ def summarise(runs: list[dict]) -> dict:
     out["min_reward_rise"] = min(v["reward_rise"] for v in per.values())
     out["min_heldout_rise"] = min((v["heldout_rise"] for v in per.values() if v["heldout_rise"] is not None), default=None)
     out["collapsed_seeds"] = sum(v["collapsed"] for v in per.values())
-    out["cpu_seconds_per_round"] = statistics.fmean(r["cpu_seconds"] / r["rounds"] for r in runs)
+    cpu = [r["cpu_seconds"] / r["rounds"] for r in runs if r.get("cpu_seconds")]
+    out["cpu_seconds_per_round"] = statistics.fmean(cpu) if cpu else None
     return out
 
 
