@@ -33,12 +33,14 @@ bench: install
 	$(PY) bench/trainer_speed.py
 	$(PY) bench/swarm_exchange.py
 	$(PY) bench/sapo.py
+	$(PY) bench/learning.py
 
 bench-quick: install
 	$(PY) bench/round_time.py
 	$(PY) bench/trainer_speed.py --quick
 	$(PY) bench/swarm_exchange.py --quick
 	$(PY) bench/sapo.py --quick
+	$(PY) bench/learning.py --rounds 100
 
 policy: install
 	$(PY) scripts/build_default_policy.py
