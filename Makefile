@@ -36,6 +36,7 @@ bench: install
 	$(PY) bench/sim_gossip.py
 	$(PY) bench/sapo.py
 	$(PY) bench/hetero.py
+	$(PY) bench/learning.py
 
 bench-quick: install
 	$(PY) bench/round_time.py
@@ -45,6 +46,7 @@ bench-quick: install
 	$(PY) bench/sim_gossip.py --quick
 	$(PY) bench/sapo.py --quick
 	$(PY) bench/hetero.py --quick
+	$(PY) bench/learning.py --rounds 100
 
 policy: install
 	$(PY) scripts/build_default_policy.py

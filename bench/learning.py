@@ -58,6 +58,8 @@ def run_one(seed: int, rounds: int, eval_every: int, out: Path) -> None:
         node = build_swarm(s)[0]
         tasks = node.data.with_prompts(node.data.eval_tasks())
         before = node.trainer.evaluate(tasks, node.rewards.reward)
+        print(f"  seed {seed}: held-out {before['eval_reward']:.3f} before round 0; metrics in {node.run_dir.path}",
+              flush=True)
         run_agents([node], rounds)
         rows = sorted(node.run_dir.read_metrics(), key=lambda m: m["round"])
         if len(rows) != rounds:
@@ -113,7 +115,8 @@ def summarise(runs: list[dict]) -> dict:
     out["min_reward_rise"] = min(v["reward_rise"] for v in per.values())
     out["min_heldout_rise"] = min((v["heldout_rise"] for v in per.values() if v["heldout_rise"] is not None), default=None)
     out["collapsed_seeds"] = sum(v["collapsed"] for v in per.values())
-    out["cpu_seconds_per_round"] = statistics.fmean(r["cpu_seconds"] / r["rounds"] for r in runs)
+    cpu = [r["cpu_seconds"] / r["rounds"] for r in runs if r.get("cpu_seconds")]
+    out["cpu_seconds_per_round"] = statistics.fmean(cpu) if cpu else None
     return out
 
 

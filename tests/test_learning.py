@@ -38,4 +38,5 @@ def test_grpo_raises_the_reward_on_tasks_the_policy_sometimes_solves(tmp_path, f
         state.add(0, groups, [])
         trainer.train(state)
     after = sampled_reward(trainer, rewards, tasks)
-    assert after >= before + 0.25, (before, after)
+    # measured 0.25 -> 0.66; 0.15 is ~3 SE of the difference of two 64-completion means above no change
+    assert after >= before + 0.15, (before, after)

@@ -31,7 +31,7 @@ def test_rl_swarm_environment_names(monkeypatch):
     monkeypatch.setenv("NODE_ID", "worker-1")
     s = load_settings()
     assert (s.model, s.experiment, s.node_id) == ("Gensyn/Qwen2.5-0.5B-Instruct", "my_sapo_experiment", "worker-1")
-    assert s.learning_rate == 1e-6  # the default for a real model; the embedded one learns at 3e-5
+    assert s.learning_rate == 1e-6  # the default for a real model; the embedded one learns at 1e-4
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -108,7 +108,8 @@ def test_swarm_text_is_retokenised_with_eos_unless_cut(tmp_path, fresh_policy):
 def test_kl_needs_a_reference_model_only_when_beta_is_positive(tmp_path, fresh_policy):
     model, tok = fresh_policy
     assert GRPOTrainer(model, tok, make_settings(tmp_path)).ref_model is None
-    t = GRPOTrainer(model, tok, make_settings(tmp_path, beta=0.04, learning_rate=1e-2))
+    # two steps: the KL is measured in the second, after the first has moved the policy
+    t = GRPOTrainer(model, tok, make_settings(tmp_path, beta=0.04, learning_rate=1e-2, num_iterations=2))
     task = tasks_with_prompts(1)[0]
     state = GameState(0)
     state.add(0, [Group(task, ["<answer>1</answer>", "<answer>2</answer>"], "p", rewards=[1.0, 0.0])], [])
