@@ -54,10 +54,10 @@ def _hub_name(part: str) -> bool:
 # The Drive fork's variables that have no meaning here, and why (one warning names those set: build_swarm).
 FORK_IGNORED = {
     "MAX_STAGES": "the game sets its stages",
-    "ADAPTIVE_IJ_ENABLED": "I and J are fixed: local_groups, swarm_groups",
-    "ADAPTIVE_IJ_ALPHA": "I and J are fixed",
-    "ADAPTIVE_IJ_BASELINE_ALPHA": "I and J are fixed",
-    "ADAPTIVE_IJ_INITIAL_J": "I and J are fixed: set swarm_groups",
+    "ADAPTIVE_IJ_ENABLED": "p2pswarm's own rule: split=adaptive",
+    "ADAPTIVE_IJ_ALPHA": "split=adaptive: adaptive_alpha",
+    "ADAPTIVE_IJ_BASELINE_ALPHA": "split=adaptive has no baseline",
+    "ADAPTIVE_IJ_INITIAL_J": "split=adaptive sizes J every round",
     "SUBMIT_PERIOD_HOURS": "rewards are logged every round",
     "LOG_FLUSH_INTERVAL": "logs are mirrored to the folder every few polls",
     "COORDINATOR_ROUND_INTERVAL": "the coordinator trains too, and ends a round on a quorum or round_deadline",
@@ -234,6 +234,21 @@ class Settings(BaseSettings):
     num_generations: int = Field(4, validation_alias=_env("num_generations", "NUM_GENERATIONS"), ge=2, description="G, completions per task")
     local_groups: int = Field(4, validation_alias=_env("local_groups", "NUM_TRAIN_SAMPLES"), ge=0, description="I, local groups per update")
     swarm_groups: int = Field(4, validation_alias=_env("swarm_groups", "NUM_TRANSPLANT_TREES"), ge=0, description="J, swarm groups per update (0: plain GRPO)")
+    # Selection of the update's groups (p2pswarm/selection.py, README "Choosing I and J").
+    selection: Literal["p2p", "paper"] = Field(
+        "p2p", validation_alias=_env("selection"),
+        description="p2p: train only groups with a learning signal, local and swarm; paper: SAPO's protocol, "
+                    "only swarm groups are filtered (flat local groups train with advantage 0)")
+    split: Literal["fixed", "adaptive"] = Field(
+        "fixed", validation_alias=_env("split"),
+        description="fixed: I=local_groups, J=swarm_groups; adaptive: I+J is a budget that local signal groups "
+                    "fill first and swarm signal groups top up, from peers whose groups carried signal; "
+                    "I-only while the swarm's groups are flat or missing")
+    adaptive_alpha: float = Field(0.2, validation_alias=_env("adaptive_alpha"), gt=0, le=1,
+                                  description="split=adaptive: weight of the newest round in the running worths")
+    adaptive_min_worth: float = Field(0.05, validation_alias=_env("adaptive_min_worth"), ge=0, le=1,
+                                      description="split=adaptive: below this running share of swarm groups with "
+                                                  "signal, updates are I-only")
     max_new_tokens: int = Field(32, validation_alias=_env("max_new_tokens"), ge=1)
     max_prompt_tokens: int = Field(1024, validation_alias=_env("max_prompt_tokens"), ge=8)
     temperature: float = Field(1.0, validation_alias=_env("temperature"), gt=0)

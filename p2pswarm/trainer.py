@@ -2,7 +2,7 @@
 
 generate(): one batched decoding call per stage for all prompts x G (p2pswarm/decoding.py: our static-KV-cache
             loop, or HF `generate` for a model it can't drive; left padding).
-train():    drop groups whose rewards are all equal, sample I local + J swarm groups, compute old
+train():    pick I local + J swarm groups (selection.Selector: flat groups dropped), compute old
             log-probs once, then `num_iterations` clipped-surrogate steps (AdamW, grad clipping).
 Swarm completions are text: they are re-tokenised with the local tokenizer under the local prompt.
 """
@@ -25,6 +25,7 @@ from p2pswarm import grpo
 from p2pswarm.components import Trainer, TrainStats
 from p2pswarm.decoding import Decoder
 from p2pswarm.errors import UserError
+from p2pswarm.selection import Selector
 from p2pswarm.types import GameState, Group, Task
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class GRPOTrainer(Trainer):
         self.s = settings
         self.device = device or next(model.parameters()).device
         self.rng = random.Random(settings.seed)
+        self.selector = Selector(settings, self.rng)
         gen_eos = model.generation_config.eos_token_id
         eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
@@ -149,12 +151,8 @@ class GRPOTrainer(Trainer):
 
     # ---- training ------------------------------------------------------------------------------
     def select(self, state: GameState) -> tuple[list[Group], list[Group]]:
-        """SAPO sampling: I local and J swarm groups among those with a learning signal."""
-        local = [g for g in state.local_groups() if g.has_signal]
-        swarm = [g for g in state.swarm_groups() if g.has_signal]
-        picked_local = self.rng.sample(local, min(self.s.local_groups, len(local)))
-        picked_swarm = self.rng.sample(swarm, min(self.s.swarm_groups, len(swarm)))
-        return picked_local, picked_swarm
+        """SAPO sampling: I local and J swarm groups, by the `selection` protocol and `split` (Selector)."""
+        return self.selector.select(state)
 
     def _batch(self, groups: list[Group]) -> dict[str, torch.Tensor]:
         """Left-padded prompts then right-padded completions, so every completion starts at the same column and
