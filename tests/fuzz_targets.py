@@ -653,9 +653,7 @@ PAYLOAD_REQUEST = Target(
 
 # ---- the gossip topic (comm/hivemind/gossip.py) --------------------------------------------------------------
 def _recent() -> st.SearchStrategy:
-    import time as _t
-
-    return _floats(min_value=-10.0, max_value=0.0).map(lambda d: _t.time() + d)
+    return _floats(min_value=-10.0, max_value=0.0).map(lambda d: NOW + d)
 
 
 _digest = st.binary(min_size=32, max_size=32)
@@ -682,7 +680,7 @@ gossip_invalid = st.one_of(
 def _gossip(data: bytes):
     from p2pswarm.comm.hivemind import gossip
 
-    return gossip.parse(ALICE.peer_id, data)
+    return gossip.parse(ALICE.peer_id, data, now=NOW)
 
 
 GOSSIP_MESSAGE = Target(

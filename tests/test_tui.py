@@ -382,7 +382,9 @@ def test_with_a_chain_clock_the_header_follows_the_chains_round_and_shows_the_re
             await dashboard_opens(pilot, app)
             header = app.screen.query_one(HeaderBar)
             line = header.query_one("#hdr-chain")
-            assert visible(line, (80, 24))
+            # laid out on the screen's next refresh, which a loaded machine may not have reached yet
+            await until(pilot, lambda: visible(line, (80, 24)), "the chain line in the header",
+                        detail=lambda: str(line.region))
 
             def chain_round() -> int:
                 words = text_of(line).split()
