@@ -31,6 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from sapo import rolling  # noqa: E402 - one copy of the trailing mean the bench plots share
+
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_ROUNDS = 2000
 COLLAPSE_DROP = 0.10  # held-out accuracy this far below its start at any eval: the run collapsed
@@ -120,16 +123,6 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def rolling(xs: list[float], w: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x
-        if i >= w:
-            acc -= xs[i - w]
-        out.append(acc / min(i + 1, w))
-    return out
-
-
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -195,6 +188,9 @@ def main() -> None:
     path = stem.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"benchmark": "learning", "runs": []}
     if args.plot_only:
+        if not doc["runs"]:
+            sys.exit(f"no {args.rounds}-round results in {path}: run `python bench/learning.py --rounds {args.rounds}` "
+                     "first (or pass the --rounds of a recorded run)")
         save(doc, stem)
         print(report(doc["summary"]))
         return
