@@ -65,15 +65,19 @@ def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
     node.start()
     comm = HivemindComm(node, swarm, name="mallory", timeout=1.0)
     comm.server.keep_rounds = rounds + 10  # keep every round servable
-    batches = []
-    for r in range(rounds):
+    batches: dict[int, tuple[bytes, int]] = {}  # round -> (digest, announced size)
+
+    def announce(r: int) -> None:
         kind = KINDS[r % len(KINDS)]
         data = payload(kind, identity, swarm, r)
         comm.server.put(r, 0, data)
         announced = len(data) if kind != "oversized" else 1000  # lie about the size: the puller must still refuse
-        batches.append((r, hashlib.sha256(data).digest(), announced))
-        node.call(comm._announce(gossip.announcement(r, 0, batches[-1][1], announced)), timeout=30)
+        batches[r] = (hashlib.sha256(data).digest(), announced)
+        node.call(comm._announce(gossip.announcement(r, 0, *batches[r])), timeout=30)
         print(f"announced round {r}: {kind}", flush=True)
+
+    for r in range(rounds):
+        announce(r)
 
     async def overwrite(victim: str) -> tuple[bool, bool]:
         forged = await node.dht.store(records.members_key(swarm), {"name": "pwned", "role": "trainer", "round": 999,
@@ -92,8 +96,10 @@ def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
     forgeries: list = []
     honest_reply = comm.book.catch_up_reply
     comm.book.catch_up_reply = lambda r, s, rng: forgeries + honest_reply(r, s, rng)
-    # Until the test kills it: attack each member once as it appears, and announce the bad batches again
-    # now and then (honest peers may take a while to start on a busy machine).
+    # Until the test kills it: attack each member once as it appears, and keep a bad batch announced for each
+    # of the next rounds the honest peers play (a topic message reaches only those subscribed when it is sent,
+    # and on a fast machine they are past the first `rounds` rounds within seconds); announce the recent ones
+    # again now and then (honest peers may take a while to start on a busy machine).
     attacked: set[str] = set()
     announced_at = time.monotonic()
     while True:
@@ -102,9 +108,14 @@ def hostile(key: str, swarm: str, rounds: int, peer: str) -> None:
             forged, plain = node.call(overwrite(victim), timeout=30)
             attacked.add(victim)
             print(f"overwrite {victim}: forged stored={forged}, unowned stored={plain}", flush=True)
-        if time.monotonic() - announced_at > 20:
-            for r, digest, size in batches:
-                node.call(comm._publish(gossip.announcement(r, 0, digest, size)), timeout=30)
+        playing = [m.round for p, m in members.items() if p != identity.peer_id and m.role == "trainer"]
+        if playing:
+            for r in range(max(0, max(playing)), max(playing) + len(KINDS) + 1):
+                if r not in batches:
+                    announce(r)
+        if time.monotonic() - announced_at > 5:
+            for r in sorted(batches)[-2 * len(KINDS):]:
+                node.call(comm._publish(gossip.announcement(r, 0, *batches[r])), timeout=30)
             announced_at = time.monotonic()
         time.sleep(0.5)
 
