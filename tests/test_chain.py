@@ -85,6 +85,19 @@ def test_advance_only_after_the_stage_deadline_and_never_back(chain):
     assert client.advance() is False  # the new stage has its own deadline
 
 
+def test_an_advance_that_lost_the_race_does_not_end_the_next_round(chain):
+    # Two peers read round 0 over; one advances; the other's advance lands once round 1 has also lasted its
+    # duration: naming the round it read, it ends nothing (a bare updateStageAndRound would end round 1).
+    client, _ = fresh(chain, stage_seconds=1)
+    late = chain.client(Account.create(), contract=client.address)
+    wait_for(lambda: client.chain_time() >= client.deadline(), timeout=10)
+    assert client.advance(at=(0, 0)) is True
+    wait_for(lambda: client.chain_time() >= client.deadline(), timeout=10)
+    assert late.advance(at=(0, 0)) is False  # StageAlreadyAdvanced
+    assert client.round() == (1, 0)
+    assert late.advance(at=(1, 0)) is True and client.round() == (2, 0)
+
+
 def test_rewards_and_winners_once_per_round(chain):
     client, me = fresh(chain, stage_seconds=1)
     client.register(me)

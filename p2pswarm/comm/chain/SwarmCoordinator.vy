@@ -99,6 +99,22 @@ def stageDeadline() -> uint256:
 
 @external
 def updateStageAndRound() -> (uint256, uint256):
+    return self._advance()
+
+
+@external
+def advanceFrom(roundNumber: uint256, stage: uint256) -> (uint256, uint256):
+    """@notice updateStageAndRound() only while the clock still reads (roundNumber, stage). Two peers that read
+               the same finished stage both send an advance; without this guard the second one, mined once the
+               next stage has also lasted stageDuration (a slow peer, a congested chain), would end a stage
+               nobody has played."""
+    if roundNumber != self._round or stage != self._stage:
+        raw_revert(method_id("StageAlreadyAdvanced()", output_type=Bytes[4]))
+    return self._advance()
+
+
+@internal
+def _advance() -> (uint256, uint256):
     if block.timestamp < self.stageStartedAt + self.stageDuration:
         raw_revert(method_id("StageNotOver()", output_type=Bytes[4]))
     if self._stage + 1 >= self.stageCount:

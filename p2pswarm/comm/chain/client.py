@@ -300,8 +300,12 @@ class ChainClient:
                      self.chain_id, self.address)
         return done
 
-    def advance(self) -> bool:
-        """Advance the stage (and round) if the contract lets this account now; False if not yet / not allowed."""
+    def advance(self, at: tuple[int, int] | None = None) -> bool:
+        """Advance the stage (and round) if the contract lets this account now; False if not yet / not allowed.
+        With `at` = the (round, stage) this node read and finished, only while the chain still stands there
+        (ours: advanceFrom), so a node that lost the race to another advancer cannot also end the next stage."""
+        if at is not None and self.flavour == "p2pswarm":
+            return self.transact("advanceFrom", *at, already=("StageNotOver", "StageAlreadyAdvanced"))
         return self.transact("updateStageAndRound", already=("StageNotOver", "OnlyStageManager"))
 
     def submit_reward(self, round: int, stage: int, reward: float, peer_id: str) -> bool:

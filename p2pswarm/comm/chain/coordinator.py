@@ -55,7 +55,8 @@ class ChainCoordinator(Coordinator):
     over by the round rule every clock shares (comm/core.py should_advance: this node finished it and the
     contract's stage deadline, counted from the stage's start, passed in chain time) it sends the advance
     itself: advancement is permissionless, so no keeper is needed, and the first peer to send it wins
-    (the others' pre-flights revert StageNotOver and they read the new round). On Gensyn's contract only a
+    (the others' pre-flights revert StageNotOver or StageAlreadyAdvanced and they read the new round: the
+    advance names the round and stage it ends, so a late one cannot end the next). On Gensyn's contract only a
     stage manager may advance: the node then follows. The clock never goes back (MonotonicClock).
 
     With `submit_rewards`, report_finished(r) submits the node's mean local reward of round r (from its
@@ -78,6 +79,7 @@ class ChainCoordinator(Coordinator):
         self._winners: dict[int, list[str]] = {}
         self._failing = ""
         self._follow_only = False
+        self._stage = 0  # of the last round read: advanceFrom names the stage this node saw
         self._status = ChainStatus(flavour=client.flavour, eoa=client.eoa)
         client.register(identity)
 
@@ -105,7 +107,7 @@ class ChainCoordinator(Coordinator):
     def current(self) -> int:
         """The chain's round, never lower than one seen before; the last reading when the chain fails."""
         try:
-            r, _ = self.client.round()
+            r, self._stage = self.client.round()
             self._ok()
         except Exception as e:  # noqa: BLE001 - an RPC hiccup: the last reading stands
             self._fail(e)
@@ -161,7 +163,7 @@ class ChainCoordinator(Coordinator):
                 return max(finished + 1, cur)
             try:
                 if self.over(finished, self.client.chain_time(), self.client.deadline()):
-                    if self.client.advance():
+                    if self.client.advance(at=(finished, self._stage)):
                         log.info("advanced the chain to round %d", finished + 1)
                         delay = self.poll
                         continue
