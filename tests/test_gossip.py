@@ -19,6 +19,7 @@ from p2pswarm.identity import Identity
 from p2pswarm.types import Group, Task
 
 SWARM = "gossip-test"
+ALICE = "12D3KooWDuNT286T2BriA2crTWPNhqiiFdFFnRLJVvjJ2jVUZfr1"  # a valid Ed25519 peer id
 WAIT = 60  # a hang: the mesh forms within a few heartbeats (1 s each) even on a busy machine
 
 
@@ -118,6 +119,68 @@ def test_exchange_pulls_and_inline_batches_and_catch_up(swarm):
     got = keeper.collect(5, 0)
     assert sorted(g.peer for g in got) == sorted([ann.peer_id, cat.peer_id])
     assert keeper.catchups == before + 1
+
+
+def test_an_announcement_is_the_heartbeat_and_an_idle_peer_still_beats(swarm):
+    """The cadence that keeps a peer's topic traffic small: a peer that announces sends no separate heartbeat
+    (its announcement carries the fields, and keeps it live with its new position at the others), a new
+    finished round goes out at once (the keeper's quorum waits on it), and a peer that publishes nothing
+    still heartbeats every MEMBER_REFRESH."""
+    comms, _, _ = swarm
+    ann, cat, keeper = comms["ann"], comms["cat"], comms["keeper"]
+    wait_until(lambda: "ann" in members_of(cat), WAIT, "ann heard by cat")
+    beats = ann.heartbeats
+    last, gaps = time.monotonic(), []
+    for r in range(20, 26):  # an announcement about every second, each a new position
+        ann.publish(r, 0, groups(ann.peer_id))
+        gaps.append(time.monotonic() - last)
+        last = time.monotonic()
+        time.sleep(1.0)
+    if max(gaps) < gossip.MEMBER_REFRESH - 1:  # else the machine stalled a whole period: a heartbeat was due
+        assert ann.heartbeats == beats
+    # cat knows ann's position from the announcement alone, and keeps it live from it.
+    wait_until(lambda: (m := cat.book.members.get(ann.peer_id)) is not None and m.round == 25, WAIT,
+               "ann's position from its announcement")
+    seen = cat.book.members[ann.peer_id]
+    assert "ann" in members_of(cat) and seen.expires >= seen.time + gossip.MEMBER_TTL - 1e-6
+    kind, _ = gossip.parse(ann.peer_id, bytes(cat.book.raw_heartbeats[ann.peer_id].data))
+    assert kind == "a"  # what cat hands a late joiner for ann is that announcement
+    # A new finished round is said at once; the same one again is not.
+    beats = ann.heartbeats
+    ann.set_position(finished=25)
+    assert ann.heartbeats == beats + 1
+    ann.set_position(finished=25)
+    if ann._quiet_for() < gossip.MEMBER_REFRESH:
+        assert ann.heartbeats == beats + 1
+    wait_until(lambda: cat.book.members[ann.peer_id].finished == 25, WAIT, "ann's finished round at cat")
+    # The keeper publishes clocks only (no announcement): it still heartbeats, and stays a member.
+    idle = keeper.heartbeats
+    wait_until(lambda: keeper.heartbeats > idle, WAIT, "a heartbeat from the idle keeper")
+    assert "keeper" in members_of(cat)
+
+
+def test_heartbeat_fields_in_an_announcement_are_checked_and_old_formats_still_parse():
+    peer = ALICE
+    me = {"name": "ann", "role": "trainer", "round": 3, "stage": 1, "finished": 2, "bridged": 0, "paused": True}
+    kind, a = gossip.parse(peer, gossip.announcement(3, 1, b"\x01" * 32, 100, member=me))
+    assert kind == "a" and (a.member.round, a.member.stage, a.member.finished, a.member.paused) == (3, 1, 2, True)
+    # A relay speaks for another peer's batch, never for its author's position.
+    relay = gossip.announcement(3, 1, b"\x01" * 32, 100, origin=ALICE, member=me)
+    assert "role" not in msgpack.unpackb(relay) and gossip.parse(peer, relay)[1].member is None
+    # Older peers: an announcement without the fields, and a heartbeat with every field written out.
+    old = {"k": "a", "round": 3, "stage": 1, "digest": b"\x01" * 32, "size": 100, "created": time.time()}
+    assert gossip.parse(peer, msgpack.packb(old))[1].member is None
+    full = {"k": "h", "name": "ann", "role": "trainer", "round": 3, "stage": 1, "finished": 2, "time": time.time(),
+            "left": False, "bridged": 0, "paused": False}
+    assert gossip.parse(peer, msgpack.packb(full))[0] == "h"
+    # Carried fields are held to the heartbeat's limits: a bad one makes the message malformed.
+    with pytest.raises(gossip.V.Invalid):
+        gossip.parse(peer, msgpack.packb({**old, "name": "\x1b[2J", "role": "trainer", "finished": 2}))
+    with pytest.raises(gossip.V.Invalid):
+        gossip.parse(peer, msgpack.packb({**old, "name": "ann", "role": "trainer", "finished": float("inf")}))
+    # An old announcement handed on again keeps its batch but says nothing about its author now.
+    stale = gossip.announcement(3, 1, b"\x01" * 32, 100, member=me)
+    assert gossip.parse(peer, stale, now=time.time() + 2 * gossip.MEMBER_TTL)[1].member is None
 
 
 async def _forget(comm, round):

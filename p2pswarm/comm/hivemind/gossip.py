@@ -1,10 +1,18 @@
 """The swarm's topic: one GossipSub topic per swarm (`p2pswarm/<swarm>/v1`) carrying small signed messages.
 
-    heartbeat     {k: "h", name, role, round, stage, finished, time, left, bridged, paused}   every 5 s and at
-                  every change of position: membership is who sent one within MEMBER_TTL
-    announcement  {k: "a", round, stage, digest, size, created, groups, signal[, origin][, data]}   "I have
-                  (round, stage)"; `origin`: a bridge serves that peer's signed batch; `data`: the batch
-                  itself, when it is small and its sender may not be dialable (client mode)
+    heartbeat     {k: "h", name, role, round, stage, finished, time, left, bridged, paused}   only when its
+                  author published nothing carrying these fields for MEMBER_REFRESH, and at once when its
+                  finished round or pause changes (what the keeper's quorum and the holders read):
+                  membership is who sent one, or an announcement, within MEMBER_TTL
+    announcement  {k: "a", round, stage, digest, size, created, groups, signal[, origin][, data]
+                  [, name, role, finished, time, bridged, paused]}   "I have (round, stage)"; `origin`: a
+                  bridge serves that peer's signed batch; `data`: the batch itself, when it is small and its
+                  sender may not be dialable (client mode). A peer's own announcement also carries its
+                  heartbeat's fields (its position is the announced slot), so it IS that peer's heartbeat:
+                  each topic message is forwarded by every peer to its mesh, so a peer's topic traffic is
+                  N x (messages each peer sends), and one message per publish instead of three is what
+                  keeps that small beside the K payload pulls. An announcement without them (a relay, or an
+                  older peer) only keeps its author live.
     clock         {k: "c", round, started}   the keeper's round, at every change and every 5 s; followers
                   take it only from the peer they trust (their initial peers, or coordinator_peer)
 
@@ -51,7 +59,7 @@ MAX_INLINE = 64 * 1024  # an announcement that carries its batch; the daemon sil
 RATE, BURST = 8.0, 96.0  # messages per second per author, and the burst (a bridge announces its relays at once)
 BYTE_RATE, BYTE_BURST = 48 * 1024.0, 384 * 1024.0  # bytes per second per author, and the burst
 MEMBER_TTL = 15.0  # a peer is live while its last heartbeat is younger than this
-MEMBER_REFRESH = 5.0
+MEMBER_REFRESH = 5.0  # a heartbeat goes out when its author published nothing with its fields for this long
 CLOCK_REFRESH = 5.0
 KEEP_ROUNDS = 4  # rounds of announcements remembered before the one played (and served to catch-up requests)
 MAX_SLOTS_PER_AUTHOR = 64  # (round, stage) slots one author's announcements may occupy at once
@@ -68,14 +76,28 @@ def topic(swarm: str) -> str:
 # ---- messages -------------------------------------------------------------------------------------------------
 def heartbeat(*, name: str, role: str, round: int, stage: int, finished: int, left: bool = False, bridged: int = 0,
               paused: bool = False) -> bytes:
-    return msgpack.packb({"k": "h", "name": name, "role": role, "round": round, "stage": stage, "finished": finished,
-                          "time": time.time(), "left": left, "bridged": bridged, "paused": paused})
+    v = {"k": "h", "name": name, "role": role, "round": round, "stage": stage, "finished": finished,
+         "time": time.time()}
+    return msgpack.packb({**v, **_unless_default(left=left, bridged=bridged, paused=paused)})
+
+
+def _unless_default(**fields: Any) -> dict[str, Any]:
+    """The optional member fields that differ from what a reader assumes when they are absent (every peer
+    forwards every byte of a topic message to its mesh)."""
+    return {k: v for k, v in fields.items() if v}
 
 
 def announcement(round: int, stage: int, digest: bytes, size: int, *, groups: int = 0, signal: int = 0,
-                 origin: str | None = None, data: bytes = b"") -> bytes:
+                 origin: str | None = None, data: bytes = b"", member: dict[str, Any] | None = None) -> bytes:
+    """`member`: the author's heartbeat fields (name, role, finished, bridged, paused) to carry, so that no
+    heartbeat need go beside it; its position is (round, stage), its time `created`. Never with `origin`: a
+    relay speaks for another peer's batch, not for its author's position."""
+    now = time.time()
     v: dict[str, Any] = {"k": "a", "round": round, "stage": stage, "digest": digest, "size": size,
-                         "created": time.time(), "groups": groups, "signal": signal}
+                         "created": now, "groups": groups, "signal": signal}
+    if member is not None and origin is None:  # its time is `created`
+        v.update({k: member[k] for k in ("name", "role", "finished")},
+                 **_unless_default(bridged=member.get("bridged", 0), paused=member.get("paused", False)))
     if origin is not None:
         v["origin"] = origin
     if data:
@@ -122,6 +144,11 @@ def parse(author: str, data: bytes, now: float | None = None) -> tuple[str, Any]
         raise V.Invalid("data", "does not match the digest")
     if not a.data and len(data) > MAX_MESSAGE:
         raise V.Invalid("message", f"{len(data)} bytes without a batch", "too_large")
+    if "role" in v and origin is None:  # its author's heartbeat, carried along: checked like one
+        m = records.member(author, {**v, "time": v["created"]}, now + MEMBER_TTL, now)
+        if m.time >= now - MEMBER_TTL:  # an old announcement handed on (catch-up) says nothing about now
+            m.expires = m.time + MEMBER_TTL
+            a.member = m
     return kind, a
 
 
@@ -234,10 +261,7 @@ class Book:
         self.bytes_in += size
         self.handled[kind] += 1
         if kind == "h":
-            old = self.members.get(author)
-            if old is None or rec.time >= old.time:
-                self.members[author] = rec
-                self.raw_heartbeats[author] = msg
+            self._member(rec, msg)
         elif kind == "c":
             old = self.clocks.get(author)
             if old is None or rec.round >= old.round:
@@ -247,7 +271,17 @@ class Book:
             self._announce(rec, msg)
         return kind
 
+    def _member(self, m: records.Member, msg: pb.PSMessage) -> None:
+        """The newest heartbeat of its author wins; `msg` (a heartbeat, or an announcement that carries one)
+        is what a catch-up reply hands on."""
+        old = self.members.get(m.peer_id)
+        if old is None or m.time >= old.time:
+            self.members[m.peer_id] = m
+            self.raw_heartbeats[m.peer_id] = msg
+
     def _announce(self, a: records.Announcement, msg: pb.PSMessage) -> None:
+        if a.member is not None:  # the slot rules below bound announcements, not what a peer says of itself
+            self._member(a.member, msg)
         if a.round < self.floor:
             return
         slot = self.announced.get((a.round, a.stage))
@@ -312,7 +346,8 @@ class Book:
         live = self.live_members()
         out = list(self.raw_clocks.values()) + [m for p, m in self.raw_heartbeats.items() if p in live]
         slot = list(self.announced.get((round, stage), {}).values())
-        out += [msg for _, msg in rng.sample(slot, min(CATCHUP_MAX, len(slot)))]
+        held = {id(m) for m in out}  # a member's last heartbeat may be this slot's announcement itself
+        out += [msg for _, msg in rng.sample(slot, min(CATCHUP_MAX, len(slot))) if id(msg) not in held]
         kept, total = [], 0
         for m in out:
             total += len(m.data) + 200

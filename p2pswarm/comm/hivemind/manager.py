@@ -2,9 +2,11 @@
 what; payloads are pulled peer to peer.
 
 publish(r, s): keep the signed wire bytes in this peer's PayloadServer, then announce "I have (r, s),
-               digest D, size N, G groups with signal" on the topic (gossip.py); once more at half the
-               collect timeout (gossip is not 100% delivery). A small batch may travel in the
-               announcement itself (client mode, or gossip_inline), for peers nobody can dial.
+               digest D, size N, G groups with signal" on the topic (gossip.py), with this peer's heartbeat
+               fields in it; once more at half the collect timeout only when the topic had fewer peers
+               than the mesh wants at publish time (a mesh still forming; otherwise lost copies are
+               what the collectors' catch-up is for). A small batch may travel in the announcement
+               itself (client mode, or gossip_inline), for peers nobody can dial.
 collect(r, s): draw `sample_peers` (K) announcers uniformly among those heard by a cutoff (peers with a
                history of valid batches first: core.sample_sources), pull their payloads in parallel, each
                under a timeout, replacing failed pulls by fresh draws, until `want_peers` (else every
@@ -13,7 +15,11 @@ collect(r, s): draw `sample_peers` (K) announcers uniformly among those heard by
                they heard (a capped catch-up, once a collect).
                Every payload is checked: digest, then wire.Inbox (signature, peer id = the announcer = the
                stream's authenticated peer, swarm, round window, size, replay).
-membership:    a heartbeat on the topic every 5 s and at every change; live = heard within 15 s.
+membership:    live = heard within 15 s. Every own announcement is also a heartbeat; a separate heartbeat
+               goes out when nothing carrying one went out for 5 s, and at once when the finished round
+               or the pause changes (the keeper's quorum and the holders wait on those). Each topic
+               message costs every peer a forward to its mesh, so fewer messages is what keeps a
+               peer's traffic near flat in N (bench/README.md, issue #13).
 Anything invalid is dropped and counted by reason, overall and per peer; nothing a peer sends can raise
 into the round. The DHT carries no swarm record: it is the routing that gossip forms its mesh over.
 """
@@ -32,7 +38,7 @@ from p2pswarm import wire
 from p2pswarm.comm.hivemind import gossip, records
 from p2pswarm.comm.hivemind.node import HivemindNode, peer_id_of
 from p2pswarm.comm.hivemind.payloads import PROTOCOL, PayloadServer, PullError, pull
-from p2pswarm.comm.hivemind.pubsub import Subscription, publish
+from p2pswarm.comm.hivemind.pubsub import Subscription, publish, topic_peers
 from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, SignedTransport, collect_need, sample_sources
 from p2pswarm.components import PeerInfo
 from p2pswarm.types import Group
@@ -42,6 +48,9 @@ log = logging.getLogger(__name__)
 SILENT_ROUNDS = 2  # collects a live member may deliver nothing in before it is no longer waited for
 MEMBER_TTL = gossip.MEMBER_TTL
 CATCHUP_PEERS = 3  # peers one catch-up asks
+MESH_D = 6  # GossipSub's mesh degree (go-libp2p-pubsub v0.10.0 default): fewer topic peers than this (or than
+            # the other members) at publish time means a mesh still forming, and the announcement goes again
+HEARTBEAT_TICK = 1.0  # how often the heartbeat loop looks whether MEMBER_REFRESH passed in silence
 
 
 class HivemindComm(SignedTransport):
@@ -70,6 +79,9 @@ class HivemindComm(SignedTransport):
         self.paused = False
         self.published = 0  # topic messages and bytes this peer sent
         self.published_bytes = 0
+        self.heartbeats = 0  # of which separate heartbeats, and announcements sent again
+        self.republished = 0
+        self._said_at = float("-inf")  # monotonic time of the last message that carried our heartbeat fields
         self.pulls = 0  # payload pulls started, and catch-up requests sent
         self.catchups = 0
         self._closed = False
@@ -108,18 +120,29 @@ class HivemindComm(SignedTransport):
         return sum(1 for p, msgs in zip(peers, replies) for m in msgs if self.book.handle(m, via=p))
 
     # ---- membership -------------------------------------------------------------------------------------
+    def _member_fields(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "bridged": self.bridged, "paused": self.paused, **self.position}
+
     async def _heartbeat(self, left: bool = False) -> None:
-        await self._publish(gossip.heartbeat(name=self.name, role=self.role, left=left, bridged=self.bridged,
-                                             paused=self.paused, **self.position))
+        await self._publish(gossip.heartbeat(left=left, **self._member_fields()))
+        self._said_at = time.monotonic()
+        self.heartbeats += 1
+
+    def _quiet_for(self) -> float:
+        return time.monotonic() - self._said_at
 
     async def _heartbeat_loop(self) -> None:
+        """A heartbeat only when nothing that carries one (an own announcement, or a heartbeat sent at a
+        change) went out for MEMBER_REFRESH: a peer that announces every few seconds sends none."""
         while not self._closed:
-            await asyncio.sleep(gossip.MEMBER_REFRESH)
+            await asyncio.sleep(max(0.05, min(HEARTBEAT_TICK, gossip.MEMBER_REFRESH - self._quiet_for())))
             if self._closed:
                 break
+            if self._quiet_for() < gossip.MEMBER_REFRESH:
+                continue
             try:
                 await self._heartbeat()
-            except Exception as e:  # noqa: BLE001 - the next heartbeat tries again
+            except Exception as e:  # noqa: BLE001 - the next tick tries again
                 log.debug("heartbeat failed: %s", e)
 
     async def fetch_members(self) -> dict[str, records.Member]:
@@ -144,15 +167,24 @@ class HivemindComm(SignedTransport):
         return self.live_trainers()
 
     def set_paused(self, paused: bool) -> None:
+        changed = paused != self.paused
         self.paused = paused
-        self.set_position()
+        self._say(changed)
 
     def set_position(self, **fields: int) -> None:
-        """Update this peer's heartbeat now (round, stage, finished)."""
+        """Update this peer's heartbeat (round, stage, finished). A new finished round goes out at once (the
+        keeper's quorum and peers holding for this one wait on it); a new round or stage travels in the
+        next announcement, or the next heartbeat when nothing went out for MEMBER_REFRESH."""
+        urgent = "finished" in fields and fields["finished"] != self.position["finished"]
         self.position.update(fields)
+        self._say(urgent)
+
+    def _say(self, urgent: bool) -> None:
+        if not urgent and self._quiet_for() < gossip.MEMBER_REFRESH:
+            return
         try:
             self.node.call(self._heartbeat(), timeout=10)
-        except Exception as e:  # noqa: BLE001 - the periodic heartbeat will carry it
+        except Exception as e:  # noqa: BLE001 - the heartbeat loop will carry it
             log.debug("member update failed: %s", e)
 
     # ---- publish ----------------------------------------------------------------------------------------
@@ -163,9 +195,9 @@ class HivemindComm(SignedTransport):
         signal = sum(1 for g in groups if len(set(g.rewards or [])) > 1)
         inline = data if self.inline and len(data) <= gossip.MAX_INLINE - 1024 else b""
         msg = gossip.announcement(round, stage, hashlib.sha256(data).digest(), len(data), groups=len(groups),
-                                  signal=signal, data=inline)
+                                  signal=signal, data=inline, member=self._member_fields())
         try:
-            self.node.call(self._announce(msg), timeout=30)
+            self.node.call(self._announce(msg, own=True), timeout=30)
         except Exception as e:  # noqa: BLE001 - the round goes on; peers that saw nothing train without us
             log.warning("could not announce round %d stage %d: %s: %s", round, stage, type(e).__name__, e)
             return
@@ -183,18 +215,35 @@ class HivemindComm(SignedTransport):
             return
         self.relayed += 1
 
-    async def _announce(self, msg: bytes, heartbeat: bool = True) -> None:
-        sends = [self._publish(msg)] + ([self._heartbeat()] if heartbeat else [])
-        await asyncio.gather(*sends)
-        self.node.spawn(self._republish(msg))
+    async def _announce(self, msg: bytes, heartbeat: bool = True, *, own: bool = False) -> None:
+        """Publish an announcement. `own`: it carries this peer's heartbeat fields (publish), so it counts
+        as the heartbeat; else a heartbeat goes beside it unless `heartbeat` is False (a relay)."""
+        sends = [self._publish(msg), self._mesh_short()] + ([self._heartbeat()] if heartbeat and not own else [])
+        _, short, *_ = await asyncio.gather(*sends)
+        if own:
+            self._said_at = time.monotonic()
+        if short:
+            self.node.spawn(self._republish(msg))
+
+    async def _mesh_short(self) -> bool:
+        """Whether the topic has fewer peers than the mesh wants (MESH_D, or every other live member when
+        fewer): a mesh still forming, in which a message may reach nobody beyond the peers it has."""
+        others = sum(1 for p in self.book.live_members() if p != self.peer_id)
+        try:
+            return len(await topic_peers(self.node.p2p, self.topic, timeout=5)) < min(MESH_D, others)
+        except Exception as e:  # noqa: BLE001 - no answer from our own daemon: send the spare to be safe
+            log.debug("topic peers: %s", e)
+            return True
 
     async def _republish(self, msg: bytes) -> None:
-        """Once more at half the collect timeout: a peer whose buffer overflowed, or whose mesh was still
-        forming, hears it then (receivers keep one announcement per author and slot)."""
+        """Once more at half the collect timeout, when the mesh was short at publish time: a peer that was
+        not in it yet hears it then (receivers keep one announcement per author and slot). Copies lost in
+        a full mesh are found by the collectors' catch-up instead, which costs the topic nothing."""
         await asyncio.sleep(self.timeout / 2)
         if not self._closed:
             try:
                 await self._publish(msg)
+                self.republished += 1
             except Exception as e:  # noqa: BLE001 - the first copy went out; this one is a spare
                 log.debug("re-publish failed: %s", e)
 
@@ -414,6 +463,7 @@ class HivemindComm(SignedTransport):
             "delivery_ms_p50": int(lat[len(lat) // 2] * 1000) if lat else 0,
             # per-peer cost of the exchange (bench/swarm_exchange.py reads these)
             "gossip_sent": self.published, "gossip_bytes_sent": self.published_bytes,
+            "gossip_heartbeats": self.heartbeats, "gossip_republished": self.republished,
             "gossip_received": self.subscription.received, "gossip_bytes_in": self.book.bytes_in,
             "pulls": self.pulls, "catchups": self.catchups,
         }

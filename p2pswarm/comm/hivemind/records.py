@@ -254,6 +254,7 @@ class Announcement:
     groups: int = 0
     signal: int = 0
     data: bytes = b""
+    member: Member | None = None  # the author's heartbeat fields, carried by its own announcement (gossip.py)
 
     @property
     def signer(self) -> str:
