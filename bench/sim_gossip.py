@@ -19,9 +19,13 @@ The model, per round:
   Arrival times are shortest paths (scipy's Dijkstra) from a sample of publishers (`--sources`), each with its
   own lost edges; a receiver's view is extrapolated from those sampled announcements (uniform sampling
   makes that unbiased).
-- Topic traffic per round: every live peer publishes one announcement and re-publishes it once mid-round,
-  the keeper's clock once a round; announcements double as the member heartbeat (`member_heartbeat_s` > 0
-  adds separate heartbeats).
+- Topic traffic per round, by the code's cadence (`--cadence`): `new` (p2pswarm/comm/hivemind/manager.py
+  since issue #13's traffic work): one announcement that doubles as the heartbeat, a heartbeat at the
+  finished round, and one after every `member_refresh_s` of silence, so max(2, round_s / member_refresh_s)
+  messages a peer (no spare copy in a formed mesh); `old` (before it): the announcement, a heartbeat beside
+  it, the announcement again mid-round, a heartbeat at the finished round and one every `member_refresh_s`
+  whatever else went out. Message sizes are the code's (`announce_bytes`, `heartbeat_bytes`); the
+  keeper's clock goes out once a round.
 - Each peer publishes at round start + its work time (uniform within ±`jitter` of `work_s`), then collects:
   it waits until it has seen a `quorum` fraction of the previous round's announcers, at the latest until
   `pull_reserve_s` before its deadline (`collect_timeout` after its publish), samples K announcers uniformly among those seen (peers with a history of valid batches first; at most
@@ -73,9 +77,10 @@ class Params:
     loss: float = 0.001  # per hop (an assumption: loopback loses nothing, the internet does)
     link_ms: float = 0.0  # one-way network latency added to every hop and pull
     bandwidth_mb_s: float = 0.0  # per-peer link for payloads (0: the calibrated loopback pull time alone)
-    announce_bytes: int = 400  # round, stage, digest, size, groups with a signal: "well under 1 KB"
-    heartbeat_bytes: int = 200
-    member_heartbeat_s: float = 0.0  # 0: the announcements are the heartbeat (membership = who announced recently)
+    cadence: str = "new"  # which code's topic cadence: "new" or "old" (see the docstring)
+    announce_bytes: int = 137  # len(gossip.announcement(...)) of a 30 KB batch, heartbeat fields in (new); 101 without (old)
+    heartbeat_bytes: int = 69  # len(gossip.heartbeat(...)), default-valued fields left out (new); 92 all written (old)
+    member_refresh_s: float = 5.0  # gossip.MEMBER_REFRESH
     work_s: float = 20.0  # time from round start to publish (generation)
     jitter: float = 0.3
     collect_timeout: float = 10.0
@@ -88,6 +93,14 @@ class Params:
     sources: int = 48
     seed: int = 0
     calibration: dict = field(default_factory=dict)
+
+
+def topic_cadence(p: Params, round_s: float) -> tuple[float, float]:
+    """(announcements, separate heartbeats) one peer publishes in a round of `round_s` seconds."""
+    periodic = round_s / p.member_refresh_s
+    if p.cadence == "old":
+        return 2.0, 1.0 + 1.0 + periodic  # beside the announcement, at the finished round, every period
+    return 1.0, max(2.0, periodic) - 1.0
 
 
 # ---- calibration ---------------------------------------------------------------------------------------------
@@ -293,9 +306,9 @@ def simulate(p: Params) -> dict:
             deg[a] += 1
             deg[b] += 1
         round_s = float(np.median(work)) + float(np.median(collect_s))
-        beats = n * round_s / p.member_heartbeat_s if p.member_heartbeat_s else 0.0
-        topic_msgs = 2 * n + beats + 1
-        topic_bytes = 2 * n * (p.announce_bytes + PUBSUB_FRAME_BYTES) + beats * (p.heartbeat_bytes + PUBSUB_FRAME_BYTES)
+        announces, beats = topic_cadence(p, round_s)
+        topic_msgs = n * (announces + beats) + 1
+        topic_bytes = n * (announces * (p.announce_bytes + PUBSUB_FRAME_BYTES) + beats * (p.heartbeat_bytes + PUBSUB_FRAME_BYTES))
         ids_window = min(MAX_IHAVE, topic_msgs / round_s * p.heartbeat_s * p.history_gossip)
         ihave_msgs = p.Dlazy * round_s / p.heartbeat_s
         ihave_bytes = ihave_msgs * (ids_window * MSG_ID_BYTES + 50)
@@ -384,6 +397,7 @@ def main() -> None:
     ap.add_argument("--scenarios", nargs="*", default=None,
                     help="loopback (the calibration as measured) and/or wan (+40 ms a hop, 12.5 MB/s a peer: an assumption)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cadence", choices=("new", "old"), default="new", help="whose topic cadence: this code's or the one before issue #13's traffic work")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sizes = args.peers or ([1000] if args.quick else [1000, 10000])
@@ -401,8 +415,9 @@ def main() -> None:
         extra = {"loopback": {}, "wan": {"link_ms": 40.0, "bandwidth_mb_s": 12.5}}[sc]
         for n in sizes:
             t0, c0 = time.time(), time.process_time()
+            sizes_of = {"old": {"announce_bytes": 101, "heartbeat_bytes": 92}, "new": {}}[args.cadence]
             p = Params(peers=n, rounds=args.rounds, sample_peers=args.sample_peers, sources=args.sources, seed=args.seed,
-                       calibration=cal, **extra)
+                       calibration=cal, cadence=args.cadence, **sizes_of, **extra)
             res = simulate(p) | {"scenario": sc, "peers": n, "wall_s": round(time.time() - t0, 1),
                                  "cpu_s": round(time.process_time() - c0, 1)}  # wall time moves with the machine's load
             result["runs"].append(res)

@@ -218,12 +218,11 @@ class HivemindComm(SignedTransport):
     async def _announce(self, msg: bytes, heartbeat: bool = True, *, own: bool = False) -> None:
         """Publish an announcement. `own`: it carries this peer's heartbeat fields (publish), so it counts
         as the heartbeat; else a heartbeat goes beside it unless `heartbeat` is False (a relay)."""
-        sends = [self._publish(msg), self._mesh_short()] + ([self._heartbeat()] if heartbeat and not own else [])
-        _, short, *_ = await asyncio.gather(*sends)
+        sends = [self._publish(msg)] + ([self._heartbeat()] if heartbeat and not own else [])
+        await asyncio.gather(*sends)
         if own:
             self._said_at = time.monotonic()
-        if short:
-            self.node.spawn(self._republish(msg))
+        self.node.spawn(self._republish(msg))  # off the publish's path: it asks our daemon first
 
     async def _mesh_short(self) -> bool:
         """Whether the topic has fewer peers than the mesh wants (MESH_D, or every other live member when
@@ -239,6 +238,8 @@ class HivemindComm(SignedTransport):
         """Once more at half the collect timeout, when the mesh was short at publish time: a peer that was
         not in it yet hears it then (receivers keep one announcement per author and slot). Copies lost in
         a full mesh are found by the collectors' catch-up instead, which costs the topic nothing."""
+        if not await self._mesh_short():
+            return
         await asyncio.sleep(self.timeout / 2)
         if not self._closed:
             try:
