@@ -397,6 +397,7 @@ def main() -> None:
     ap.add_argument("--scenarios", nargs="*", default=None,
                     help="loopback (the calibration as measured) and/or wan (+40 ms a hop, 12.5 MB/s a peer: an assumption)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work-s", type=float, default=Params.work_s, help="seconds from round start to publish (10: a ~14 s round, as in bench/swarm_exchange.py's simulations)")
     ap.add_argument("--cadence", choices=("new", "old"), default="new", help="whose topic cadence: this code's or the one before issue #13's traffic work")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -417,7 +418,7 @@ def main() -> None:
             t0, c0 = time.time(), time.process_time()
             sizes_of = {"old": {"announce_bytes": 101, "heartbeat_bytes": 92}, "new": {}}[args.cadence]
             p = Params(peers=n, rounds=args.rounds, sample_peers=args.sample_peers, sources=args.sources, seed=args.seed,
-                       calibration=cal, cadence=args.cadence, **sizes_of, **extra)
+                       calibration=cal, cadence=args.cadence, work_s=args.work_s, **sizes_of, **extra)
             res = simulate(p) | {"scenario": sc, "peers": n, "wall_s": round(time.time() - t0, 1),
                                  "cpu_s": round(time.process_time() - c0, 1)}  # wall time moves with the machine's load
             result["runs"].append(res)
