@@ -112,6 +112,10 @@ def test_exchange_pulls_and_inline_batches_and_catch_up(swarm):
     got = cat.collect(5, 0)
     assert [g.peer for g in got] == [ann.peer_id]
     assert cat.per_peer[ann.peer_id]["pulled_bytes"] > 0 and ann.per_peer[cat.peer_id].get("pulled_bytes", 0) == 0
+    # cat's announcement is its heartbeat too, but one that carries its batch is not handed on as one.
+    assert ann.book.members[cat.peer_id].round == 5
+    raw = ann.book.raw_heartbeats.get(cat.peer_id)
+    assert raw is None or not getattr(gossip.parse(cat.peer_id, bytes(raw.data))[1], "data", b"")
     # The keeper forgets what it heard of round 5, as a peer that joined late never heard it; its collect then
     # asks peers what they heard (catch-up) and still gets both batches.
     keeper.node.call(_forget(keeper, 5), timeout=10)

@@ -271,17 +271,20 @@ class Book:
             self._announce(rec, msg)
         return kind
 
-    def _member(self, m: records.Member, msg: pb.PSMessage) -> None:
+    def _member(self, m: records.Member, msg: pb.PSMessage | None) -> None:
         """The newest heartbeat of its author wins; `msg` (a heartbeat, or an announcement that carries one)
-        is what a catch-up reply hands on."""
+        is what a catch-up reply hands on (None: keep handing on the last one)."""
         old = self.members.get(m.peer_id)
         if old is None or m.time >= old.time:
             self.members[m.peer_id] = m
-            self.raw_heartbeats[m.peer_id] = msg
+            if msg is not None:
+                self.raw_heartbeats[m.peer_id] = msg
 
     def _announce(self, a: records.Announcement, msg: pb.PSMessage) -> None:
         if a.member is not None:  # the slot rules below bound announcements, not what a peer says of itself
-            self._member(a.member, msg)
+            # One with its batch inline (up to 64 KiB) is not handed on as a heartbeat: every catch-up reply
+            # would carry it, for every such member.
+            self._member(a.member, None if a.data else msg)
         if a.round < self.floor:
             return
         slot = self.announced.get((a.round, a.stage))
