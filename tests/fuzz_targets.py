@@ -663,8 +663,12 @@ _heartbeat = st.fixed_dictionaries(
 _announced = st.fixed_dictionaries(
     {"k": st.just("a"), "round": ints(0), "stage": ints(0), "digest": _digest, "size": ints(1), "created": times(0)},
     optional={"groups": ints(0, 100), "origin": st.just(ALICE.peer_id)})
+_announced_member = st.fixed_dictionaries(  # an own announcement that is also its author's heartbeat
+    {"k": st.just("a"), "round": ints(0), "stage": ints(0), "digest": _digest, "size": ints(1), "created": times(0),
+     "name": names(), "role": st.sampled_from(records.ROLES), "finished": ints()},
+    optional={"groups": ints(0, 100), "bridged": ints(0), "paused": st.booleans()})
 _clocked = st.fixed_dictionaries({"k": st.just("c"), "round": ints(0), "started": times(0)})
-gossip_valid = _heartbeat | _announced | _clocked
+gossip_valid = _heartbeat | _announced | _announced_member | _clocked
 _bad_kind = st.sampled_from(["x", "", "hh"]) | st.integers()
 gossip_invalid = st.one_of(
     mutate(_heartbeat, {"k": _bad_kind, "name": bad_names(), "round": bad_ints(), "stage": bad_ints(0),
@@ -673,6 +677,8 @@ gossip_invalid = st.one_of(
     mutate(_announced, {"k": _bad_kind, "round": bad_ints(0), "stage": bad_ints(0), "digest": st.binary(max_size=31),
                         "size": bad_ints(1), "created": bad_times(), "origin": bad_names()},
            ["digest", "size", "created", "round", "stage"]),
+    mutate(_announced_member, {"name": bad_names(), "finished": bad_ints(), "bridged": bad_ints(0),
+                               "paused": st.integers(-INT64, INT64 - 1) | st.text(max_size=4) | st.none()}, ["name", "finished"]),  # without role: a plain announcement
     mutate(_clocked, {"k": _bad_kind, "round": bad_ints(0), "started": bad_times()}, ["round", "started"]),
 ).map(lambda m: msgpack.packb(m, use_bin_type=True))
 
