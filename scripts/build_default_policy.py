@@ -67,6 +67,12 @@ parser.add_argument("--eval-every", type=int, default=0, help="also evaluate eve
 # preset. The tokenizer is still trained on all of them, so every specialist of one seed shares its ids.
 parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine others are busy on)")
 parser.add_argument("--datasets", default="", help="comma-separated datasets of the preset to warm-start on (default: all)")
+# Like a general chat model, the warm start mostly answers in its own words ("The answer is 7."), which the
+# reward does not read; only this fraction of its supervised answers use the <answer> tags. That is the
+# headroom RL visibly closes in a few hundred rounds (bench/learning.py): greedy decoding answers untagged on
+# most prompts, sampling finds the tags on some, and GRPO moves the whole policy to them. 1.0: always tagged.
+parser.add_argument("--tagged-fraction", type=float, default=0.3,
+                    help="share of the warm start's supervised answers written in <answer> tags (the rest in words)")
 args = parser.parse_args()
 
 PRESET = "easy"
@@ -124,8 +130,17 @@ def sample_warm(n: int) -> list:
     return out[:n]
 
 
-def completion_text(task) -> str:
+def completion_text(task, tagged: bool = True) -> str:
+    if not tagged:
+        return f"The answer is {task.answer}.{IM_END}"
     return f"{ANSWER_OPEN}{task.answer}{ANSWER_CLOSE}{IM_END}"
+
+
+format_rng = random.Random(args.seed + 1)  # its own stream: the tasks drawn do not depend on the fraction
+
+
+def warm_format() -> bool:
+    return format_rng.random() < args.tagged_fraction
 
 
 def render(messages, add_generation_prompt=True) -> str:
@@ -143,7 +158,8 @@ def render(messages, add_generation_prompt=True) -> str:
 # pipeline gives the same ids whichever class loads it (checked in step 2).
 
 tok_tasks = data.sample_train(TOKENIZER_TEXTS, rng)
-tok_corpus = [render(data.messages(t)) for t in tok_tasks] + [completion_text(t) for t in tok_tasks]
+tok_corpus = ([render(data.messages(t)) for t in tok_tasks] + [completion_text(t) for t in tok_tasks]
+              + [completion_text(t, tagged=False) for t in tok_tasks])
 
 bpe = Tokenizer(models.BPE())
 bpe.normalizer = normalizers.NFC()
@@ -257,7 +273,7 @@ model.generation_config.bos_token_id = IM_START_ID
 def encode_example(task) -> tuple[list[int], list[int]]:
     prompt = tokenizer.apply_chat_template(data.messages(task), add_generation_prompt=True, tokenize=False)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(completion_text(task), add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completion_text(task, warm_format()), add_special_tokens=False)["input_ids"]
     return p_ids + c_ids, [-100] * len(p_ids) + c_ids  # loss on the completion tokens only
 
 
@@ -399,6 +415,7 @@ info = {
     "preset": PRESET,
     "datasets": WARM_DATASETS,
     "steps": args.steps,
+    "tagged_fraction": args.tagged_fraction,
     "batch_size": args.batch_size,
     "lr": args.lr,
     "seed": args.seed,
