@@ -16,7 +16,8 @@ Steps, top to bottom:
      prompts and answers
   2. wrap it for transformers (ChatML template, eos/pad) and check that a reloaded one gives the same ids
   3. build a tiny Qwen2ForCausalLM
-  4. supervised warm start: chat prompt -> "<answer>{answer}</answer><|im_end|>", loss on the completion only
+  4. supervised warm start: chat prompt -> "<answer>{answer}</answer><|im_end|>" (--tagged-fraction of the
+     examples) or "The answer is {answer}.<|im_end|>" (the rest), loss on the completion only
   5. greedy evaluation on the 200 held-out tasks, per dataset, and a letter_counting baseline
   6. save, reload and verify; write build_info.json
 """
@@ -56,7 +57,7 @@ from p2pswarm.rewards import rgym_score  # noqa: E402
 # config
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-# 3000 steps: held-out mean score ~0.58, a warm start with room left for RL (the target band is 0.4-0.7)
+# 3000 steps: the policy knows about 0.55 of the held-out answers (greedy, once it uses the tags: README)
 parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of the supervised warm start")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", type=Path, default=REPO / "p2pswarm" / "assets" / "default_policy")
