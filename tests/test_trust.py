@@ -51,7 +51,10 @@ def test_honest_peers_finish_every_round_whatever_the_attackers_do(procs, tmp_pa
             assert per_peer[attackers["name"]].get("groups", 0) == 0
         assert per_peer[attackers["poison"]].get("dropped_bad_task", 0) > 0 or per_peer[attackers["poison"]].get("banned")
         flood = per_peer[attackers["flood"]]
-        assert flood.get("dropped_relay_limit", 0) + flood.get("dropped_banned", 0) > 0, flood
+        # Held back by a cap, whichever it meets first on this machine's pace: the relay limit on its invented
+        # identities, or the topic's per-author rate (then banned for over_rate), and dropped once banned.
+        capped = ("dropped_relay_limit", "dropped_banned", "dropped_gossip_over_rate")
+        assert sum(flood.get(k, 0) for k in capped) > 0, flood
         assert not any(k.startswith("dropped_relay_mismatch") for k in per_peer.get(ids[other], {}))
     # The round keeper was never frozen: its loop ran without an error line the whole time (a record it
     # could not read used to raise there on every poll), and it still reports after the honest peers left.
