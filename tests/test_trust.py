@@ -49,7 +49,11 @@ def test_honest_peers_finish_every_round_whatever_the_attackers_do(procs, tmp_pa
         if n == "ann":  # bob has no row of his own: ann sees both "bob"s, never merged
             assert per_peer[ids["bob"]]["name"] != per_peer[attackers["name"]]["name"]
             assert per_peer[attackers["name"]].get("groups", 0) == 0
-        assert per_peer[attackers["poison"]].get("dropped_bad_task", 0) > 0 or per_peer[attackers["poison"]].get("banned")
+        # The poisoned batches never trained (above). Whether a peer pulled one at all depends on the pace: with
+        # collect_peers=1 a round may end on the honest batch before the poison's announcement arrives (seen on a
+        # fast CI machine). The rejection itself is tested deterministically in test_rederive.py.
+        poison = per_peer[attackers["poison"]]
+        assert poison.get("groups", 0) == 0, poison
         flood = per_peer[attackers["flood"]]
         # Held back by a cap, whichever it meets first on this machine's pace: the relay limit on its invented
         # identities, or the topic's per-author rate (then banned for over_rate), and dropped once banned.
