@@ -125,6 +125,36 @@ def test_exchange_pulls_and_inline_batches_and_catch_up(swarm):
     assert keeper.catchups == before + 1
 
 
+def test_a_collect_still_short_asks_again(swarm):
+    """A lost announcement that no heartbeat mentions (its author's position came with it, or it was a
+    bridge's relay) and a first catch-up that misses it too: a collect still short of its batches asks again
+    after a pause, and gets it well before its deadline."""
+    from hivemind.p2p import PeerID
+
+    comms, _, _ = swarm
+    ann, cat, keeper = comms["ann"], comms["cat"], comms["keeper"]
+    wait_until(lambda: {"ann", "cat"} <= members_of(keeper), WAIT, "members")
+    cat_id, first, handle = PeerID.from_base58(cat.peer_id).to_bytes(), keeper.catchups, keeper.book.handle
+
+    def lossy(msg, via=None):  # cat's announcement of round 7 is lost on the topic and in the first catch-up
+        if bytes(getattr(msg, "from")) == cat_id and keeper.catchups < first + 2:
+            v = msgpack.unpackb(bytes(msg.data), raw=False)
+            if isinstance(v, dict) and v.get("k") == "a" and v.get("round") == 7:
+                return None
+        return handle(msg, via=via)
+
+    keeper.book.handle, keeper.timeout = lossy, 60.0
+    try:
+        ann.publish(7, 0, groups(ann.peer_id))
+        cat.publish(7, 0, groups(cat.peer_id))
+        t0 = time.monotonic()
+        got = keeper.collect(7, 0)
+    finally:
+        keeper.book.handle, keeper.timeout = handle, 8.0
+    assert sorted(g.peer for g in got) == sorted([ann.peer_id, cat.peer_id])
+    assert keeper.catchups >= first + 2 and time.monotonic() - t0 < 60
+
+
 def test_an_announcement_is_the_heartbeat_and_an_idle_peer_still_beats(swarm):
     """The cadence that keeps a peer's topic traffic small: a peer that announces sends no separate heartbeat
     (its announcement carries the fields, and keeps it live with its new position at the others), a new

@@ -10,9 +10,10 @@ publish(r, s): keep the signed wire bytes in this peer's PayloadServer, then ann
 collect(r, s): draw `sample_peers` (K) announcers uniformly among those heard by a cutoff (peers with a
                history of valid batches first: core.sample_sources), pull their payloads in parallel, each
                under a timeout, replacing failed pulls by fresh draws, until `want_peers` (else every
-               expected peer, at most K) delivered a valid batch or the deadline passes; when a member's
-               heartbeat says it published but its announcement never came, ask a few peers directly what
-               they heard (a capped catch-up, once a collect).
+               expected peer, at most K) delivered a valid batch or the deadline passes; while short of
+               that past the cutoff with no pull in flight (an announcement lost, or sent before we joined),
+               ask a few peers directly what they heard (a capped catch-up, at the cutoff and then after
+               2, 4, 8 ... 30 s while still short). A failed pull that could succeed is tried once more.
                Every payload is checked: digest, then wire.Inbox (signature, peer id = the announcer = the
                stream's authenticated peer, swarm, round window, size, replay).
 membership:    live = heard within 15 s. Every own announcement is also a heartbeat; a separate heartbeat
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 SILENT_ROUNDS = 2  # collects a live member may deliver nothing in before it is no longer waited for
 MEMBER_TTL = gossip.MEMBER_TTL
 CATCHUP_PEERS = 3  # peers one catch-up asks
+CATCHUP_FIRST_GAP, CATCHUP_MAX_GAP = 2.0, 30.0  # seconds between the catch-ups of a collect that stays short
 MESH_D = 6  # GossipSub's mesh degree (go-libp2p-pubsub v0.10.0 default): fewer topic peers than this (or than
             # the other members) at publish time means a mesh still forming, and the announcement goes again
 HEARTBEAT_TICK = 1.0  # how often the heartbeat loop looks whether MEMBER_REFRESH passed in silence
@@ -273,12 +275,13 @@ class HivemindComm(SignedTransport):
         pending: set[asyncio.Task] = set()
         direct: dict[str, records.Announcement] = {}  # each signer's own announcement
         tried: set[str] = set()  # signers drawn (pulled, directly or through a relay)
-        retried: set[str] = set()
+        retried: set[tuple[str, str]] = set()  # (server, signer) pulled a second time
         relay_tried: set[tuple[str, str]] = set()  # (relaying peer, origin)
         relays_by: dict[str, set[str]] = {}  # distinct origins each peer claimed to relay this collect
         refused: set[tuple[str, str, str]] = set()  # (peer, origin, reason) already counted
         expected: set[str] = set()
-        caught_up = False
+        next_catchup, catchup_gap = cutoff, CATCHUP_FIRST_GAP
+        catchup: asyncio.Task | None = None
         limit = max(self.sample_peers, self.want_peers) if self.sample_peers > 0 else 0  # pulls at once; 0: all
 
         def refuse(peer: str, origin: str, reason: str) -> None:
@@ -341,13 +344,15 @@ class HivemindComm(SignedTransport):
                     if a.origin is not None:
                         relay_tried.add((a.peer_id, signer))
                     start(a)
-            # Members whose heartbeat says they published this slot, but whose announcement never came: a
-            # lost message, or one sent before we joined. Ask a few peers what they heard, once a collect.
-            missed = [p for p in expected if p not in direct
-                      and (self.members[p].round, self.members[p].stage) >= (round, stage)]
-            if not caught_up and now >= cutoff and missed and len(valid) < need:
-                caught_up = True
-                pending.add(asyncio.create_task(self._catch_up(round, stage, list(self.members))))
+            # Short of what ends the collect with no pull in flight to make it up, past the cutoff: announcements
+            # were lost or went out before we joined (a relay's too, which no heartbeat mentions). Ask a few
+            # peers what they heard; again after a doubling pause while still short (a catch-up can miss too).
+            in_flight_pulls = len(pending) - (catchup in pending)
+            if (now >= next_catchup and len(valid) + in_flight_pulls < need and (catchup is None or catchup.done())
+                    and any(p != self.peer_id for p in self.members)):
+                catchup = asyncio.create_task(self._catch_up(round, stage, list(self.members)))
+                pending.add(catchup)
+                next_catchup, catchup_gap = now + catchup_gap, min(2 * catchup_gap, CATCHUP_MAX_GAP)
             remaining = deadline - now
             # With nobody expected (need 0), pulls already in flight still finish: an announcer that is not
             # (yet) in our member view is a peer too.
@@ -367,11 +372,11 @@ class HivemindComm(SignedTransport):
                 if batch is not None:
                     valid.add(a.signer)
                     groups.extend(batch.groups)
+                elif retry and (a.peer_id, a.signer) not in retried and deadline - loop.time() > 0.5:
+                    retried.add((a.peer_id, a.signer))  # a reset stream or a peer busy for a moment: once more
+                    start(a)
                 elif a.origin is not None:
                     tried.discard(a.signer)  # another relay, or the origin itself, may still come
-                elif retry and a.signer not in retried and deadline - loop.time() > 0.5:
-                    retried.add(a.signer)  # a reset stream or a peer busy for a moment: once more
-                    start(a)
                 else:
                     failed.add(a.signer)  # its slot goes to a fresh draw on the next pass
         for task in pending:
