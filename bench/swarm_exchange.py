@@ -246,8 +246,16 @@ def worker(spec_path: str) -> None:
         mem_idle = memory(os.getpid())
 
         go = d / "go.json"
+        boot_id = spec["boot"].rsplit("/p2p/", 1)[-1]
+
+        def follow_shards(comm) -> None:  # as the round clock does: the topic shards the keeper says
+            if spec.get("shard_size") and hasattr(comm, "follow_shards"):
+                comm.follow_shards(comm.book.clock_shards({boot_id}))
+
         while not go.exists():
-            time.sleep(0.05)
+            for _, _, comm, _ in peers:
+                follow_shards(comm)
+            time.sleep(0.5)
         time.sleep(0.05)
         plan = json.loads(go.read_text())
         ids = plan["peer_ids"]
@@ -278,6 +286,7 @@ def worker(spec_path: str) -> None:
                         if late > ph["period"] / 2:  # the last round overran this one's slot: skip it, as a peer
                             skipped.append({"round": r, "phase": ph["label"], "late_s": late})  # behind the clock does
                             continue
+                        follow_shards(comm)
                         drops0 = Counter(getattr(getattr(comm, "inbox", None), "drops", {}))
                         tp0 = time.time()
                         error = None
@@ -459,6 +468,15 @@ def admit_raw_floor_records() -> None:
     Ed25519OwnerValidator.check = check
 
 
+def wait_until_text(path: Path, pattern: str, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if re.search(pattern, path.read_text(errors="replace") if path.exists() else ""):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what}: no {pattern!r} in {path} after {timeout:.0f} s")
+
+
 def wait_until(t: float) -> None:
     dt = t - time.time()
     if dt > 0:
@@ -496,7 +514,8 @@ class Swarm:
         cmd = os.environ.get("SWARM_EXCHANGE_BOOT_CMD")  # debugging only: a replacement bootstrap command line
         self.boot = self._popen(cmd.split() if cmd else [
             sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", "0", "--identity", "boot.key",
-            "--experiment", SWARM, "--status-every", "3600"], "boot.log")
+            "--experiment", SWARM, "--status-every", "3600",
+            *(["--coordinator", "--shard-size", str(self.shard_size)] if getattr(self, "shard_size", 0) else [])], "boot.log")
         deadline = time.time() + timeout
         while time.time() < deadline:
             m = re.search(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$", (self.dir / "boot.log").read_text(errors="replace"), re.M)
@@ -511,7 +530,8 @@ class Swarm:
         spec = self.dir / f"{names[0]}.spec.json"
         spec.write_text(json.dumps({"dir": str(self.dir), "names": names, "boot": boot, "timeout": timeout,
                                     "want_peers": want_peers, "t_launch": time.time(),
-                                    "comm_args": getattr(self, "comm_args", {})}))
+                                    "comm_args": getattr(self, "comm_args", {}),
+                                    "shard_size": getattr(self, "shard_size", 0)}))
         return self._popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)], f"{names[0]}.log")
 
     def wait_files(self, names: list[str], suffix: str, timeout: float) -> dict[str, dict]:
@@ -681,11 +701,13 @@ class SocketMeter:
 
 
 def run_swarm(workdir: Path, n: int, per_proc: int, phases: list[dict], *, timeout: float, want_peers: int,
-              staggered: bool, raw: dict | None, log=print, code: Path = ROOT, comm_args: dict | None = None) -> dict:
+              staggered: bool, raw: dict | None, log=print, code: Path = ROOT, comm_args: dict | None = None,
+              shard_size: int = 0) -> dict:
     """Start a bootstrap and n peers (per_proc to a process), run `phases`, return every peer's records and
     their p2pd's TCP traffic per rounds phase."""
     sw = Swarm(workdir, code)
     sw.comm_args = comm_args or {}
+    sw.shard_size = shard_size
     load = [round(x, 1) for x in os.getloadavg()]  # others' work on this machine slows every timing here
     meter = SocketMeter()
     done = False
@@ -702,6 +724,15 @@ def run_swarm(workdir: Path, n: int, per_proc: int, phases: list[dict], *, timeo
         ready.update(sw.wait_files(names, "ready", 60 + 5 * n))
         all_up_s = time.time() - t_start
         log(f"  {n} peers up in {all_up_s:.1f} s ({len(chunks)} process(es))")
+        shards = 1
+        if shard_size:  # the keeper splits the topic as it counts the peers: rounds start once it has
+            from p2pswarm.comm.hivemind.gossip import shards_for
+
+            shards, t_shards = shards_for(n, shard_size), time.time()
+            if shards > 1:
+                wait_until_text(sw.dir / "boot.log", rf"to {shards} shard\(s\)", 180, "the keeper's shards")
+                time.sleep(2.0)  # every worker follows within 0.5 s of hearing the clock
+            log(f"  {shards} topic shard(s) of at most {shard_size} peers, after {time.time() - t_shards:.1f} s")
         # the schedule: rounds of each size on the wall clock, then the raw floor on the same bytes
         t = time.time() + 1.5
         plan, first_round, windows = [], 0, []
@@ -735,7 +766,7 @@ def run_swarm(workdir: Path, n: int, per_proc: int, phases: list[dict], *, timeo
         time.sleep(2 * meter.every)  # a sample after the last collect
         meter.stop()
         done = True
-        ret = {"n": n, "timeout": timeout, "per_process": per_proc, "all_up_s": all_up_s, "ready": ready, "results": results,
+        ret = {"n": n, "timeout": timeout, "shard_size": shard_size, "shards": shards, "per_process": per_proc, "all_up_s": all_up_s, "ready": ready, "results": results,
                "boot_cpu": boot_cpu, "boot_memory": boot_mem, "plan": plan,
                "loadavg": {"start": load, "end": [round(x, 1) for x in os.getloadavg()]},
                "traffic": traffic(meter, plan, ready, results, children(sw.boot.pid))}
@@ -1118,6 +1149,9 @@ def main() -> None:
     ap.add_argument("--comm-arg", action="append", default=[], metavar="KEY=JSON",
                     help="extra HivemindComm keyword for every peer, where the code under test accepts it "
                          "(e.g. sample_peers=8); ignored by a revision that has no such keyword")
+    ap.add_argument("--shard-size", type=int, default=0, metavar="N",
+                    help="the bootstrap keeps the clock and splits the topic into shards of at most N peers, which "
+                         "the peers follow (issue #13: per-peer traffic flat in N); 0: no keeper, one topic")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -1147,7 +1181,7 @@ def main() -> None:
                                 "loadavg_start": [round(x, 1) for x in load0],
                                 "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
                     "settings": {"collect_timeout_s": collect_timeout, "want_peers": 0, "round_period_s": period,
-                                 "comm_args": comm_args,
+                                 "comm_args": comm_args, "shard_size": args.shard_size,
                                  "payload_shape": {k: {"groups": g, "completions": c, "chars": ch} for k, (g, c, ch) in SIZES.items()},
                                  "raw_floor_reps": raw["reps"]},
                     "codes": [], "runs": [], "exchange": [], "peers": [], "simulations": [], "simulation_startup": []}
@@ -1160,7 +1194,8 @@ def main() -> None:
             for n in ns:
                 print(f"N={n}: {n} peer processes + bootstrap, staggered start, {phases}", flush=True)
                 run = run_swarm(work / f"{code['slug']}-n{n}", n, 1, phases, timeout=collect_timeout, want_peers=0,
-                                staggered=True, raw=raw, code=code["path"], comm_args=comm_args)
+                                staggered=True, raw=raw, code=code["path"], comm_args=comm_args,
+                                shard_size=args.shard_size)
                 ex = [e | {"code": label} for e in summarize_exchange(run, phases)]
                 pe = summarize_peers(run) | {"n": n, "code": label}
                 result["exchange"].extend(ex)
@@ -1180,13 +1215,14 @@ def main() -> None:
                 print(f"simulation: {sim_peers} peers, {per} per process, variants {variants} ({sim_rounds} rounds each)", flush=True)
                 mem_before = avail_mb()
                 run = run_swarm(work / f"{code['slug']}-sim{sim_peers}", sim_peers, per, phases_sim, timeout=args.sim_timeout,
-                                want_peers=0, staggered=False, raw=None, code=code["path"], comm_args=comm_args)
+                                want_peers=0, staggered=False, raw=None, code=code["path"], comm_args=comm_args,
+                                shard_size=args.shard_size)
                 st = summarize_peers(run) | {"peers": sim_peers, "peers_per_process": per, "mem_available_before_mb": mem_before,
                                              "code": label}
                 result["simulation_startup"].append(st)
                 print(f"  up in {st['all_up_s']} s; memory/peer {st['memory_mb_per_peer']}", flush=True)
                 for ph in phases_sim:
-                    sim = summarize_sim(run, ph) | {"peers_per_process": per, "code": label}
+                    sim = summarize_sim(run, ph) | {"peers_per_process": per, "code": label, "shards": run.get("shards", 1)}
                     result["simulations"].append(sim)
                     result["runs"].append(run_row(sim, label, "simulated"))
                     print(f"  [{ph['label']}] [{sim['transport']}] delivered {sim['delivery_fraction']} (per round "

@@ -18,7 +18,8 @@ def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("boots
           initial_peers: list[str] | None = None, announce_maddrs: list[str] | None = None,
           coordinator: bool = False, experiment: str = "default", state_dir: Optional[Path] = None,
           status_every: float = 60.0, quorum: int = 0, round_deadline: float = 300.0, chain: str | None = None,
-          chain_round_seconds: float = 30.0, chain_port: int = 0, quorum_fraction: float = 0.75) -> None:
+          chain_round_seconds: float = 30.0, chain_port: int = 0, quorum_fraction: float = 0.75,
+          shard_size: int = 32) -> None:
     from p2pswarm.comm.hivemind.bootstrap import BootstrapPeer
     from p2pswarm.comm.hivemind.node import NetConfig
     from p2pswarm.errors import UserError
@@ -31,7 +32,7 @@ def serve(host: str = "0.0.0.0", port: int = 38331, identity: Path = Path("boots
     try:  # this app's one catch: a bad identity file, a port in use, an unreachable peer: one line, exit 1
         peer = BootstrapPeer(identity, net, experiment=experiment, coordinator=coordinator, state_dir=state_dir,
                              quorum=quorum, deadline=round_deadline, fraction=quorum_fraction, chain=chain, chain_round_seconds=chain_round_seconds,
-                             chain_port=chain_port).start_node()
+                             chain_port=chain_port, shard_size=shard_size).start_node()
         for m in peer.maddrs:  # the first lines: what operators hand out
             print(m, flush=True)
         if peer.chain is not None:
@@ -76,6 +77,7 @@ def main_command(
     quorum: Annotated[int, typer.Option(help="--coordinator: advance when this many trainers finished (0: quorum-fraction)")] = 0,
     quorum_fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="--coordinator: advance when this share of the trainers that played the last round finished")] = 0.75,
     round_deadline: Annotated[float, typer.Option(help="--coordinator: advance this long after the first trainer finished")] = 300.0,
+    shard_size: Annotated[int, typer.Option(min=0, help="--coordinator: split the topic into shards of at most this many trainers (0: one topic)")] = 32,
     chain: Annotated[Optional[str], typer.Option(help="'local': serve a chain for the peers' round clock (anvil on 127.0.0.1, docs/chain.md)")] = None,
     chain_round_seconds: Annotated[float, typer.Option(help="--chain local: the contract's stage duration (the shortest round)")] = 30.0,
     chain_port: Annotated[int, typer.Option(help="--chain local: anvil's port (0: the one it had before, else any free)")] = 0,
@@ -83,7 +85,7 @@ def main_command(
     """Run a headless bootstrap peer: prints its multiaddrs first, logs a status line every minute,
     keeps its peer id across restarts, stops cleanly on SIGTERM."""
     serve(host, port, identity, initial_peers, announce_maddrs, coordinator, experiment, state_dir, status_every,
-          quorum, round_deadline, chain, chain_round_seconds, chain_port, quorum_fraction)
+          quorum, round_deadline, chain, chain_round_seconds, chain_port, quorum_fraction, shard_size)
 
 
 def main() -> None:

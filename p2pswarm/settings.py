@@ -172,6 +172,11 @@ class Settings(BaseSettings):
                                    description="comm=hivemind: the round keeper advances once this share of the "
                                                "trainers that played the last round finished this one (or at "
                                                "round_deadline)")
+    gossip_shard_size: int = Field(32, validation_alias=_env("gossip_shard_size"), ge=0,
+                                   description="comm=hivemind, the round keeper: split the swarm's topic into shards "
+                                               "of at most this many trainers (powers of two; peers follow the "
+                                               "keeper's clock), so a peer's topic traffic stays flat as the "
+                                               "swarm grows (0: one topic)")
     gossip_inline: bool = Field(False, validation_alias=_env("gossip_inline"),
                                 description="comm=hivemind: send batches up to 64 KiB on the topic itself, not only "
                                             "by pull (on by itself in client mode: peers may not dial us)")

@@ -41,6 +41,9 @@ def swarm(tmp_path_factory):
     try:
         for name in ("keeper", "ann", "cat", "mallory"):
             ident = Identity.load_or_create(d / f"{name}.key")
+            while name in ("cat", "mallory") and gossip.shard_of(ident.peer_id, 2) == gossip.shard_of(comms["ann"].peer_id, 2):
+                (d / f"{name}.key").unlink()  # in the other shard of two than ann (test_topic_shards...)
+                ident = Identity.load_or_create(d / f"{name}.key")
             boot = [] if name == "keeper" else comms["keeper"].node.maddrs
             node = HivemindNode(ident, d / f"{name}.key", NetConfig(host="127.0.0.1", initial_peers=boot,
                                                                     client_mode=name == "cat")).start()
@@ -191,6 +194,53 @@ def test_an_announcement_is_the_heartbeat_and_an_idle_peer_still_beats(swarm):
     idle = keeper.heartbeats
     wait_until(lambda: keeper.heartbeats > idle, WAIT, "a heartbeat from the idle keeper")
     assert "keeper" in members_of(cat)
+
+
+def test_topic_shards_follow_the_keepers_clock(swarm):
+    """Past gossip_shard_size trainers the keeper splits the topic: each peer announces and listens in its
+    own shard (fixed by its id), so what it hears no longer grows with the swarm; the keeper listens to all
+    of them for its quorum, and peers move back when the swarm shrinks."""
+    from p2pswarm.comm.hivemind.coordinator import RESHARD_EVERY
+
+    comms, keeper_clock, clocks = swarm
+    ann, cat, keeper = comms["ann"], comms["cat"], comms["keeper"]
+    wait_until(lambda: {"ann", "cat"} <= members_of(keeper), WAIT, "members")
+
+    def follow(shards):
+        keeper_clock._resharded = float("-inf")  # the test does not wait out RESHARD_EVERY
+        wait_until(lambda: keeper_clock.shards == shards, WAIT, f"the keeper at {shards} shard(s)")
+        wait_until(lambda: [clocks[n].current() is not None and comms[n].shards for n in ("ann", "cat")] == [shards] * 2,
+                   WAIT, f"ann and cat following {shards} shard(s)")
+
+    assert RESHARD_EVERY >= gossip.MEMBER_TTL
+    keeper_clock.shard_size = 1  # two trainers, at most one a shard: two shards
+    try:
+        follow(2)
+        assert ann.shard != cat.shard and ann.shard_topic != cat.shard_topic != ann.topic
+        assert keeper.all_shards and {gossip.topic(ann.swarm, 2, i) for i in (0, 1)} <= keeper.subscriptions.keys()
+        # Each announces in its own shard: the keeper hears both, neither hears the other, and neither waits for
+        # the other (it is not expected in its collect).
+        ann.publish(30, 0, groups(ann.peer_id))
+        cat.publish(30, 0, groups(cat.peer_id))
+        wait_until(lambda: {a.peer_id for a in keeper.book.announcements(30, 0)} == {ann.peer_id, cat.peer_id}, WAIT,
+                   "both announcements at the keeper")
+        t0 = time.monotonic()
+        assert ann.collect(30, 0) == [] and time.monotonic() - t0 < ann.timeout
+        assert cat.peer_id not in ann.live_peers() and ann.peer_id not in cat.live_peers()
+        assert {a.peer_id for a in ann.book.announcements(30, 0)} <= {ann.peer_id}
+        assert ann.counters()["gossip_shards"] == 2
+        # A peer speaking in a shard that is not its own is refused there and counted (nobody picks its crowd).
+        mallory, before = comms["mallory"], ann.book.drops["gossip_wrong_shard"]
+        beat = gossip.heartbeat(name="m", role="trainer", round=30, stage=0, finished=29)
+        mallory.node.call(mallory._publish(beat, topic=ann.shard_topic), timeout=10)
+        wait_until(lambda: ann.book.drops["gossip_wrong_shard"] > before, WAIT, "mallory refused in ann's shard")
+        assert mallory.peer_id not in ann.live_peers() and ann.per_peer[mallory.peer_id]["dropped_gossip_wrong_shard"] >= 1
+    finally:
+        keeper_clock.shard_size = 0  # back to one topic: everyone hears everyone again
+        follow(1)
+    ann.publish(31, 0, groups(ann.peer_id))
+    cat.publish(31, 0, groups(cat.peer_id))
+    assert [g.peer for g in ann.collect(31, 0)] == [cat.peer_id]
 
 
 def test_heartbeat_fields_in_an_announcement_are_checked_and_old_formats_still_parse():

@@ -55,7 +55,8 @@ def connect(settings: Settings, identity: Identity, key_path: str | Path, *, nam
         if settings.role == "coordinator" or not net.initial_peers:
             keeper = RoundKeeper(comm, state_dir / "round_clock.json" if state_dir else None,
                                  quorum=settings.collect_peers, deadline=settings.round_deadline,
-                                 fraction=settings.quorum_fraction, log_rounds=False)
+                                 fraction=settings.quorum_fraction, log_rounds=False,
+                                 shard_size=settings.gossip_shard_size)
     except BaseException:
         node.close()
         raise

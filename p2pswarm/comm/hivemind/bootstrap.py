@@ -22,7 +22,7 @@ log = logging.getLogger("p2pswarm.bootstrap")
 class BootstrapPeer:
     def __init__(self, identity_path: Path, net: NetConfig, *, experiment: str, coordinator: bool = False,
                  state_dir: Path | None = None, quorum: int = 0, deadline: float = 300.0, fraction: float = 0.75,
-                 chain: str | None = None,
+                 chain: str | None = None, shard_size: int = 32,
                  chain_round_seconds: float = 30.0, chain_port: int = 0):
         if chain not in (None, "local"):
             raise UserError(f"the bootstrap peer serves only --chain local (anvil on this machine), not {chain!r}: "
@@ -37,6 +37,7 @@ class BootstrapPeer:
         self.quorum = quorum
         self.deadline = deadline
         self.fraction = fraction
+        self.shard_size = shard_size
         self.identity = Identity.load_or_create(self.identity_path)
         self.node = self.comm = self.keeper = None
         self.started = time.time()
@@ -48,7 +49,8 @@ class BootstrapPeer:
         if host is not None:
             net = replace(net, host=host, client_mode=False)
         return cls(identity_path, net, experiment=settings.experiment, coordinator=coordinator, state_dir=state_dir,
-                   quorum=settings.collect_peers, deadline=settings.round_deadline, fraction=settings.quorum_fraction)
+                   quorum=settings.collect_peers, deadline=settings.round_deadline, fraction=settings.quorum_fraction,
+                   shard_size=settings.gossip_shard_size)
 
     def start(self) -> BootstrapPeer:
         return self.start_node().start_services()
@@ -85,7 +87,8 @@ class BootstrapPeer:
             self.comm = HivemindComm(self.node, self.experiment, name="bootstrap", role="bootstrap")
             if self.coordinator:
                 self.keeper = RoundKeeper(self.comm, self.state_dir / f"round_clock-{self.experiment}.json",
-                                          quorum=self.quorum, deadline=self.deadline, fraction=self.fraction)
+                                          quorum=self.quorum, deadline=self.deadline, fraction=self.fraction,
+                                          shard_size=self.shard_size)
         except BaseException:
             self.node.close()
             raise

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CLOCK_REFRESH = gossip.CLOCK_REFRESH
 CATCH_UP = 10_000  # rounds one keeper poll may advance over (all of them over already)
+RESHARD_EVERY = 2 * gossip.MEMBER_TTL  # the least time between two changes of the shard count
 
 
 def read_round(path: Path | None) -> int | None:
@@ -58,8 +59,11 @@ class RoundKeeper:
     """The keeper's loop, on the node's event loop: advance, persist, publish on the topic."""
 
     def __init__(self, comm: HivemindComm, state_path: Path | None, *, quorum: int = 0, deadline: float = 300.0,
-                 fraction: float = 1.0, poll: float = 0.25, log_rounds: bool = True):
+                 fraction: float = 1.0, poll: float = 0.25, log_rounds: bool = True, shard_size: int = 0):
         self.comm = comm
+        self.shard_size = shard_size  # trainers per topic shard aimed at (0: one topic, however many)
+        self.shards = 1
+        self._resharded = float("-inf")
         self.state_path = state_path
         self.rule = RoundRule(quorum=quorum, deadline=deadline, fraction=fraction)
         self.poll = poll
@@ -81,7 +85,7 @@ class RoundKeeper:
             write_round(self.state_path, self.round, self.started)
 
     async def _publish(self) -> None:
-        await self.comm._publish(gossip.clock(self.round, self.started))
+        await self.comm._publish(gossip.clock(self.round, self.started, self.shards), topic=self.comm.topic)
 
     def step(self, members: dict[str, records.Member]) -> bool:
         """Advance once if the round rule says the current round is over (the loop calls it again at once,
@@ -107,11 +111,25 @@ class RoundKeeper:
                 moved = 0
                 while moved < CATCH_UP and self.step(members):
                     moved += 1
+                moved += await self._reshard(members)
                 if moved or time.monotonic() - last_publish > CLOCK_REFRESH:
                     await self._publish()
                     last_publish = time.monotonic()
             except Exception as e:  # noqa: BLE001 - a daemon hiccup must not stop the clock
                 log.warning("round clock: %s: %s", type(e).__name__, e)
+
+    async def _reshard(self, members: dict[str, records.Member]) -> bool:
+        """Split the topic into more shards as trainers join (fewer as they leave), at most once per
+        RESHARD_EVERY; the keeper listens to every shard, for its quorum. Whether the count changed."""
+        trainers = sum(1 for m in members.values() if m.role == "trainer")
+        shards = gossip.shards_for(trainers, self.shard_size, self.shards)
+        if shards == self.shards or time.monotonic() - self._resharded < RESHARD_EVERY:
+            return False
+        log.info("%d live trainer(s): the topic goes from %d to %d shard(s) (about %d trainers each at most)",
+                 trainers, self.shards, shards, self.shard_size)
+        await self.comm._follow(shards, True)
+        self.shards, self._resharded = shards, time.monotonic()
+        return True
 
     def close(self) -> None:
         self._stopped = True
@@ -141,6 +159,7 @@ class DHTCoordinator(Coordinator):
         if self.keeper is not None:
             return self.seen.see([self.keeper.round])
         self.seen.see(self.comm.clock_rounds(self.trusted))
+        self.comm.follow_shards(self.comm.book.clock_shards(self.trusted))
         if self.seen.known:
             return self.seen.round
         if self.round_seconds > 0:

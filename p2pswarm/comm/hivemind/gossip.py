@@ -1,4 +1,6 @@
-"""The swarm's topic: one GossipSub topic per swarm (`p2pswarm/<swarm>/v1`) carrying small signed messages.
+"""The swarm's topic: one GossipSub topic per swarm (`p2pswarm/<swarm>/v1`) carrying small signed messages;
+past the keeper's shard size, one per shard (`.../v1/s<S>.<i>`, i = shard_of(peer id)) for heartbeats and
+announcements, the base topic keeping the clock (docs/hivemind.md "Topic shards").
 
     heartbeat     {k: "h", name, role, round, stage, finished, time, left, bridged, paused}   only when its
                   author published nothing carrying these fields for MEMBER_REFRESH, and at once when its
@@ -13,7 +15,7 @@
                   N x (messages each peer sends), and one message per publish instead of three is what
                   keeps that small beside the K payload pulls. An announcement without them (a relay, or an
                   older peer) only keeps its author live.
-    clock         {k: "c", round, started}   the keeper's round, at every change and every 5 s; followers
+    clock         {k: "c", round, started[, shards]}   the keeper's round (and topic shards), at every change and every 5 s; followers
                   take it only from the peer they trust (their initial peers, or coordinator_peer)
 
 The author of every message is its pubsub `from`, signed by that peer's Ed25519 key (libp2p StrictSign,
@@ -69,8 +71,42 @@ CATCHUP_REPLY_BYTES = 512 * 1024
 MAX_AUTHORS = 100_000  # bounds the memory of per-author state (rate buckets, members)
 
 
-def topic(swarm: str) -> str:
-    return f"p2pswarm/{swarm}/v1"
+MAX_SHARDS = 4096
+
+
+def topic(swarm: str, shards: int = 1, shard: int = 0) -> str:
+    """The swarm's topic; with `shards` > 1, the topic of one shard (the base topic keeps the clock)."""
+    base = f"p2pswarm/{swarm}/v1"
+    return base if shards <= 1 else f"{base}/s{shards}.{shard}"
+
+
+def shard_of(peer_id: str, shards: int) -> int:
+    """The shard a peer announces and heartbeats in: fixed by its id, so nobody picks a crowd to join."""
+    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:8], "big") % max(1, shards)
+
+
+def shards_for(trainers: int, shard_size: int, now: int = 1) -> int:
+    """Topic shards for `trainers` live trainers at most `shard_size` each: the smallest power of two that
+    does it. Fewer than `now` only once the shards would be at most a quarter full, so that a swarm near a
+    boundary does not move its peers back and forth. shard_size <= 0: one topic."""
+    if shard_size <= 0:
+        return 1
+    need = 1
+    while need < MAX_SHARDS and trainers > need * shard_size:
+        need *= 2
+    if need < now and trainers * 4 > now * shard_size:
+        return now
+    return need
+
+
+def is_swarm_topic(t: str, base: str) -> bool:
+    """`t` is the swarm's base topic or one of its shards' (`<base>/s<S>.<i>`, 1 < S <= MAX_SHARDS, i < S)."""
+    if t == base:
+        return True
+    head, _, tail = t.rpartition("/s")
+    s, _, i = tail.partition(".")
+    return (head == base and s.isdigit() and i.isdigit() and len(s) <= 4 and len(i) <= 4
+            and 1 < int(s) <= MAX_SHARDS and int(i) < int(s) and tail == f"{int(s)}.{int(i)}")
 
 
 # ---- messages -------------------------------------------------------------------------------------------------
@@ -105,8 +141,8 @@ def announcement(round: int, stage: int, digest: bytes, size: int, *, groups: in
     return msgpack.packb(v)
 
 
-def clock(round: int, started: float) -> bytes:
-    return msgpack.packb({"k": "c", "round": round, "started": started})
+def clock(round: int, started: float, shards: int = 1) -> bytes:
+    return msgpack.packb({"k": "c", "round": round, "started": started, **({"shards": shards} if shards > 1 else {})})
 
 
 def parse(author: str, data: bytes, now: float | None = None) -> tuple[str, Any]:
@@ -129,7 +165,9 @@ def parse(author: str, data: bytes, now: float | None = None) -> tuple[str, Any]
         m.expires = m.time + MEMBER_TTL
         return kind, m
     if kind == "c":
-        return kind, records.clock(author, v, now + 60.0, now)
+        c = records.clock(author, v, now + 60.0, now)
+        c.shards = V.field(v, "shards", V.integer, 1, MAX_SHARDS + 1, default=1)
+        return kind, c
     a = records.announcement(author, v, now + 60.0, now)
     a.round = V.field(v, "round", V.integer, 0)
     a.stage = V.field(v, "stage", V.integer, 0)
@@ -224,7 +262,8 @@ class Book:
 
     def _handle(self, msg: pb.PSMessage, via: str | None) -> str | None:
         size = len(msg.data)
-        if list(msg.topicIDs) != [self.topic]:  # signed for another swarm's topic, handed over to replay it here
+        topics = list(msg.topicIDs)
+        if len(topics) != 1 or not is_swarm_topic(topics[0], self.topic):  # another swarm's, replayed here
             self._drop(via, "wrong_topic", V.clip(list(msg.topicIDs)))
             return None
         author = verify_message(msg)
@@ -258,6 +297,11 @@ class Book:
                 return None
             self._drop(author, e.reason if e.reason in ("too_large",) else "malformed", str(e))
             return None
+        if kind != "c" and topics[0] != self.topic:  # a shard's topic: only its own peers speak there
+            shards, shard = (int(x) for x in topics[0].rpartition("/s")[2].split("."))
+            if shard_of(author, shards) != shard:
+                self._drop(author, "wrong_shard", f"{author[-8:]} in shard {shard} of {shards}")
+                return None
         self.bytes_in += size
         self.handled[kind] += 1
         if kind == "h":
@@ -342,6 +386,11 @@ class Book:
 
     def clock_rounds(self, trusted: set[str]) -> list[int]:
         return [c.round for p, c in self.clocks.items() if p in trusted]
+
+    def clock_shards(self, trusted: set[str]) -> int | None:
+        """The topic shards the furthest trusted clock says (None: no trusted clock heard)."""
+        clocks = [c for p, c in self.clocks.items() if p in trusted]
+        return max(clocks, key=lambda c: (c.round, c.started)).shards if clocks else None
 
     def catch_up_reply(self, round: int, stage: int, rng: random.Random) -> list[pb.PSMessage]:
         """What this node heard that a late joiner needs: the clocks, the live members' heartbeats, and at most

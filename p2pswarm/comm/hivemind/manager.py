@@ -71,7 +71,8 @@ class HivemindComm(SignedTransport):
         self.own_node = own_node
         self.rng = random.Random(seed)
         self.server = PayloadServer()
-        self.topic = gossip.topic(swarm)
+        self.topic = gossip.topic(swarm)  # the base topic: the clock, and everything while the swarm is one shard
+        self.shards, self.all_shards = 1, False  # as the keeper's clock says (follow_shards); the keeper: all
         self.book = gossip.Book(self.peer_id, self.topic, blame=self._blame_gossip)
         self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
         self.members: dict[str, records.Member] = {}
@@ -90,7 +91,9 @@ class HivemindComm(SignedTransport):
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
         node.call(node.p2p.add_binary_stream_handler(
             gossip.CATCHUP, lambda _i, r, w: gossip.serve_catchup(self.book, r, w, self.rng)), timeout=30)
-        self.subscription = node.call(Subscription(node.p2p, self.topic, self._on_message).start(), timeout=30)
+        self.subscriptions: dict[str, Subscription] = {}
+        self._gone_counts: Counter[str] = Counter()  # what closed subscriptions received and dropped
+        node.call(self._subscribe({self.topic}), timeout=30)
         node.call(self._heartbeat(), timeout=30)
         if node.net.initial_peers:  # members and the clock now, not within the next heartbeat period
             node.call(self._catch_up(-1, 0, [peer_id_of(m) for m in node.net.initial_peers]), timeout=30)
@@ -100,8 +103,9 @@ class HivemindComm(SignedTransport):
     async def _on_message(self, msg: Any) -> None:
         self.book.handle(msg)
 
-    async def _publish(self, data: bytes) -> None:
-        await publish(self.node.p2p, self.topic, data)
+    async def _publish(self, data: bytes, topic: str | None = None) -> None:
+        """On `topic`, by default this peer's shard's (the base topic while the swarm is one shard)."""
+        await publish(self.node.p2p, topic or self.shard_topic, data)
         self.published += 1
         self.published_bytes += len(data)
 
@@ -110,6 +114,69 @@ class HivemindComm(SignedTransport):
         (the overall count is in book.drops)."""
         self.per_peer[author][f"dropped_gossip_{reason}"] += 1
         self.ledger.offense(author, reason if reason in ("over_rate", "too_large", "bad_signature") else "malformed")
+
+    # ---- topic shards ---------------------------------------------------------------------------------------
+    @property
+    def shard(self) -> int:
+        return gossip.shard_of(self.peer_id, self.shards)
+
+    @property
+    def shard_topic(self) -> str:
+        return gossip.topic(self.swarm, self.shards, self.shard)
+
+    def in_my_shard(self, peer: str) -> bool:
+        """Whether `peer` announces where this peer listens (everyone, for the keeper or one shard)."""
+        return self.shards <= 1 or self.all_shards or gossip.shard_of(peer, self.shards) == self.shard
+
+    def _wanted_topics(self) -> set[str]:
+        if self.all_shards and self.shards > 1:
+            return {self.topic} | {gossip.topic(self.swarm, self.shards, i) for i in range(self.shards)}
+        return {self.topic, self.shard_topic}
+
+    async def _subscribe(self, topics: set[str]) -> None:
+        for t in sorted(topics - self.subscriptions.keys()):
+            self.subscriptions[t] = await Subscription(self.node.p2p, t, self._on_message).start()
+
+    def _unsubscribe(self, topics: list[str]) -> None:
+        for t in topics:
+            sub = self.subscriptions.pop(t, None)
+            if sub is not None:
+                self._gone_counts["received"] += sub.received
+                self._gone_counts.update({f"dropped_{k}": v for k, v in sub.dropped.items()})
+                sub.close()
+
+    def follow_shards(self, shards: int | None, *, all_shards: bool | None = None) -> None:
+        """Announce and heartbeat in this peer's shard of `shards` (what the keeper's clock says; None: no
+        word, stay), and listen there (`all_shards`: in every shard, as the keeper does for its quorum). The
+        old shard is still listened to for MEMBER_TTL, so what was said there before the move arrives."""
+        all_shards = self.all_shards if all_shards is None else all_shards
+        if shards is None or (shards, all_shards) == (self.shards, self.all_shards) or self._closed:
+            return
+        try:
+            self.node.call(self._follow(shards, all_shards), timeout=30)
+        except Exception as e:  # noqa: BLE001 - our own daemon: the next clock read tries again
+            log.warning("could not move to topic shard %d of %d: %s: %s", gossip.shard_of(self.peer_id, shards),
+                        shards, type(e).__name__, e)
+
+    async def _follow(self, shards: int, all_shards: bool) -> None:
+        moved = gossip.topic(self.swarm, shards, gossip.shard_of(self.peer_id, shards)) != self.shard_topic
+        before = (self.shards, self.all_shards)
+        self.shards, self.all_shards = shards, all_shards
+        try:
+            await self._subscribe(self._wanted_topics())
+        except BaseException:
+            self.shards, self.all_shards = before
+            raise
+        self.node.spawn(self._unsubscribe_later())
+        if moved:
+            await self._heartbeat()  # the new shard-mates hear of this peer now, not within MEMBER_REFRESH
+        log.info("the swarm's topic is in %d shard(s): %s", shards,
+                 "listening to all of them" if all_shards and shards > 1 else f"this peer is in shard {self.shard}")
+
+    async def _unsubscribe_later(self) -> None:
+        await asyncio.sleep(gossip.MEMBER_TTL)
+        if not self._closed:
+            self._unsubscribe([t for t in self.subscriptions if t not in self._wanted_topics()])
 
     async def _catch_up(self, round: int, stage: int, peers: list[str]) -> int:
         """Ask `peers` (at most CATCHUP_PEERS, at random) what they heard; the messages taken."""
@@ -163,7 +230,8 @@ class HivemindComm(SignedTransport):
 
     def live_trainers(self) -> set[str]:
         """Other members that train and play now (a paused one is waited for by nobody)."""
-        return {p for p, m in self.members.items() if m.role == "trainer" and not m.paused and p != self.peer_id}
+        return {p for p, m in self.members.items()
+                if m.role == "trainer" and not m.paused and p != self.peer_id and self.in_my_shard(p)}
 
     def live_peers(self) -> set[str]:
         return self.live_trainers()
@@ -229,9 +297,9 @@ class HivemindComm(SignedTransport):
     async def _mesh_short(self) -> bool:
         """Whether the topic has fewer peers than the mesh wants (MESH_D, or every other live member when
         fewer): a mesh still forming, in which a message may reach nobody beyond the peers it has."""
-        others = sum(1 for p in self.book.live_members() if p != self.peer_id)
+        others = sum(1 for p in self.book.live_members() if p != self.peer_id and self.in_my_shard(p))
         try:
-            return len(await topic_peers(self.node.p2p, self.topic, timeout=5)) < min(MESH_D, others)
+            return len(await topic_peers(self.node.p2p, self.shard_topic, timeout=5)) < min(MESH_D, others)
         except Exception as e:  # noqa: BLE001 - no answer from our own daemon: send the spare to be safe
             log.debug("topic peers: %s", e)
             return True
@@ -470,11 +538,17 @@ class HivemindComm(SignedTransport):
             # per-peer cost of the exchange (bench/swarm_exchange.py reads these)
             "gossip_sent": self.published, "gossip_bytes_sent": self.published_bytes,
             "gossip_heartbeats": self.heartbeats, "gossip_republished": self.republished,
-            "gossip_received": self.subscription.received, "gossip_bytes_in": self.book.bytes_in,
+            "gossip_received": self._gone_counts["received"] + sum(s.received for s in self.subscriptions.values()),
+            "gossip_bytes_in": self.book.bytes_in, "gossip_shards": self.shards,
             "pulls": self.pulls, "catchups": self.catchups,
         }
-        rejected = self.node.validator.rejected + self.book.drops + self.subscription.dropped
+        rejected = self.node.validator.rejected + self.book.drops
+        for sub in self.subscriptions.values():
+            rejected += sub.dropped
         out.update({f"dropped_{k}": v for k, v in rejected.items()})
+        for k, v in self._gone_counts.items():
+            if k.startswith("dropped_"):
+                out[k] = out.get(k, 0) + v
         return out
 
     def close(self) -> None:
@@ -487,7 +561,7 @@ class HivemindComm(SignedTransport):
                 self.node.call(asyncio.wait_for(self._heartbeat(left=True), 2), timeout=3)
             except Exception as e:  # noqa: BLE001
                 log.debug("leaving: %s", e)
-        self.node.loop.call_soon_threadsafe(self.subscription.close)
+        self.node.loop.call_soon_threadsafe(self._unsubscribe, list(self.subscriptions))
         self.run_close_callbacks()
         if self.own_node:
             self.node.close()

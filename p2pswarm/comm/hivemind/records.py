@@ -266,6 +266,7 @@ class Clock:
     peer_id: str
     round: int
     started: float
+    shards: int = 1  # topic shards the keeper says the swarm announces in (gossip.topic)
 
 
 # ---- parsing: every field checked (p2pswarm/validate.py) --------------------------------------------------
