@@ -968,12 +968,14 @@ def summarize_sim(run: dict, ph: dict) -> dict:
             for sender in names:
                 if sender == recv or rr is None or by[sender] is None:  # pairs where both took part in the round
                     continue
+                if not same_shard(run, recv, sender):  # with topic shards, pairs within a shard
+                    continue
                 expected += 1
                 if sender in rr["arrived"]:
                     delivered += 1
                     d += 1
                     lat.append(rr["arrived"][sender] - by[sender]["publish_start"])
-        both = sum(1 for a in names for b in names if a != b and by[a] and by[b])
+        both = sum(1 for a in names for b in names if a != b and by[a] and by[b] and same_shard(run, a, b))
         per_round.append(round(d / both, 4) if both else None)
     return {"peers": n, "transport": transport(run), "imported_from": imported_from(run), "loadavg": run.get("loadavg"), "processes": len({v["startup"]["launch"] for v in res.values()}), "variant": label,
             "rounds": len(rounds), "round_period_s": ph["period"], "collect_timeout_s": run["timeout"], "want_peers": want,
@@ -1010,6 +1012,18 @@ def transport(run: dict) -> str:
     return kinds[0] if len(kinds) == 1 else "+".join(kinds)
 
 
+def same_shard(run: dict, a: str, b: str) -> bool:
+    """Whether peers a and b announce in the same topic shard (always, with one topic): a peer draws its K
+    announcers among its shard's, so only those pairs are wanted."""
+    shards = run.get("shards", 1)
+    if shards <= 1:
+        return True
+    from p2pswarm.comm.hivemind.gossip import shard_of
+
+    ids = {n: run["ready"][n]["peer_id"] for n in (a, b)}
+    return shard_of(ids[a], shards) == shard_of(ids[b], shards)
+
+
 def wanted_met(run: dict, res: dict, names: list[str], rounds: list[int], row, want: int | None = None) -> float | None:
     """Share of the batches the collects asked for that arrived: min(K, others in the round) per collect, where K
     is the phase's want_peers, else the code's own sample size (`sample_peers`, gossip) or want_peers, and 0
@@ -1022,7 +1036,7 @@ def wanted_met(run: dict, res: dict, names: list[str], rounds: list[int], row, w
                 continue
             cs = run["ready"].get(recv, {}).get("comm_settings", {})
             k = want if want else (cs.get("sample_peers") or cs.get("want_peers") or 0)
-            others = [s for s in names if s != recv and by[s]]
+            others = [s for s in names if s != recv and by[s] and same_shard(run, recv, s)]
             t = min(k, len(others)) if k else len(others)
             target += t
             got += min(t, sum(1 for s in others if s in rr["arrived"]))
