@@ -399,6 +399,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-s", type=float, default=Params.work_s, help="seconds from round start to publish (10: a ~14 s round, as in bench/swarm_exchange.py's simulations)")
     ap.add_argument("--cadence", choices=("new", "old"), default="new", help="whose topic cadence: this code's or the one before issue #13's traffic work")
+    ap.add_argument("--shard-size", type=int, default=0, metavar="N",
+                    help="topic shards of at most N peers, as the keeper splits them (gossip.shards_for): one shard "
+                         "is simulated, since shards share nothing but the keeper and the base topic's clock")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sizes = args.peers or ([1000] if args.quick else [1000, 10000])
@@ -417,14 +420,25 @@ def main() -> None:
         for n in sizes:
             t0, c0 = time.time(), time.process_time()
             sizes_of = {"old": {"announce_bytes": 101, "heartbeat_bytes": 92}, "new": {}}[args.cadence]
-            p = Params(peers=n, rounds=args.rounds, sample_peers=args.sample_peers, sources=args.sources, seed=args.seed,
+            shards = 1
+            if args.shard_size:
+                import sys
+
+                sys.path.insert(0, str(ROOT))
+                from p2pswarm.comm.hivemind.gossip import shards_for
+
+                shards = shards_for(n, args.shard_size)
+            p = Params(peers=-(-n // shards), rounds=args.rounds, sample_peers=args.sample_peers, sources=args.sources, seed=args.seed,
                        calibration=cal, cadence=args.cadence, work_s=args.work_s, **sizes_of, **extra)
-            res = simulate(p) | {"scenario": sc, "peers": n, "wall_s": round(time.time() - t0, 1),
+            res = simulate(p) | {"scenario": sc, "peers": n, "shards": shards, "peers_per_shard": p.peers,
+                                 "wall_s": round(time.time() - t0, 1),
                                  "cpu_s": round(time.process_time() - c0, 1)}  # wall time moves with the machine's load
             result["runs"].append(res)
             s, c = res["steady_state"], res["churn"]
             pp = s["per_peer_per_round"]
-            print(f"[{sc}] {n} peers (K={p.sample_peers}, D={p.D}): wanted met {s['wanted_fraction_met']}, per peer/round "
+            if shards > 1:  # the keeper is in every shard's mesh: about S times a member's topic bytes (each way)
+                res["keeper_topic_bytes_per_round_estimate"] = round(shards * pp["of_which_topic_bytes_sent_mean"])
+            print(f"[{sc}] {n} peers in {shards} shard(s) of {p.peers} (K={p.sample_peers}, D={p.D}): wanted met {s['wanted_fraction_met']}, per peer/round "
                   f"{pp['messages_sent']['mean']} msgs, {pp['bytes_sent']['mean'] / 1e6:.2f} MB out "
                   f"(topic {pp['of_which_topic_bytes_sent_mean'] / 1e6:.2f} MB), {pp['bytes_received']['mean'] / 1e6:.2f} MB in; "
                   f"busiest serves {s['busiest_peer']['pulls_served']} pulls; reach p99 {s['announce_reach_s']['p99']} s; "

@@ -366,3 +366,24 @@ def test_quorum_fraction_advances_without_the_slowest():
     # Trainers that did not play the last round (gone, or only pretending) are not counted at all.
     idle = {**{f"q{i}": Progress(1, 1) for i in range(100)}, "a": Progress(5, 5), "b": Progress(5, 5)}
     assert should_advance(5, idle, quorum=0, deadline=300, first_done_at=now, now=now, fraction=0.75)
+
+
+def test_shard_rules():
+    # As many shards as keep each at most shard_size trainers, in powers of two; fewer only once the shards
+    # would be at most a quarter full (no moving peers back and forth at a boundary); 0: one topic.
+    assert [gossip.shards_for(n, 32) for n in (0, 32, 33, 64, 65, 1000)] == [1, 1, 2, 2, 4, 32]
+    assert gossip.shards_for(40, 32, now=4) == 4 and gossip.shards_for(33, 32, now=4) == 4
+    assert gossip.shards_for(32, 32, now=4) == 1 and gossip.shards_for(17, 32, now=2) == 2
+    assert gossip.shards_for(10**9, 32) == gossip.MAX_SHARDS and gossip.shards_for(500, 0, now=8) == 1
+    # A peer's shard is fixed by its id, and ids spread evenly over the shards.
+    ids = [Identity.generate().peer_id for _ in range(4000)]
+    counts = Counter(gossip.shard_of(p, 8) for p in ids)
+    assert set(counts) == set(range(8)) and max(counts.values()) < 1.25 * min(counts.values())
+    assert all(gossip.shard_of(p, 8) == gossip.shard_of(p, 8) for p in ids[:10]) and gossip.shard_of(ids[0], 1) == 0
+    # The swarm's topics: the base and its shards' (nothing else, no other swarm's, no odd spelling).
+    base = gossip.topic("s")
+    assert gossip.topic("s", 1, 0) == base and gossip.topic("s", 4, 3) == base + "/s4.3"
+    assert all(gossip.is_swarm_topic(t, base) for t in (base, base + "/s4.3", base + "/s4096.0"))
+    assert not any(gossip.is_swarm_topic(t, base) for t in (
+        base + "/s4.4", base + "/s1.0", base + "/s04.1", base + "/s4.1/x", base + "/s8192.1", gossip.topic("t", 4, 1),
+        base + "/s4.-1", base + "/s", base + "x", "", base + "/s4.1 "))

@@ -90,7 +90,8 @@ class RoundKeeper:
     def step(self, members: dict[str, records.Member]) -> bool:
         """Advance once if the round rule says the current round is over (the loop calls it again at once,
         so a clock that fell behind the trainers, e.g. while one played alone, catches up in one poll)."""
-        trainers = {p: Progress(m.round, m.finished) for p, m in members.items() if m.role == "trainer" and not m.paused}
+        trainers = {p: Progress(m.round, m.finished) for p, m in members.items()
+                    if m.role == "trainer" and not m.paused and self.comm.in_my_shard(p)}  # its shards: a uniform sample
         if not self.rule.step(self.round, trainers):
             return False
         done = sum(1 for p in trainers.values() if p.finished >= self.round)
@@ -120,8 +121,10 @@ class RoundKeeper:
 
     async def _reshard(self, members: dict[str, records.Member]) -> bool:
         """Split the topic into more shards as trainers join (fewer as they leave), at most once per
-        RESHARD_EVERY; the keeper listens to every shard, for its quorum. Whether the count changed."""
-        trainers = sum(1 for m in members.values() if m.role == "trainer")
+        RESHARD_EVERY; the keeper listens to the first KEEPER_SHARDS shards (all, in a swarm of up to ~500
+        trainers), for its quorum, and counts the swarm from them. Whether the count changed."""
+        heard = sum(1 for p, m in members.items() if m.role == "trainer" and self.comm.in_my_shard(p))
+        trainers = heard * self.shards // self.comm.listened_shards
         shards = gossip.shards_for(trainers, self.shard_size, self.shards)
         if shards == self.shards or time.monotonic() - self._resharded < RESHARD_EVERY:
             return False

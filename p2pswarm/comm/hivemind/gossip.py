@@ -72,6 +72,7 @@ MAX_AUTHORS = 100_000  # bounds the memory of per-author state (rate buckets, me
 
 
 MAX_SHARDS = 4096
+KEEPER_SHARDS = 16  # shards the keeper listens to (the first ones): all of a swarm up to ~500 trainers, a sample beyond
 
 
 def topic(swarm: str, shards: int = 1, shard: int = 0) -> str:

@@ -125,12 +125,21 @@ class HivemindComm(SignedTransport):
         return gossip.topic(self.swarm, self.shards, self.shard)
 
     def in_my_shard(self, peer: str) -> bool:
-        """Whether `peer` announces where this peer listens (everyone, for the keeper or one shard)."""
-        return self.shards <= 1 or self.all_shards or gossip.shard_of(peer, self.shards) == self.shard
+        """Whether `peer` announces where this peer listens: its own shard, or the keeper's sample of them."""
+        if self.shards <= 1:
+            return True
+        i = gossip.shard_of(peer, self.shards)
+        return i < self.listened_shards if self.all_shards else i == self.shard
+
+    @property
+    def listened_shards(self) -> int:
+        """How many shards the keeper listens to (0 .. this - 1): all of them up to KEEPER_SHARDS, a sample
+        beyond, so that its load too stays bounded (its quorum is a fraction, which a sample estimates)."""
+        return min(self.shards, gossip.KEEPER_SHARDS)
 
     def _wanted_topics(self) -> set[str]:
         if self.all_shards and self.shards > 1:
-            return {self.topic} | {gossip.topic(self.swarm, self.shards, i) for i in range(self.shards)}
+            return {self.topic} | {gossip.topic(self.swarm, self.shards, i) for i in range(self.listened_shards)}
         return {self.topic, self.shard_topic}
 
     async def _subscribe(self, topics: set[str]) -> None:
@@ -147,7 +156,7 @@ class HivemindComm(SignedTransport):
 
     def follow_shards(self, shards: int | None, *, all_shards: bool | None = None) -> None:
         """Announce and heartbeat in this peer's shard of `shards` (what the keeper's clock says; None: no
-        word, stay), and listen there (`all_shards`: in every shard, as the keeper does for its quorum). The
+        word, stay), and listen there (`all_shards`: in the keeper's sample of shards, for its quorum). The
         old shard is still listened to for MEMBER_TTL, so what was said there before the move arrives."""
         all_shards = self.all_shards if all_shards is None else all_shards
         if shards is None or (shards, all_shards) == (self.shards, self.all_shards) or self._closed:
@@ -171,7 +180,8 @@ class HivemindComm(SignedTransport):
         if moved:
             await self._heartbeat()  # the new shard-mates hear of this peer now, not within MEMBER_REFRESH
         log.info("the swarm's topic is in %d shard(s): %s", shards,
-                 "listening to all of them" if all_shards and shards > 1 else f"this peer is in shard {self.shard}")
+                 f"listening to {self.listened_shards} of them" if all_shards and shards > 1
+                 else f"this peer is in shard {self.shard}")
 
     async def _unsubscribe_later(self) -> None:
         await asyncio.sleep(gossip.MEMBER_TTL)
