@@ -107,7 +107,9 @@ class BootstrapPeer:
         members = self.node.call(self.comm.fetch_members(), timeout=10)
         connected = self.node.call(self.node.p2p.list_peers(), timeout=10)
         trainers = [m for m in members.values() if m.role == "trainer"]
-        return {"peers_connected": len(connected), "trainers": len(trainers),
+        shards, listened = self.comm.shards, self.comm.listened_shards if self.comm.all_shards else self.comm.shards
+        heard = sum(1 for m in trainers if self.comm.in_my_shard(m.peer_id))  # past 16 shards, a sample of them
+        return {"peers_connected": len(connected), "trainers": heard * shards // max(1, listened), "topic_shards": shards,
                 "round": self.keeper.round if self.keeper else max((m.round for m in trainers), default=-1),
                 "uptime_s": round(time.time() - self.started),
                 "dropped": sum(v for k, v in self.comm.counters().items() if k.startswith("dropped_") and isinstance(v, int)),
@@ -128,7 +130,8 @@ class BootstrapPeer:
     def status_line(self) -> str:
         s = self.status()
         return (f"status: {s['peers_connected']} peer(s) connected, {s['trainers']} trainer(s) in "
-                f"'{self.experiment}', round {s['round']}" + (" (coordinator)" if self.keeper else "")
+                f"'{self.experiment}'" + (f" in {s['topic_shards']} topic shards" if s["topic_shards"] > 1 else "")
+                + f", round {s['round']}" + (" (coordinator)" if self.keeper else "")
                 + (f", {s['dropped']} bad record(s)/payload(s) dropped" if s["dropped"] else "")
                 + (f", {s['not_waited_for']} stalling trainer(s) not waited for" if s["not_waited_for"] else "")
                 + (f", chain round {s['chain_round']}" if s["chain_round"] is not None else ""))
