@@ -279,6 +279,7 @@ def worker(spec_path: str) -> None:
                     groups = make_groups(ph["size"], comm.peer_id, seed=zlib.crc32(f"{name}/{ph['size']}".encode()))
                     comm.want_peers = ph.get("want_peers", spec["want_peers"])
                     VALIDATION_CACHE["on"] = ph.get("cache", False)
+                    topic0 = topic_counts(comm)
                     for k in range(ph["rounds"]):
                         r = ph["first_round"] + k
                         wait_until(ph["t0"] + k * ph["period"])
@@ -310,6 +311,8 @@ def worker(spec_path: str) -> None:
                                        "groups": len(swarm), "bytes": len(served(comm, r)),
                                        "seen": {ids_rev[p]: t for (rr, _, p), t in comm.seen_at.items() if rr == r and p in ids_rev},
                                        "arrived": {ids_rev[p]: t for (rr, _, p), t in comm.arrived_at.items() if rr == r and p in ids_rev}})
+                    topic1 = topic_counts(comm)  # the topic's own messages over the phase (not TCP segments)
+                    out.setdefault("topic", {})[ph["label"]] = {k: topic1[k] - topic0[k] for k in topic1}
                 elif ph["kind"] == "raw":  # the floor: the same bytes through the DHT, and one raw stream pull
                     me = order.index(comm.peer_id)
                     nb = order[(me + 1) % len(order)]
@@ -388,6 +391,17 @@ def worker(spec_path: str) -> None:
             except Exception:  # noqa: BLE001
                 node.close()
             print(f"{name}: closed in {time.time() - t:.2f} s", flush=True)
+
+
+TOPIC_COUNTERS = ("gossip_sent", "gossip_received", "gossip_bytes_sent", "gossip_bytes_in", "catchups")
+
+
+def topic_counts(comm) -> dict[str, int]:
+    try:
+        c = comm.counters()
+    except Exception:  # noqa: BLE001 - another revision's counters
+        return {k: 0 for k in TOPIC_COUNTERS}
+    return {k: int(c.get(k, 0) or 0) for k in TOPIC_COUNTERS}
 
 
 def _has_params(fn, names: list[str]) -> bool:
@@ -983,6 +997,9 @@ def summarize_sim(run: dict, ph: dict) -> dict:
             "delivery_fraction": round(delivered / expected, 4) if expected else None,
             "wanted_fraction_met": wanted_met(run, res, names, rounds, lambda nm, rnd: next((r for r in res[nm]["rounds"] if r["round"] == rnd), None), want),
             "per_peer_per_round": traffic_summary(run, label),
+            "topic_per_peer_round": {k: round(statistics.fmean(
+                v.get("topic", {}).get(label, {}).get(k, 0) for v in res.values()) / max(1, len(rounds)), 1)
+                for k in TOPIC_COUNTERS},
             "cpu_s_per_peer_round": cpu_per_round(run, label, n, len(rounds)),
             "dht_polls_per_collect_p50": pct([r["polls"] for nm in names for r in res[nm]["rounds"]], .5),
             "round_errors": sorted({r["error"] for nm in names for r in res[nm]["rounds"] if r.get("error")}),
@@ -1242,7 +1259,9 @@ def main() -> None:
                     print(f"  [{ph['label']}] [{sim['transport']}] delivered {sim['delivery_fraction']} (per round "
                           f"{sim['delivery_fraction_per_round']}), wanted met {sim['wanted_fraction_met']}, latency "
                           f"{sim['latency_ms']}, collect {sim['collect_ms']}, publish {sim['publish_ms']}, skipped "
-                          f"{sim['rounds_skipped_fraction']}, per peer per round {brief_traffic(sim['per_peer_per_round'])}",
+                          f"{sim['rounds_skipped_fraction']}, per peer per round {brief_traffic(sim['per_peer_per_round'])}; "
+                          f"topic messages sent / read {sim['topic_per_peer_round']['gossip_sent']} / "
+                          f"{sim['topic_per_peer_round']['gossip_received']}",
                           flush=True)
     finally:
         result["machine"]["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
