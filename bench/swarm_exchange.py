@@ -1074,6 +1074,36 @@ def skipped_fraction(results: dict, label: str) -> float:
     return round(skipped / (done + skipped), 3) if done + skipped else 0.0
 
 
+def plot_traffic(paths: list[Path], out: Path) -> None:
+    """Per-peer bytes and TCP segments out per round against N, one line per result file (e.g. one topic
+    against topic shards): whether a peer's cost is flat in N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for path in paths:
+        res = json.loads(path.read_text())
+        size = res.get("settings", {}).get("shard_size", 0)
+        label = f"topic shards of {size}" if size else "one topic"
+        sims = sorted((s for s in res.get("simulations", []) if s.get("per_peer_per_round")), key=lambda s: s["peers"])
+        ns = [s["peers"] for s in sims]
+        for ax, key, scale in ((axes[0], "bytes_sent", 1024), (axes[1], "messages_sent", 1)):
+            ax.plot(ns, [s["per_peer_per_round"][key]["mean"] / scale for s in sims], "o-", label=label)
+    for ax, title in zip(axes, ("KiB out per peer and round", "TCP segments out per peer and round")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("simulated peers (K = 8)")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("a peer's cost as the swarm grows, 127.0.0.1 (bench/swarm_exchange.py --plot-traffic)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -1183,6 +1213,9 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=0, metavar="N",
                     help="the bootstrap keeps the clock and splits the topic into shards of at most N peers, which "
                          "the peers follow (issue #13: per-peer traffic flat in N); 0: no keeper, one topic")
+    ap.add_argument("--plot-traffic", type=Path, nargs="+", metavar="JSON",
+                    help="draw per-peer bytes and segments against N, a line per result file, to --out (default "
+                         "results/swarm_exchange.traffic.png), then exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -1190,6 +1223,9 @@ def main() -> None:
         return
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
+    if args.plot_traffic:
+        plot_traffic(args.plot_traffic, args.out or RESULTS / "swarm_exchange.traffic.png")
         return
     quick = args.quick
     ns = args.ns if args.ns is not None else ([4] if quick else [2, 4, 8])
