@@ -387,3 +387,21 @@ def test_shard_rules():
     assert not any(gossip.is_swarm_topic(t, base) for t in (
         base + "/s4.4", base + "/s1.0", base + "/s04.1", base + "/s4.1/x", base + "/s8192.1", gossip.topic("t", 4, 1),
         base + "/s4.-1", base + "/s", base + "x", "", base + "/s4.1 "))
+
+
+def test_a_keeper_persists_its_round_and_shards(tmp_path):
+    """A restarted keeper resumes its round and its topic shards (else its first clock would move the whole
+    swarm back to one topic); anything odd in the file resumes nothing it cannot trust."""
+    from p2pswarm.comm.hivemind.coordinator import read_state, write_round
+
+    p = tmp_path / "round_clock.json"
+    assert read_state(p) == (None, 1)
+    write_round(p, 7, 1.0, 4)
+    assert read_state(p) == (7, 4)
+    for bad in ('{"round": 7, "shards": 0}', '{"round": 7, "shards": true}', '{"round": 7, "shards": 99999}',
+                '{"round": 7}', '{"round": 7, "shards": 2.0}'):
+        p.write_text(bad)
+        assert read_state(p) == (7, 1), bad
+    for bad in ('{"round": true}', "junk", "[]", '{"round": 1.5}'):
+        p.write_text(bad)
+        assert read_state(p) == (None, 1), bad

@@ -43,16 +43,24 @@ RESHARD_EVERY = 2 * gossip.MEMBER_TTL  # the least time between two changes of t
 
 
 def read_round(path: Path | None) -> int | None:
+    return read_state(path)[0]
+
+
+def read_state(path: Path | None) -> tuple[int | None, int]:
+    """(round, topic shards) a keeper persisted; (None, 1) when there is nothing valid to resume."""
     try:
         state = json.loads(Path(path).read_text()) if path else None
     except (OSError, ValueError):
-        return None
-    return state["round"] if isinstance(state, dict) and isinstance(state.get("round"), int) else None
+        return None, 1
+    if not isinstance(state, dict) or type(state.get("round")) is not int:
+        return None, 1
+    shards = state.get("shards", 1)
+    return state["round"], shards if type(shards) is int and 1 <= shards <= gossip.MAX_SHARDS else 1
 
 
-def write_round(path: Path, round: int, started: float) -> None:
+def write_round(path: Path, round: int, started: float, shards: int = 1) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"round": round, "started": started}))
+    atomic_write_text(path, json.dumps({"round": round, "started": started, "shards": shards}))
 
 
 class RoundKeeper:
@@ -68,13 +76,16 @@ class RoundKeeper:
         self.rule = RoundRule(quorum=quorum, deadline=deadline, fraction=fraction)
         self.poll = poll
         self.log_rounds = log_rounds  # a training node that keeps the clock prints round lines already
-        saved = read_round(state_path)
+        saved, shards = read_state(state_path)
         self.round = saved if saved is not None else 0
         self.started = time.time()
         if saved is not None:
             log.info("round clock resumed at round %d (from %s)", self.round, state_path)
         else:
             log.info("round clock starts at round 0")
+        if shards > 1 and shard_size > 0:  # a restarted keeper does not move the whole swarm back to one topic
+            comm.node.call(comm._follow(shards, True), timeout=30)
+            self.shards, self._resharded = shards, time.monotonic()
         self._persist()
         comm.node.call(self._publish(), timeout=30)
         self._stopped = False
@@ -82,7 +93,7 @@ class RoundKeeper:
 
     def _persist(self) -> None:
         if self.state_path is not None:
-            write_round(self.state_path, self.round, self.started)
+            write_round(self.state_path, self.round, self.started, self.shards)
 
     async def _publish(self) -> None:
         await self.comm._publish(gossip.clock(self.round, self.started, self.shards), topic=self.comm.topic)
@@ -132,6 +143,7 @@ class RoundKeeper:
                  trainers, self.shards, shards, self.shard_size)
         await self.comm._follow(shards, True)
         self.shards, self._resharded = shards, time.monotonic()
+        self._persist()
         return True
 
     def close(self) -> None:
