@@ -65,6 +65,25 @@ def test_bootstrap_and_three_peers_one_in_client_mode(procs, tmp_path):
     procs.wait_for("boot2", rf"round clock resumed at round {last} ", 60)
 
 
+@pytest.mark.slow
+def test_peers_follow_the_bootstraps_topic_shards_and_play_on(procs, tmp_path):
+    """`bootstrap --coordinator --shard-size N` splits the topic once it counts more than N trainers; the
+    nodes follow its clock into their shards and keep playing rounds across the move."""
+    boot = start_bootstrap(procs, "boot", "--coordinator", "--shard-size", "1")
+    names = ["ann", "bob"]
+    for n in names:
+        procs.start(n, peer_cmd(tmp_path, n, boot, ENDLESS))
+    procs.wait_for("boot", r"2 live trainer\(s\): the topic goes from 1 to 2 shard\(s\)", HANG)
+    sharded = lambda n: [r["round"] for r in metrics(tmp_path, n) if r["comm"].get("gossip_shards") == 2]  # noqa: E731
+    wait_until(lambda: all(len(sharded(n)) >= 2 for n in names), HANG, "two rounds played by each in 2 shards",
+               lambda: "".join(f"--- {n}\n{procs.log(n)[-1500:]}" for n in names))
+    for n in names:
+        assert "the swarm's topic is in 2 shard(s): this peer is in shard" in procs.log(n)
+        rounds = [r["round"] for r in metrics(tmp_path, n)]
+        assert rounds == sorted(set(rounds)), (n, rounds)  # no round played twice across the move
+    procs.wait_for("boot", r"status: .* in 2 topic shards", 60)
+
+
 def checkpoint_rounds(run) -> list[int]:
     folder = run / "checkpoints"
     return sorted(int(p.name.split("_")[1]) for p in folder.glob("round_*")) if folder.exists() else []
