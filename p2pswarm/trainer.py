@@ -25,6 +25,7 @@ from p2pswarm import grpo
 from p2pswarm.components import Trainer, TrainStats
 from p2pswarm.decoding import Decoder
 from p2pswarm.errors import UserError
+from p2pswarm.rewards import extract_answer
 from p2pswarm.selection import Selector
 from p2pswarm.types import GameState, Group, Task
 
@@ -138,14 +139,18 @@ class GRPOTrainer(Trainer):
         return groups
 
     def evaluate(self, tasks: list[Task], score: Callable[[Task, str], float], batch: int = 64) -> dict[str, float]:
-        """Greedy accuracy on held-out tasks: the mean, and one figure per dataset."""
+        """Greedy accuracy on held-out tasks: the mean, one figure per dataset, and the share of answers in an
+        <answer> block (`eval_answer_tagged`: a policy that answers in words scores 0 however right it is)."""
         per: dict[str, list[float]] = defaultdict(list)
+        tagged = 0
         for i in range(0, len(tasks), batch):
             chunk = tasks[i : i + batch]
             for t, ids in zip(chunk, self._sample(chunk, 1, greedy=True, progress=None)):
-                per[t.dataset].append(score(t, self._decode(ids[0])))
+                text = self._decode(ids[0])
+                per[t.dataset].append(score(t, text))
+                tagged += extract_answer(text) is not None
         scores = [x for v in per.values() for x in v]
-        out = {"eval_reward": sum(scores) / max(len(scores), 1)}
+        out = {"eval_reward": sum(scores) / max(len(scores), 1), "eval_answer_tagged": tagged / max(len(scores), 1)}
         out.update({f"eval_{k}": sum(v) / len(v) for k, v in sorted(per.items())})
         return out
 

@@ -268,5 +268,5 @@ def test_eval_scores_the_games_held_out_split_with_its_judge():
     res = run_process(cli("eval", "--set", "game=tictactoe", "--size", "20", "--json"), HANG)
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout[res.stdout.index("{"):])
-    assert set(result) == {"eval_reward", "eval_tictactoe"}
+    assert set(result) == {"eval_reward", "eval_tictactoe", "eval_answer_tagged"} and 0 <= result["eval_answer_tagged"] <= 1
     assert 0.0 <= result["eval_tictactoe"] == result["eval_reward"] <= REWARD_WIN

@@ -142,3 +142,16 @@ def test_save_and_load_restore_weights_and_optimizer(tmp_path, fresh_policy, pol
             assert torch.equal(loaded[i][name], saved[i][name]), (i, name)
         assert torch.equal(torch.as_tensor(loaded[i]["step"]), torch.as_tensor(saved[i]["step"])), i
     assert t2.rng.random() == t.rng.random()
+
+
+def test_evaluate_says_how_many_answers_were_tagged(tmp_path, fresh_policy):
+    """Greedy held-out accuracy counts only answers in an <answer> block, so a policy that answers in words
+    scores 0 however right it is: `eval_answer_tagged` says which of the two a low figure is."""
+    from p2pswarm.rewards import extract_answer
+
+    model, tok = fresh_policy
+    trainer = GRPOTrainer(model, tok, make_settings(tmp_path))
+    texts = []
+    out = trainer.evaluate(tasks_with_prompts(12), lambda t, text: texts.append(text) or 0.0)
+    assert len(texts) == 12 and out["eval_reward"] == 0.0
+    assert out["eval_answer_tagged"] == sum(extract_answer(t) is not None for t in texts) / 12
