@@ -243,6 +243,23 @@ def test_topic_shards_follow_the_keepers_clock(swarm):
     assert [g.peer for g in ann.collect(31, 0)] == [cat.peer_id]
 
 
+def test_relays_beyond_what_their_author_bridges_are_refused_as_they_come(swarm):
+    """A peer relaying more origins than its heartbeat says it bridges is relaying invented identities: the
+    excess is refused and counted on arrival, whether or not a collect of that slot is running, so it neither
+    fills the book nor crowds the catch-up replies that hand on a random sample of a slot's announcements."""
+    comms, _, _ = swarm
+    ann, mallory = comms["ann"], comms["mallory"]
+    wait_until(lambda: mallory.peer_id in ann.book.members, WAIT, "mallory known to ann")
+    assert ann.book.members[mallory.peer_id].bridged == 0 and ann.book.relay_cap(mallory.peer_id) == 1
+    before = ann.book.drops["gossip_relay_limit"]
+    for _ in range(3):
+        origin = Identity.generate().peer_id
+        mallory.node.call(mallory._publish(gossip.announcement(40, 0, os.urandom(32), 1000, origin=origin)), timeout=10)
+    wait_until(lambda: ann.book.drops["gossip_relay_limit"] >= before + 2, WAIT, "two of three relays refused at ann")
+    assert [a.peer_id for a in ann.book.announcements(40, 0)] == [mallory.peer_id]
+    assert ann.per_peer[mallory.peer_id]["dropped_gossip_relay_limit"] == 2
+
+
 def test_heartbeat_fields_in_an_announcement_are_checked_and_old_formats_still_parse():
     peer = ALICE
     me = {"name": "ann", "role": "trainer", "round": 3, "stage": 1, "finished": 2, "bridged": 0, "paused": True}

@@ -51,6 +51,7 @@ import msgpack
 from hivemind.proto import p2pd_pb2 as pb
 
 from p2pswarm import validate as V
+from p2pswarm.comm.core import MAX_RELAYED_ORIGINS
 from p2pswarm.comm.hivemind import records
 from p2pswarm.comm.hivemind.pubsub import verify_message
 
@@ -346,11 +347,23 @@ class Book:
             slot = self.announced[(a.round, a.stage)] = {}
         if a.origin is not None and len(slot) > 4 * CATCHUP_MAX + 1024:
             return  # relays of invented identities cannot grow this without bound
+        if a.origin is not None and sum(1 for p, o in slot if p == a.peer_id and o) >= self.relay_cap(a.peer_id):
+            # More origins than its author bridges (or than any bridge may): invented identities, refused as
+            # they come, so that they neither fill the book nor crowd catch-up replies, whoever collects when.
+            self._drop(a.peer_id, "relay_limit", f"over {self.relay_cap(a.peer_id)} relayed origins in a slot")
+            return
         slot[key] = (a, msg)
         member = self.members.get(a.peer_id)
         if member is not None and a.origin is None:  # an announcer is live whatever its last heartbeat
             member.expires = max(member.expires, time.time() + MEMBER_TTL)
         self.changed.set()
+
+    def relay_cap(self, author: str) -> int:
+        """Distinct origins `author` may relay per slot: the peers its heartbeat says it bridges (at most
+        MAX_RELAYED_ORIGINS); MAX_RELAYED_ORIGINS while its heartbeat is not known yet (the collect applies
+        the declared count again)."""
+        m = self.members.get(author)
+        return MAX_RELAYED_ORIGINS if m is None else max(1, min(m.bridged, MAX_RELAYED_ORIGINS))
 
     def _drop(self, author: str | None, reason: str, why: str) -> None:
         self.drops[f"gossip_{reason}"] += 1

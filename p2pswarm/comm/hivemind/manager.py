@@ -113,7 +113,8 @@ class HivemindComm(SignedTransport):
         """A topic message its author signed but that broke a rule: counted under the author, and a strike
         (the overall count is in book.drops)."""
         self.per_peer[author][f"dropped_gossip_{reason}"] += 1
-        self.ledger.offense(author, reason if reason in ("over_rate", "too_large", "bad_signature") else "malformed")
+        self.ledger.offense(author, reason if reason in ("over_rate", "too_large", "bad_signature", "relay_limit")
+                            else "malformed")
 
     # ---- topic shards ---------------------------------------------------------------------------------------
     @property
