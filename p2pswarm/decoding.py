@@ -28,10 +28,13 @@ from typing import Any, Literal
 
 import torch
 
+from p2pswarm.fastlm import FusedLM, padding_bias
+
 log = logging.getLogger(__name__)
 
 DecoderChoice = Literal["auto", "ours", "hf"]
 CompileChoice = Literal["auto", "on", "off"]
+Draw = Literal["race", "cdf"]
 LENGTH_BUCKET = 32  # prompt lengths are left-padded up to a multiple of this, so compiled shapes repeat
 
 
@@ -56,10 +59,13 @@ def unsupported_reason(model) -> str | None:
 
 
 def sample_next(logits: torch.Tensor, step: torch.Tensor, eos: torch.Tensor, *, greedy: bool, temperature: float,
-                top_p: float, min_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                top_p: float, min_new_tokens: int, draw: Draw = "race") -> tuple[torch.Tensor, torch.Tensor]:
     """(next token per row, its log-prob under softmax(logits / temperature)) from (B, V) float logits.
 
-    `step` is the index of the token being chosen (a 0-d tensor, so a compiled step does not recompile)."""
+    `step` is the index of the token being chosen (a 0-d tensor, so a compiled step does not recompile).
+    `draw`: "race" = argmax(p / E), E ~ Exp(1) per token (no data-dependent indexing, fit for CUDA graphs);
+    "cdf" = the first token whose cumulative probability exceeds u * total, u ~ U[0, 1) per row: one random
+    number a row instead of one a token, which on the CPU is most of the draw's cost (~20 ns a number)."""
     if min_new_tokens > 0:
         logits = torch.where((step < min_new_tokens) & _eos_columns(logits, eos), float("-inf"), logits)
     scaled = logits / temperature
@@ -74,8 +80,14 @@ def sample_next(logits: torch.Tensor, step: torch.Tensor, eos: torch.Tensor, *, 
             drop_sorted[:, -1] = False  # the most likely token always stays
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
-        race = torch.empty_like(probs).exponential_()
-        nxt = (probs / race).argmax(-1)
+        if draw == "cdf":
+            cdf = probs.cumsum(-1)
+            u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+            # right=True: a token of probability 0 (top-p, min_new_tokens) never matches, its cdf equals the one before
+            nxt = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+        else:
+            race = torch.empty_like(probs).exponential_()
+            nxt = (probs / race).argmax(-1)
     return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
 
 
@@ -101,7 +113,8 @@ class Decoder:
     """
 
     def __init__(self, model, eos_ids: list[int], pad_id: int, choice: DecoderChoice = "auto",
-                 compile: CompileChoice = "auto", sync_every: int | None = None):
+                 compile: CompileChoice = "auto", sync_every: int | None = None, fused: bool = True,
+                 draw: Draw | None = None):
         self.model = model
         self.eos_ids = list(eos_ids)
         self.pad_id = int(pad_id)
@@ -116,9 +129,18 @@ class Decoder:
         # Reading `finished` back costs a device sync on an accelerator, nothing on the CPU, where stopping at
         # the first step every row has ended saves whole forwards (the embedded policy answers in ~5 tokens).
         self.sync_every = max(1, sync_every or (1 if device.type == "cpu" else 8))
+        self.draw: Draw = draw or ("cdf" if device.type == "cpu" else "race")
+        # An eager step runs the model through FusedLM where it can (a few ops a layer instead of HF's ~90); a
+        # compiled step keeps HF's forward and StaticCache, whose shapes never change between steps.
+        self.fused = FusedLM(model) if fused and not self.compile and FusedLM.supports(model) is None else None
         self._step_fn: Callable | None = None
         self._caches: dict[tuple, Any] = {}  # (rows, length, device) -> StaticCache, when compiled
         self.last: dict[str, float] = {}
+
+    @property
+    def path(self) -> str:
+        """Which forward samples: 'fused' (FusedLM), 'static-cache' (HF's forward in our loop) or 'hf-generate'."""
+        return "hf-generate" if self.uses_hf else "fused" if self.fused is not None else "static-cache"
 
     @property
     def uses_hf(self) -> bool:
@@ -145,6 +167,9 @@ class Decoder:
               return_logprobs, progress):
         from transformers import StaticCache
 
+        if self.fused is not None:
+            return self._fused(input_ids, attention_mask, n, max_new_tokens, min_new_tokens, greedy, temperature,
+                               top_p, return_logprobs, progress)
         t0 = time.perf_counter()
         model, dev = self.model, input_ids.device
         ids, mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0).long()
@@ -175,7 +200,8 @@ class Decoder:
         else:
             cache.reset()
         eos = torch.tensor(self.eos_ids, device=dev)
-        opts = dict(greedy=greedy, temperature=float(temperature), top_p=float(top_p), min_new_tokens=int(min_new_tokens))
+        opts = dict(greedy=greedy, temperature=float(temperature), top_p=float(top_p), min_new_tokens=int(min_new_tokens),
+                    draw=self.draw)
         try:
             out = model(input_ids=ids, attention_mask=full_mask, position_ids=pos, cache=cache, use_cache=True,
                         logits_to_keep=1)
@@ -211,6 +237,64 @@ class Decoder:
         # decode_tokens_per_s: rows x steps after the first, over the time after prefill (the bench's figure)
         self.last = {"seconds": t1 - t0, "prefill_s": t_prefill - t0, "decode_s": t1 - t_prefill, "steps": done,
                      "rows": B, "cache_len": L, "decode_tokens_per_s": B * (done - 1) / max(t1 - t_prefill, 1e-9)}
+        if return_logprobs:
+            return new, _after_eos_zero(new, torch.stack(lps, 1), eos)
+        return new
+
+    def _fused(self, input_ids, attention_mask, n, max_new_tokens, min_new_tokens, greedy, temperature, top_p,
+               return_logprobs, progress):
+        """The eager loop on FusedLM: the same sampling and stopping as _ours, the cache only as long as written."""
+        t0 = time.perf_counter()
+        f, dev = self.fused.bind(), input_ids.device
+        mask = attention_mask.long()
+        P, T = input_ids.shape[1], max_new_tokens
+        B = input_ids.shape[0] * n
+        eos = torch.tensor(self.eos_ids, device=dev)
+        opts = dict(greedy=greedy, temperature=float(temperature), top_p=float(top_p), min_new_tokens=int(min_new_tokens),
+                    draw=self.draw)
+        try:
+            # prefill each prompt once, then give each of its n samples a copy of its cache
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = f.new_cache(input_ids.shape[0], P + T, dev, f.model.model.embed_tokens.weight.dtype)
+            logits = f.step(input_ids, pos, padding_bias(mask, P), cache, 0).float()
+            if n > 1:
+                cache = tuple([c.repeat_interleave(n, 0) for c in part] for part in cache)
+                logits, pos, mask = (t.repeat_interleave(n, 0) for t in (logits, pos, mask))
+            # generated columns are never padding: one (B, 1, 1, P + T) bias, cut to the columns written so far
+            step_bias = padding_bias(torch.cat([mask, mask.new_ones((B, T))], 1), 1)
+            step_t = torch.zeros((), dtype=torch.long, device=dev)
+            tok, lp = sample_next(logits, step_t, eos, **opts)
+            finished = torch.isin(tok, eos)
+            t_prefill = time.perf_counter()
+            next_pos = pos[:, -1] + 1
+            toks, lps = [tok], [lp]
+            done = 1
+            while done < T:
+                if done % self.sync_every == 0:
+                    if progress is not None:
+                        progress(done, T)
+                    if bool(finished.all()):
+                        break
+                step_t = step_t + 1
+                col = P + done - 1  # the column the previous token is written to
+                logits = f.step(tok[:, None], next_pos[:, None], step_bias[..., : col + 1], cache, col).float()
+                nxt, lp = sample_next(logits, step_t, eos, **opts)
+                tok = torch.where(finished, self.pad_id, nxt)
+                finished = finished | torch.isin(tok, eos)
+                next_pos = next_pos + 1
+                toks.append(tok)
+                lps.append(lp)
+                done += 1
+        finally:
+            f.release()  # the fused copies are retaken next call: the trainer changes the weights in between
+        if progress is not None:
+            progress(T, T)
+        new = torch.stack(toks, 1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
+        self.last = {"seconds": t1 - t0, "prefill_s": t_prefill - t0, "decode_s": t1 - t_prefill, "steps": done,
+                     "rows": B, "cache_len": P + T, "decode_tokens_per_s": B * (done - 1) / max(t1 - t_prefill, 1e-9)}
         if return_logprobs:
             return new, _after_eos_zero(new, torch.stack(lps, 1), eos)
         return new

@@ -286,6 +286,11 @@ class Settings(BaseSettings):
         description="torch.compile our decoding step: 'auto' on CUDA only (CUDA graphs; on CPU it did not pay, "
                     "bench/README.md), 'on', 'off'")
 
+    fused_forward: Literal["auto", "off"] = Field(
+        "auto", validation_alias=_env("fused_forward"),
+        description="'auto': Qwen2, Llama and Mistral models decode and train through p2pswarm's fused forward "
+                    "(p2pswarm/fastlm.py: the same maths in a few ops a layer); 'off': transformers' forward")
+
     # --- checkpoints -----------------------------------------------------------------------------
     checkpoint_every: int = Field(5, validation_alias=_env("checkpoint_every", "CHECKPOINT_INTERVAL"), ge=1)
     keep_checkpoints: int = Field(3, validation_alias=_env("keep_checkpoints"), ge=1)

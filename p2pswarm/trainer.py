@@ -25,6 +25,7 @@ from p2pswarm import grpo
 from p2pswarm.components import Trainer, TrainStats
 from p2pswarm.decoding import Decoder
 from p2pswarm.errors import UserError
+from p2pswarm.fastlm import FusedLM, padding_bias
 from p2pswarm.rewards import extract_answer
 from p2pswarm.selection import Selector
 from p2pswarm.types import GameState, Group, Task
@@ -65,7 +66,11 @@ class GRPOTrainer(Trainer):
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.last_generate: dict[str, float] = {}
         self.decoder = Decoder(model, self.eos_ids, tokenizer.pad_token_id, choice=settings.decoder,
-                               compile=settings.decoder_compile)
+                               compile=settings.decoder_compile, fused=settings.fused_forward == "auto")
+        # the training forward too, unless gradient checkpointing asks for HF's per-layer recomputation
+        self.fused = None
+        if settings.fused_forward == "auto" and not settings.gradient_checkpointing and FusedLM.supports(model) is None:
+            self.fused = FusedLM(model)
 
     # ---- prompts -------------------------------------------------------------------------------
     def _render(self, task: Task) -> str:
@@ -193,7 +198,11 @@ class GRPOTrainer(Trainer):
         """(B, keep-1) log-probs of the targets ids[:, L-keep+1:], at the sampling temperature. Positions count
         real tokens only (each row's first real token at 0), as in left-padded generation."""
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep, use_cache=False).logits
+        if self.fused is not None and model is self.model:
+            logits = self.fused.forward_train(ids, pos, padding_bias(attn, ids.shape[1]), keep)
+        else:
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep,
+                           use_cache=False).logits
         logits = logits[:, :-1] / self.s.temperature
         return grpo.sequence_logprobs(logits, ids[:, ids.shape[1] - keep + 1 :])
 

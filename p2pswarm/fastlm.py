@@ -1,0 +1,199 @@
+"""A Llama-family causal LM's forward in a few fused ops, on the HF model's own weights (issue #17).
+
+On the CPU a decoding step of the embedded policy was ~355 aten ops around 29 tiny matmuls: RMSNorm, rotary
+embeddings, cache and mask plumbing cost ~3 ms of dispatch for ~0.4 ms of arithmetic (bench/README.md). This
+module runs the same maths in about 15 ops a layer:
+
+- q, k and v come from one matmul (their weights concatenated), gate and up from another;
+- rotary embeddings are one complex multiply: the rows of q's and k's weights are permuted within each head so
+  that HF's half-split pairs (j, j + hd/2) sit side by side. q·k is unchanged by permuting both alike, and v
+  and the output projection are untouched, so the model computes exactly what HF's does;
+- RMSNorm is `F.rms_norm`; each residual add rides in its matmul (`addmm`); attention is one
+  `scaled_dot_product_attention` with grouped heads over the cache written so far, not its full static length.
+
+FusedLM.supports(model) says why a model cannot take this path (None when it can): Qwen2, Llama and Mistral
+configurations with SiLU MLPs, plain rotary embeddings, no sliding window and no extra projections. Anything
+else decodes through HF's forward (p2pswarm/decoding.py), and tests pin this path against that one.
+
+The fused copies are taken by `bind()` (no grad) and must be taken again after the weights change: the decoder
+binds at every generate call, since the trainer steps between calls. `forward_train()` builds them with
+torch.cat inside autograd instead, so gradients reach the model's own parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("qwen2", "llama", "mistral")
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    wqkv: torch.Tensor  # (nh + 2 nkv) hd x d, q and k rows permuted for the complex rotary form
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # d x nh hd, transposed for addmm
+    bo: torch.Tensor | None
+    ln2: torch.Tensor
+    wgu: torch.Tensor  # d x 2I, transposed
+    wdown: torch.Tensor  # I x d, transposed
+
+
+class FusedLM:
+    """The forward of a supported HF causal LM, for decoding (with a KV cache) and for training (with autograd).
+
+    Positions are given per token (left-padded rows start at 0), the mask as an additive float bias, so that
+    callers decide padding and causality; see Decoder and GRPOTrainer._logprobs for the two uses."""
+
+    @staticmethod
+    def supports(model) -> str | None:
+        cfg = getattr(model, "config", None)
+        kind = getattr(cfg, "model_type", None)
+        if kind not in FAMILIES:
+            return f"model type {kind!r} is not one of {', '.join(FAMILIES)}"
+        if getattr(cfg, "hidden_act", None) != "silu":
+            return f"activation {cfg.hidden_act!r} is not silu"
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+            return f"rope type {rope.get('rope_type') or rope.get('type')!r} is not the plain one"
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", kind == "mistral"):
+            return "sliding-window attention"
+        if getattr(cfg, "mlp_bias", False):
+            return "MLP biases"
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+            return "not the usual model.layers / model.rotary_emb layout"
+        a = inner.layers[0].self_attn
+        if any(hasattr(a, n) for n in ("q_norm", "k_norm")):
+            return "q/k norms"
+        if getattr(cfg, "head_dim", None) not in (None, cfg.hidden_size // cfg.num_attention_heads):
+            return "a head size other than hidden_size / heads"
+        return None
+
+    def __init__(self, model):
+        reason = self.supports(model)
+        if reason is not None:
+            raise ValueError(reason)
+        cfg = model.config
+        self.model = model
+        self.d = cfg.hidden_size
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = self.d // self.nh
+        self.eps = float(cfg.rms_norm_eps)
+        rot = model.model.rotary_emb
+        self.inv_freq = rot.inv_freq.detach().float()
+        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+        half = self.hd // 2
+        within = torch.stack([torch.arange(half), torch.arange(half) + half], 1).reshape(-1)  # 0, h, 1, h+1, ...
+        self._perm_q = (torch.arange(self.nh)[:, None] * self.hd + within).reshape(-1)
+        self._perm_k = (torch.arange(self.nkv)[:, None] * self.hd + within).reshape(-1)
+        self.layers: list[_Layer] = []
+
+    # ---- weights ---------------------------------------------------------------------------------
+    def _fuse(self, layer) -> _Layer:
+        a, m = layer.self_attn, layer.mlp
+        scale = self.hd ** -0.5  # attention's 1/sqrt(hd), folded into q (rotary is linear, so it commutes)
+        wqkv = torch.cat([a.q_proj.weight[self._perm_q] * scale, a.k_proj.weight[self._perm_k], a.v_proj.weight])
+        bqkv = None
+        if a.q_proj.bias is not None:
+            bqkv = torch.cat([a.q_proj.bias[self._perm_q] * scale, a.k_proj.bias[self._perm_k], a.v_proj.bias])
+        return _Layer(layer.input_layernorm.weight, wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias,
+                      layer.post_attention_layernorm.weight,
+                      torch.cat([m.gate_proj.weight, m.up_proj.weight]).t(), m.down_proj.weight.t())
+
+    def _weights(self) -> list[_Layer]:
+        return [self._fuse(layer) for layer in self.model.model.layers]
+
+    @torch.no_grad()
+    def bind(self) -> FusedLM:
+        """Take fused copies of the current weights (contiguous, for the decoding matmuls)."""
+        self.layers = [_Layer(*(t.contiguous() if t is not None else None for t in vars(w).values()))
+                       for w in self._weights()]
+        return self
+
+    def release(self) -> None:
+        self.layers = []
+
+    # ---- maths -----------------------------------------------------------------------------------
+    def rotary(self, pos: torch.Tensor) -> torch.Tensor:
+        """(..., hd/2) complex rotations for integer positions `pos`."""
+        ang = pos[..., None].float() * self.inv_freq.to(pos.device)
+        return torch.polar(torch.full_like(ang, self.rope_scale), ang)
+
+    def _layers(self, x, cis, bias, layers, cache, start):
+        """x: (B, S, d). cache: (keys, values) lists, keys (B, nkv, hd, L) and values (B, nkv, L, hd), written at
+        columns [start, start + S); or None (training: attention over x's own positions)."""
+        B, S, d = x.shape
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        x = x.reshape(B * S, d)
+        cis = cis[:, :, None]  # (B, S, 1, hd/2)
+        end = start + S
+        if cache is not None and S == 1:
+            # one query per row: its heads grouped by their kv head, as batched matmuls over (row, kv head)
+            bias = bias.expand(B, nkv, 1, end).reshape(B * nkv, 1, end)
+        for i, w in enumerate(layers):
+            h = F.rms_norm(x, (d,), w.ln1, self.eps)
+            qkv = F.linear(h, w.wqkv, w.bqkv).view(B, S, nh + 2 * nkv, hd)
+            qk = torch.view_as_real(torch.view_as_complex(qkv[:, :, : nh + nkv].unflatten(-1, (hd // 2, 2))) * cis)
+            q = qk[:, :, :nh].flatten(-2).transpose(1, 2)
+            k = qk[:, :, nh:].flatten(-2).transpose(1, 2)
+            v = qkv[:, :, nh + nkv:].transpose(1, 2)
+            if cache is None:
+                att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=nkv != nh, scale=1.0)
+            else:
+                keys, values = cache[0][i], cache[1][i]
+                keys[:, :, :, start:end] = k.transpose(2, 3)
+                values[:, :, start:end] = v
+                if S == 1:
+                    s = torch.baddbmm(bias, q.reshape(B * nkv, nh // nkv, hd), keys[..., :end].reshape(B * nkv, hd, end))
+                    att = torch.bmm(s.softmax(-1), values[:, :, :end].reshape(B * nkv, end, hd)).view(B, nh, 1, hd)
+                else:
+                    att = F.scaled_dot_product_attention(q, keys[..., :end].transpose(2, 3), values[:, :, :end],
+                                                         attn_mask=bias, enable_gqa=nkv != nh, scale=1.0)
+            att = att.transpose(1, 2).reshape(B * S, nh * hd)
+            x = torch.addmm(x if w.bo is None else x + w.bo, att, w.wo)
+            h = F.rms_norm(x, (d,), w.ln2, self.eps)
+            g, u = torch.mm(h, w.wgu).chunk(2, -1)
+            x = torch.addmm(x, F.silu(g) * u, w.wdown)
+        return x.view(B, S, d)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self.model.model
+        x = F.rms_norm(x, (self.d,), inner.norm.weight, self.eps)
+        return F.linear(x, self.model.lm_head.weight, getattr(self.model.lm_head, "bias", None))
+
+    def new_cache(self, rows: int, length: int, device, dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys (rows, nkv, hd, length), transposed so that a query's scores are one batched matmul; values
+        (rows, nkv, length, hd). Zeros: a column not yet written is hidden by the caller's bias."""
+        n = len(self.model.model.layers)
+        return ([torch.zeros((rows, self.nkv, self.hd, length), device=device, dtype=dtype) for _ in range(n)],
+                [torch.zeros((rows, self.nkv, length, self.hd), device=device, dtype=dtype) for _ in range(n)])
+
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, cache, start: int,
+             last_only: bool = True) -> torch.Tensor:
+        """Decode (no grad, bound weights): ids/pos (B, S) written to cache columns [start, start + S); bias
+        (B, 1, S, start + S) additive. Returns logits of the last position (B, V), or of all (B, S, V)."""
+        x = F.embedding(ids, self.model.model.embed_tokens.weight)
+        x = self._layers(x, self.rotary(pos), bias, self.layers, cache, start)
+        return self._head(x[:, -1] if last_only else x)
+
+    def forward_train(self, ids: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, keep: int) -> torch.Tensor:
+        """Training forward (autograd reaches the model's parameters): logits of the last `keep` positions."""
+        x = F.embedding(ids, self.model.model.embed_tokens.weight)
+        x = self._layers(x, self.rotary(pos), bias, self._weights(), None, 0)
+        return self._head(x[:, -keep:])
+
+
+def padding_bias(mask: torch.Tensor, queries: int, dtype=torch.float32) -> torch.Tensor:
+    """(B, 1, Q, L) additive bias for the last Q of L columns: causal, padding columns hidden. A padding query
+    may still see itself, so that no row of the softmax is all -inf (its output is never read; a NaN there
+    would reach the cache and, times a zero weight, every later row)."""
+    B, L = mask.shape
+    col = torch.arange(L, device=mask.device)
+    row = torch.arange(L - queries, L, device=mask.device)[:, None]
+    ok = (col <= row) & (mask[:, None, :] > 0) | (col == row)
+    bias = torch.zeros(ok.shape, dtype=dtype, device=mask.device).masked_fill_(~ok, float("-inf"))
+    return bias[:, None]
