@@ -28,7 +28,8 @@ OUT = Path(__file__).resolve().parent / "results" / "decode_compile.json"
 
 
 def ops_per_token(model, tok, enc, eos) -> dict:
-    """aten ops per generated token (eager): (ops of 33 tokens - ops of 1) / 32, for our loop and for generate.
+    """aten ops per generated token (eager): (ops of 33 tokens - ops of 1) / 32, for our loop on FusedLM, on HF's
+    forward with a StaticCache, and for generate.
     A count, not a timing: it does not depend on the machine's load."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -39,8 +40,11 @@ def ops_per_token(model, tok, enc, eos) -> dict:
             Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    d = Decoder(model, eos, tok.pad_token_id, choice="ours", compile="off")
+    fused = Decoder(model, eos, tok.pad_token_id, choice="ours", compile="off")
+    d = Decoder(model, eos, tok.pad_token_id, choice="ours", compile="off", fused=False)
     sides = {
+        "ours_fused": lambda T: fused.generate(enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=T,
+                                               min_new_tokens=T),
         "ours": lambda T: d.generate(enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=T, min_new_tokens=T),
         "hf_generate": lambda T: model.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=True, top_k=0,
                                                 num_return_sequences=4, pad_token_id=tok.pad_token_id, eos_token_id=eos),

@@ -8,7 +8,7 @@ module runs the same maths in about 15 ops a layer:
 - rotary embeddings are one complex multiply: the rows of q's and k's weights are permuted within each head so
   that HF's half-split pairs (j, j + hd/2) sit side by side. q·k is unchanged by permuting both alike, and v
   and the output projection are untouched, so the model computes exactly what HF's does;
-- RMSNorm is `F.rms_norm`; each residual add rides in its matmul (`addmm`); attention is one
+- RMSNorm is `F.rms_norm` with its weight folded into the next matmul's; each residual add rides in its matmul (`addmm`); attention is one
   `scaled_dot_product_attention` with grouped heads over the cache written so far, not its full static length.
 
 FusedLM.supports(model) says why a model cannot take this path (None when it can): Qwen2, Llama and Mistral
@@ -32,13 +32,11 @@ FAMILIES = ("qwen2", "llama", "mistral")
 
 @dataclass
 class _Layer:
-    ln1: torch.Tensor
-    wqkv: torch.Tensor  # (nh + 2 nkv) hd x d, q and k rows permuted for the complex rotary form
+    wqkv: torch.Tensor  # (nh + 2 nkv) hd x d: q, k, v; the input norm's weight folded in; q and k rows permuted
     bqkv: torch.Tensor | None
     wo: torch.Tensor  # d x nh hd, transposed for addmm
     bo: torch.Tensor | None
-    ln2: torch.Tensor
-    wgu: torch.Tensor  # d x 2I, transposed
+    wgu: torch.Tensor  # d x 2I: gate and up, transposed, the post-attention norm's weight folded in
     wdown: torch.Tensor  # I x d, transposed
 
 
@@ -96,13 +94,14 @@ class FusedLM:
     def _fuse(self, layer) -> _Layer:
         a, m = layer.self_attn, layer.mlp
         scale = self.hd ** -0.5  # attention's 1/sqrt(hd), folded into q (rotary is linear, so it commutes)
+        # RMSNorm's weight scales the matmul's input columns: norm(x) * w @ W.T == norm(x) @ (W * w).T
         wqkv = torch.cat([a.q_proj.weight[self._perm_q] * scale, a.k_proj.weight[self._perm_k], a.v_proj.weight])
+        wqkv = wqkv * layer.input_layernorm.weight
         bqkv = None
         if a.q_proj.bias is not None:
             bqkv = torch.cat([a.q_proj.bias[self._perm_q] * scale, a.k_proj.bias[self._perm_k], a.v_proj.bias])
-        return _Layer(layer.input_layernorm.weight, wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias,
-                      layer.post_attention_layernorm.weight,
-                      torch.cat([m.gate_proj.weight, m.up_proj.weight]).t(), m.down_proj.weight.t())
+        wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight
+        return _Layer(wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias, wgu.t(), m.down_proj.weight.t())
 
     def _weights(self) -> list[_Layer]:
         return [self._fuse(layer) for layer in self.model.model.layers]
@@ -135,7 +134,7 @@ class FusedLM:
             # one query per row: its heads grouped by their kv head, as batched matmuls over (row, kv head)
             bias = bias.expand(B, nkv, 1, end).reshape(B * nkv, 1, end)
         for i, w in enumerate(layers):
-            h = F.rms_norm(x, (d,), w.ln1, self.eps)
+            h = F.rms_norm(x, (d,), None, self.eps)
             qkv = F.linear(h, w.wqkv, w.bqkv).view(B, S, nh + 2 * nkv, hd)
             qk = torch.view_as_real(torch.view_as_complex(qkv[:, :, : nh + nkv].unflatten(-1, (hd // 2, 2))) * cis)
             q = qk[:, :, :nh].flatten(-2).transpose(1, 2)
@@ -155,7 +154,7 @@ class FusedLM:
                                                          attn_mask=bias, enable_gqa=nkv != nh, scale=1.0)
             att = att.transpose(1, 2).reshape(B * S, nh * hd)
             x = torch.addmm(x if w.bo is None else x + w.bo, att, w.wo)
-            h = F.rms_norm(x, (d,), w.ln2, self.eps)
+            h = F.rms_norm(x, (d,), None, self.eps)
             g, u = torch.mm(h, w.wgu).chunk(2, -1)
             x = torch.addmm(x, F.silu(g) * u, w.wdown)
         return x.view(B, S, d)
