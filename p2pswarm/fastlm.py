@@ -16,8 +16,9 @@ configurations with SiLU MLPs, plain rotary embeddings, no sliding window and no
 else decodes through HF's forward (p2pswarm/decoding.py), and tests pin this path against that one.
 
 The fused copies are taken by `bind()` (no grad) and must be taken again after the weights change: the decoder
-binds at every generate call, since the trainer steps between calls. `forward_train()` builds them with
-torch.cat inside autograd instead, so gradients reach the model's own parameters.
+binds at every generate call, since the trainer steps between calls. `forward_shared()` (training) builds them
+with torch.cat inside autograd instead, so gradients reach the model's own parameters; it also computes each
+prompt once for all the completions that follow it (a GRPO group's G rows).
 """
 
 from __future__ import annotations
@@ -122,26 +123,41 @@ class FusedLM:
         ang = pos[..., None].float() * self.inv_freq.to(pos.device)
         return torch.polar(torch.full_like(ang, self.rope_scale), ang)
 
+    def _rope(self, qkv: torch.Tensor, cis: torch.Tensor):
+        """q, k, v as (B, heads, S, hd) from qkv (B, S, nh + 2 nkv, hd), q and k rotated by cis (B, S, hd/2)."""
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        qk = torch.view_as_real(torch.view_as_complex(qkv[:, :, : nh + nkv].unflatten(-1, (hd // 2, 2))) * cis[:, :, None])
+        return (qk[:, :, :nh].flatten(-2).transpose(1, 2), qk[:, :, nh:].flatten(-2).transpose(1, 2),
+                qkv[:, :, nh + nkv:].transpose(1, 2))
+
+    def _sdpa(self, q, k, v, bias):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.nkv != self.nh, scale=1.0)
+
+    def _run(self, x: torch.Tensor, layers: list[_Layer], attend) -> torch.Tensor:
+        """The decoder layers over flat tokens x (N, d); attend(i, qkv (N, (nh + 2 nkv) hd)) -> (N, nh hd) is
+        the only part that knows which token sees which."""
+        d = self.d
+        for i, w in enumerate(layers):
+            att = attend(i, F.linear(F.rms_norm(x, (d,), None, self.eps), w.wqkv, w.bqkv))
+            x = torch.addmm(x if w.bo is None else x + w.bo, att, w.wo)
+            g, u = torch.mm(F.rms_norm(x, (d,), None, self.eps), w.wgu).chunk(2, -1)
+            x = torch.addmm(x, F.silu(g) * u, w.wdown)
+        return x
+
     def _layers(self, x, cis, bias, layers, cache, start):
         """x: (B, S, d). cache: (keys, values) lists, keys (B, nkv, hd, L) and values (B, nkv, L, hd), written at
         columns [start, start + S); or None (training: attention over x's own positions)."""
         B, S, d = x.shape
         nh, nkv, hd = self.nh, self.nkv, self.hd
-        x = x.reshape(B * S, d)
-        cis = cis[:, :, None]  # (B, S, 1, hd/2)
         end = start + S
         if cache is not None and S == 1:
             # one query per row: its heads grouped by their kv head, as batched matmuls over (row, kv head)
             bias = bias.expand(B, nkv, 1, end).reshape(B * nkv, 1, end)
-        for i, w in enumerate(layers):
-            h = F.rms_norm(x, (d,), None, self.eps)
-            qkv = F.linear(h, w.wqkv, w.bqkv).view(B, S, nh + 2 * nkv, hd)
-            qk = torch.view_as_real(torch.view_as_complex(qkv[:, :, : nh + nkv].unflatten(-1, (hd // 2, 2))) * cis)
-            q = qk[:, :, :nh].flatten(-2).transpose(1, 2)
-            k = qk[:, :, nh:].flatten(-2).transpose(1, 2)
-            v = qkv[:, :, nh + nkv:].transpose(1, 2)
+
+        def attend(i, qkv):
+            q, k, v = self._rope(qkv.view(B, S, nh + 2 * nkv, hd), cis)
             if cache is None:
-                att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=nkv != nh, scale=1.0)
+                att = self._sdpa(q, k, v, bias)
             else:
                 keys, values = cache[0][i], cache[1][i]
                 keys[:, :, :, start:end] = k.transpose(2, 3)
@@ -150,14 +166,41 @@ class FusedLM:
                     s = torch.baddbmm(bias, q.reshape(B * nkv, nh // nkv, hd), keys[..., :end].reshape(B * nkv, hd, end))
                     att = torch.bmm(s.softmax(-1), values[:, :, :end].reshape(B * nkv, end, hd)).view(B, nh, 1, hd)
                 else:
-                    att = F.scaled_dot_product_attention(q, keys[..., :end].transpose(2, 3), values[:, :, :end],
-                                                         attn_mask=bias, enable_gqa=nkv != nh, scale=1.0)
-            att = att.transpose(1, 2).reshape(B * S, nh * hd)
-            x = torch.addmm(x if w.bo is None else x + w.bo, att, w.wo)
-            h = F.rms_norm(x, (d,), None, self.eps)
-            g, u = torch.mm(h, w.wgu).chunk(2, -1)
-            x = torch.addmm(x, F.silu(g) * u, w.wdown)
-        return x.view(B, S, d)
+                    att = self._sdpa(q, keys[..., :end].transpose(2, 3), values[:, :, :end], bias)
+            return att.transpose(1, 2).reshape(B * S, nh * hd)
+
+        return self._run(x.reshape(B * S, d), layers, attend).view(B, S, d)
+
+    def forward_shared(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comp_ids: torch.Tensor,
+                       owner: torch.Tensor) -> torch.Tensor:
+        """Training forward of R rows that share b prompts: row r is prompt owner[r] (left-padded, (b, P)) followed
+        by comp_ids[r] ((R, C), right-padded). Each prompt is computed once, not once per completion (G times in
+        a GRPO group); autograd sums what its completions send back, so the gradient is the unshared one's.
+        Returns (R, C, V): the logits that predict comp_ids[:, 0 .. C-1]."""
+        (b, P), (R, C) = prompt_ids.shape, comp_ids.shape
+        nh, nkv, hd, H = self.nh, self.nkv, self.hd, self.nh + 2 * self.nkv
+        mask = prompt_mask.long()
+        pos_p = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos_c = mask.sum(-1, keepdim=True)[owner] + torch.arange(C, device=comp_ids.device)
+        bias_p = padding_bias(mask, P)
+        # a completion query sees its prompt's real tokens and the completion up to itself
+        bias_c = torch.cat([padding_bias(mask, 1)[owner].expand(R, 1, C, P),
+                            padding_bias(mask.new_ones((1, C)), C).expand(R, 1, C, C)], -1)
+        cis_p, cis_c = self.rotary(pos_p), self.rotary(pos_c)
+        split = b * P
+
+        def attend(i, qkv):
+            qp, kp, vp = self._rope(qkv[:split].view(b, P, H, hd), cis_p)
+            qc, kc, vc = self._rope(qkv[split:].view(R, C, H, hd), cis_c)
+            ap = self._sdpa(qp, kp, vp, bias_p)
+            ac = self._sdpa(qc, torch.cat([kp[owner], kc], 2), torch.cat([vp[owner], vc], 2), bias_c)
+            return torch.cat([ap.transpose(1, 2).reshape(split, nh * hd), ac.transpose(1, 2).reshape(R * C, nh * hd)])
+
+        emb = self.model.model.embed_tokens.weight
+        x = torch.cat([F.embedding(prompt_ids, emb).reshape(split, self.d), F.embedding(comp_ids, emb).reshape(R * C, self.d)])
+        x = self._run(x, self._weights(), attend)
+        last = x[:split].view(b, P, self.d)[:, -1][owner]  # the prompt's last position predicts the first token
+        return self._head(torch.cat([last[:, None], x[split:].view(R, C, self.d)[:, : C - 1]], 1))
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         inner = self.model.model
@@ -178,12 +221,6 @@ class FusedLM:
         x = F.embedding(ids, self.model.model.embed_tokens.weight)
         x = self._layers(x, self.rotary(pos), bias, self.layers, cache, start)
         return self._head(x[:, -1] if last_only else x)
-
-    def forward_train(self, ids: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, keep: int) -> torch.Tensor:
-        """Training forward (autograd reaches the model's parameters): logits of the last `keep` positions."""
-        x = F.embedding(ids, self.model.model.embed_tokens.weight)
-        x = self._layers(x, self.rotary(pos), bias, self._weights(), None, 0)
-        return self._head(x[:, -keep:])
 
 
 def padding_bias(mask: torch.Tensor, queries: int, dtype=torch.float32) -> torch.Tensor:

@@ -25,7 +25,7 @@ from p2pswarm import grpo
 from p2pswarm.components import Trainer, TrainStats
 from p2pswarm.decoding import Decoder
 from p2pswarm.errors import UserError
-from p2pswarm.fastlm import FusedLM, padding_bias
+from p2pswarm.fastlm import FusedLM
 from p2pswarm.rewards import extract_answer
 from p2pswarm.selection import Selector
 from p2pswarm.types import GameState, Group, Task
@@ -170,12 +170,16 @@ class GRPOTrainer(Trainer):
         completion targets; advantage per row."""
         rows: list[tuple[list[int], list[int]]] = []
         advantages: list[torch.Tensor] = []
+        group: list[int] = []  # row -> its group, whose rows share one prompt
+        first_row: list[int] = []
         scale = self.s.loss_type != "dr_grpo"
-        for g in groups:
+        for gi, g in enumerate(groups):
             prompt = self._prompt_ids(g.task)
             completions = g.completion_ids if g.completion_ids is not None else [self._completion_ids(c) for c in g.completions]
             advantages.append(grpo.group_advantages(torch.tensor(g.rewards, dtype=torch.float32), scale=scale))
+            first_row.append(len(rows))
             rows.extend((prompt, c) for c in completions)
+            group.extend([gi] * len(completions))
         P = max(len(p) for p, _ in rows)
         C = max(len(c) for _, c in rows)
         pad = self.tok.pad_token_id
@@ -192,19 +196,27 @@ class GRPOTrainer(Trainer):
             "mask": target_mask,
             "keep": C + 1,  # logits at P-1 .. P+C-1: the last one predicts nothing and is dropped
             "advantages": torch.cat(advantages),
+            "group": torch.tensor(group),
+            "first_row": torch.tensor(first_row),
         }
 
-    def _logprobs(self, model, ids: torch.Tensor, attn: torch.Tensor, keep: int) -> torch.Tensor:
-        """(B, keep-1) log-probs of the targets ids[:, L-keep+1:], at the sampling temperature. Positions count
-        real tokens only (each row's first real token at 0), as in left-padded generation."""
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    def _logprobs(self, model, b: dict[str, torch.Tensor], rows: slice = slice(None)) -> torch.Tensor:
+        """(rows, C) log-probs of the completion targets of batch b's rows, at the sampling temperature.
+        Positions count real tokens only (each row's first real token at 0), as in left-padded generation.
+        Through FusedLM each group's prompt is computed once for all its rows in this slice."""
+        ids, attn = b["input_ids"][rows].to(self.device), b["attention_mask"][rows].to(self.device)
+        P = ids.shape[1] - b["keep"] + 1
         if self.fused is not None and model is self.model:
-            logits = self.fused.forward_train(ids, pos, padding_bias(attn, ids.shape[1]), keep)
+            groups, owner = torch.unique(b["group"][rows], return_inverse=True)
+            first = b["first_row"][groups]
+            logits = self.fused.forward_shared(b["input_ids"][first, :P].to(self.device),
+                                               b["attention_mask"][first, :P].to(self.device), ids[:, P:],
+                                               owner.to(self.device))
         else:
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep,
-                           use_cache=False).logits
-        logits = logits[:, :-1] / self.s.temperature
-        return grpo.sequence_logprobs(logits, ids[:, ids.shape[1] - keep + 1 :])
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=b["keep"],
+                           use_cache=False).logits[:, :-1]
+        return grpo.sequence_logprobs(logits / self.s.temperature, ids[:, P:])
 
     def train(self, state: GameState, progress: Progress | None = None) -> TrainStats:
         local, swarm = self.select(state)
@@ -229,12 +241,11 @@ class GRPOTrainer(Trainer):
         ref: list[torch.Tensor | None] = [None] * len(chunks)
         with torch.no_grad():
             for k, sl in enumerate(chunks):
-                ids, attn = dev(b["input_ids"][sl]), dev(b["attention_mask"][sl])
                 if self.s.num_iterations > 1:
                     self.model.eval()
-                    old[k] = self._logprobs(self.model, ids, attn, b["keep"])
+                    old[k] = self._logprobs(self.model, b, sl)
                 if self.ref_model is not None:
-                    ref[k] = self._logprobs(self.ref_model, ids, attn, b["keep"])
+                    ref[k] = self._logprobs(self.ref_model, b, sl)
         self.model.train()
         losses, kls, clips = [], [], []
         step = 0
@@ -242,9 +253,8 @@ class GRPOTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)
             it_loss = it_kl = it_clip = 0.0
             for k, sl in enumerate(chunks):
-                ids, attn = dev(b["input_ids"][sl]), dev(b["attention_mask"][sl])
                 mask, adv = dev(b["mask"][sl]), dev(b["advantages"][sl])
-                logp = self._logprobs(self.model, ids, attn, b["keep"])
+                logp = self._logprobs(self.model, b, sl)
                 old_k = old[k] if old[k] is not None else logp.detach()
                 per_tok, kl, clipped = grpo.token_losses(
                     logp, old_k, adv, self.s.epsilon, self.s.epsilon_high, ref[k], self.s.beta

@@ -33,14 +33,16 @@ def tiny_gpt2(vocab):
     return GPT2LMHeadModel(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2-static-cache", "gpt2"])
 def test_greedy_output_equals_hf_generate(tmp_path, fresh_policy, arch):
     model, tok = fresh_policy
     if arch == "gpt2":  # a second architecture, learned positions instead of rotary ones
         model = tiny_gpt2(len(tok))
     trainer = GRPOTrainer(model, tok, make_settings(tmp_path, max_new_tokens=24))
     _, enc = prompts(trainer, 6)
-    ours = Decoder(model, trainer.eos_ids, tok.pad_token_id, choice="ours", compile="off")
+    ours = Decoder(model, trainer.eos_ids, tok.pad_token_id, choice="ours", compile="off",
+                   fused=arch == "qwen2")  # qwen2-static-cache: HF's forward in our loop, as for GPT-2
+    assert ours.path == ("fused" if arch == "qwen2" else "static-cache")
     got = ours.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=24, greedy=True).tolist()
     want = model.generate(**enc, max_new_tokens=24, do_sample=False, temperature=None, top_p=None, top_k=None,
                           pad_token_id=tok.pad_token_id, eos_token_id=trainer.eos_ids)[:, enc["input_ids"].shape[1]:]

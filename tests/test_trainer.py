@@ -17,7 +17,7 @@ def seq_logprob(trainer, group):
     """Summed log-prob of each completion of a group under the current policy."""
     b = trainer._batch([group])
     with torch.no_grad():
-        lp = trainer._logprobs(trainer.model, b["input_ids"], b["attention_mask"], b["keep"])
+        lp = trainer._logprobs(trainer.model, b)
     return (lp * b["mask"]).sum(1)
 
 
