@@ -147,10 +147,18 @@ class Decoder:
         return self.choice == "hf" or self.reason is not None
 
     # ---- the loop ------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, n: int = 1, max_new_tokens: int,
                  min_new_tokens: int = 0, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  return_logprobs: bool = False, progress: Callable[[int, int], None] | None = None):
+        # inference mode: no autograd bookkeeping per op, ~17% of the embedded policy's decoding time on the CPU
+        with torch.inference_mode():
+            out = self._generate(input_ids, attention_mask, n, max_new_tokens, min_new_tokens, greedy, temperature,
+                                 top_p, return_logprobs, progress)
+        # ordinary tensors again (a few KB), which a caller may use in autograd
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+    def _generate(self, input_ids, attention_mask, n, max_new_tokens, min_new_tokens, greedy, temperature, top_p,
+                  return_logprobs, progress):
         if not self.uses_hf:
             try:
                 return self._ours(input_ids, attention_mask, n, max_new_tokens, min_new_tokens, greedy,
@@ -255,13 +263,13 @@ class Decoder:
         try:
             # prefill each prompt once, then give each of its n samples a copy of its cache
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = f.new_cache(input_ids.shape[0], P + T, dev, f.model.model.embed_tokens.weight.dtype)
-            logits = f.step(input_ids, pos, padding_bias(mask, P), cache, 0).float()
+            cache = f.new_cache(input_ids.shape[0], P + T, dev, f.dtype)
+            logits = f.step(input_ids, pos, padding_bias(mask, P, f.dtype), cache, 0).float()
             if n > 1:
                 cache = tuple([c.repeat_interleave(n, 0) for c in part] for part in cache)
                 logits, pos, mask = (t.repeat_interleave(n, 0) for t in (logits, pos, mask))
             # generated columns are never padding: one (B, 1, 1, P + T) bias, cut to the columns written so far
-            step_bias = padding_bias(torch.cat([mask, mask.new_ones((B, T))], 1), 1)
+            step_bias = padding_bias(torch.cat([mask, mask.new_ones((B, T))], 1), 1, f.dtype)
             step_t = torch.zeros((), dtype=torch.long, device=dev)
             tok, lp = sample_next(logits, step_t, eos, **opts)
             finished = torch.isin(tok, eos)

@@ -91,6 +91,10 @@ class FusedLM:
         self._perm_k = (torch.arange(self.nkv)[:, None] * self.hd + within).reshape(-1)
         self.layers: list[_Layer] = []
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
     # ---- weights ---------------------------------------------------------------------------------
     def _fuse(self, layer) -> _Layer:
         a, m = layer.self_attn, layer.mlp
@@ -126,7 +130,10 @@ class FusedLM:
     def _rope(self, qkv: torch.Tensor, cis: torch.Tensor):
         """q, k, v as (B, heads, S, hd) from qkv (B, S, nh + 2 nkv, hd), q and k rotated by cis (B, S, hd/2)."""
         nh, nkv, hd = self.nh, self.nkv, self.hd
-        qk = torch.view_as_real(torch.view_as_complex(qkv[:, :, : nh + nkv].unflatten(-1, (hd // 2, 2))) * cis[:, :, None])
+        x = qkv[:, :, : nh + nkv]
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()  # there is no complex bfloat16; the rotation is done in float32 and rounded once
+        qk = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (hd // 2, 2))) * cis[:, :, None]).to(qkv.dtype)
         return (qk[:, :, :nh].flatten(-2).transpose(1, 2), qk[:, :, nh:].flatten(-2).transpose(1, 2),
                 qkv[:, :, nh + nkv:].transpose(1, 2))
 
@@ -182,10 +189,10 @@ class FusedLM:
         mask = prompt_mask.long()
         pos_p = (mask.cumsum(-1) - 1).clamp(min=0)
         pos_c = mask.sum(-1, keepdim=True)[owner] + torch.arange(C, device=comp_ids.device)
-        bias_p = padding_bias(mask, P)
+        bias_p = padding_bias(mask, P, self.dtype)
         # a completion query sees its prompt's real tokens and the completion up to itself
-        bias_c = torch.cat([padding_bias(mask, 1)[owner].expand(R, 1, C, P),
-                            padding_bias(mask.new_ones((1, C)), C).expand(R, 1, C, C)], -1)
+        bias_c = torch.cat([padding_bias(mask, 1, self.dtype)[owner].expand(R, 1, C, P),
+                            padding_bias(mask.new_ones((1, C)), C, self.dtype).expand(R, 1, C, C)], -1)
         cis_p, cis_c = self.rotary(pos_p), self.rotary(pos_c)
         split = b * P
 

@@ -127,3 +127,26 @@ def test_a_training_step_updates_the_weights_as_hfs_forward_would(tmp_path, fres
         assert torch.allclose(after["auto"][n], p, atol=1e-6), n
         moved += not torch.equal(p, dict(model.named_parameters())[n])
     assert moved > 10  # the step changed the weights, so equal weights mean equal updates
+
+
+def test_bfloat16_runs_through_the_fused_path_as_hf_does(tmp_path, fresh_policy):
+    """The dtype GPUs train in: no complex bfloat16 exists, so the rotation runs in float32; logits stay within
+    bfloat16's rounding of HF's, and a sampled batch trains."""
+    model, tok = fresh_policy
+    model = model.to(torch.bfloat16)
+    pid, pm, cid, cm, owner = shared_batch()
+    ids, attn = torch.cat([pid[owner], cid], 1), torch.cat([pm[owner], cm], 1)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                     logits_to_keep=cid.shape[1] + 1, use_cache=False).logits[:, :-1].float()
+        got = FusedLM(model).forward_shared(pid, pm, cid, owner).float()
+    assert got.dtype == want.dtype and (got - want)[cm.bool()].abs().max() < 0.1 * want.abs().max()
+    trainer = GRPOTrainer(model, tok, make_settings(tmp_path, num_generations=2, max_new_tokens=8))
+    assert trainer.decoder.path == "fused" and trainer.fused is not None
+    groups = trainer.generate(tasks_with_prompts(2))
+    for g in groups:
+        g.rewards = [0.0, 1.0]
+    before = model.lm_head.weight.detach().clone()
+    trainer.selector.select = lambda state: (groups, [])
+    assert not trainer.train(None).skipped
+    assert not torch.equal(before, model.lm_head.weight)
