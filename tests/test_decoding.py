@@ -8,7 +8,7 @@ from scipy.stats import chi2
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from helpers import make_settings
-from p2pswarm.decoding import Decoder, DecoderUnsupported
+from p2pswarm.decoding import Decoder, DecoderUnsupported, sample_next
 from p2pswarm.trainer import GRPOTrainer
 from p2pswarm.types import Group
 from test_trainer import seq_logprob, tasks_with_prompts
@@ -83,17 +83,40 @@ def test_sampling_frequencies_follow_the_models_probabilities(fresh_policy, temp
     torch.manual_seed(1234)
     new = Decoder(model, [10**9], tok.pad_token_id, choice="ours", compile="off").generate(
         enc["input_ids"], enc["attention_mask"], n=N, max_new_tokens=1, temperature=temperature, top_p=top_p)
-    counts = torch.bincount(new[:, 0], minlength=p.numel()).double()
-    assert counts[p == 0].sum() == 0  # nothing outside the top-p set, ever
+    assert chi2_ok(torch.bincount(new[:, 0], minlength=p.numel()).double(), p)
+
+
+def chi2_ok(counts: torch.Tensor, p: torch.Tensor) -> bool:
+    """Chi-square goodness of fit at p = 0.001 (bins expecting < 5 pooled), and nothing drawn where p is 0."""
+    N = counts.sum()
+    assert counts[p == 0].sum() == 0
     expected = N * p
-    big = expected >= 5  # the usual chi-square validity rule; the rest pooled into one bin
+    big = expected >= 5
     obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
     exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
     keep = exp > 0
     stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
     dof = int(keep.sum()) - 1
-    assert dof >= 5, dof  # a test with something to test
-    assert stat < chi2.ppf(0.999, dof), (stat, dof)
+    assert dof >= 5, dof
+    return stat < chi2.ppf(0.999, dof)
+
+
+@pytest.mark.parametrize("draw", ["race", "cdf"])
+@pytest.mark.parametrize("shape", ["peaked", "flat"])
+def test_both_draws_follow_hfs_top_p_distribution(draw, shape):
+    """sample_next's two draws against HF's temperature + top-p warpers on synthetic logits: peaked (the CPU
+    draw finds the nucleus among its first 64 candidates) and flat over 512 tokens (it has to sort them all)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 512, generator=g) * (4.0 if shape == "peaked" else 0.5)
+    top_p, temperature, N = 0.8, 1.3, 20000
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits))
+    p = torch.softmax(warped, -1)[0].double()
+    held = torch.softmax(logits / temperature, -1).topk(64)[0].sum()
+    assert (held >= top_p) == (shape == "peaked")  # each case takes the path it is named for
+    torch.manual_seed(5)
+    nxt, _ = sample_next(logits.expand(N, -1), torch.zeros((), dtype=torch.long), torch.tensor([2]), greedy=False,
+                         temperature=temperature, top_p=top_p, min_new_tokens=0, draw=draw)
+    assert chi2_ok(torch.bincount(nxt, minlength=512).double(), p)
 
 
 def test_eos_ends_each_row_on_its_own_and_min_new_tokens_holds_it_back(tmp_path, fresh_policy):
