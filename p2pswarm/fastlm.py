@@ -8,7 +8,7 @@ module runs the same maths in about 15 ops a layer:
 - rotary embeddings are one complex multiply: the rows of q's and k's weights are permuted within each head so
   that HF's half-split pairs (j, j + hd/2) sit side by side. q·k is unchanged by permuting both alike, and v
   and the output projection are untouched, so the model computes exactly what HF's does;
-- RMSNorm is `F.rms_norm` with its weight folded into the next matmul's; each residual add rides in its matmul (`addmm`); attention is one
+- RMSNorm is `F.rms_norm` (when decoding, its weight folded into the next matmul's); each residual add rides in its matmul (`addmm`); attention is one
   `scaled_dot_product_attention` with grouped heads over the cache written so far, not its full static length.
 
 FusedLM.supports(model) says why a model cannot take this path (None when it can): Qwen2, Llama and Mistral
@@ -33,12 +33,15 @@ FAMILIES = ("qwen2", "llama", "mistral")
 
 @dataclass
 class _Layer:
-    wqkv: torch.Tensor  # (nh + 2 nkv) hd x d: q, k, v; the input norm's weight folded in; q and k rows permuted
+    wqkv: torch.Tensor  # (nh + 2 nkv) hd x d: q, k, v; q and k rows permuted for the complex rotary form
     bqkv: torch.Tensor | None
     wo: torch.Tensor  # d x nh hd, transposed for addmm
     bo: torch.Tensor | None
-    wgu: torch.Tensor  # d x 2I: gate and up, transposed, the post-attention norm's weight folded in
+    wgu: torch.Tensor  # d x 2I: gate and up, transposed
     wdown: torch.Tensor  # I x d, transposed
+    ln1: torch.Tensor | None  # the norms' weights, None where folded into wqkv / wgu
+    ln2: torch.Tensor | None
+    scale: float | None  # attention's scale, None where folded into q's rows
 
 
 class FusedLM:
@@ -96,26 +99,33 @@ class FusedLM:
         return self.model.model.embed_tokens.weight.dtype
 
     # ---- weights ---------------------------------------------------------------------------------
-    def _fuse(self, layer) -> _Layer:
+    def _fuse(self, layer, fold: bool) -> _Layer:
+        """fold (decoding): the norms' weights and attention's 1/sqrt(hd) go into the matmuls' weights, two ops
+        less a layer, for a weight copy that bind() takes anyway. Training keeps them apart: multiplying every
+        weight matrix in autograd at each micro-batch cost 10% of a 0.5B model's forward + backward."""
         a, m = layer.self_attn, layer.mlp
-        scale = self.hd ** -0.5  # attention's 1/sqrt(hd), folded into q (rotary is linear, so it commutes)
-        # RMSNorm's weight scales the matmul's input columns: norm(x) * w @ W.T == norm(x) @ (W * w).T
-        wqkv = torch.cat([a.q_proj.weight[self._perm_q] * scale, a.k_proj.weight[self._perm_k], a.v_proj.weight])
-        wqkv = wqkv * layer.input_layernorm.weight
-        bqkv = None
-        if a.q_proj.bias is not None:
-            bqkv = torch.cat([a.q_proj.bias[self._perm_q] * scale, a.k_proj.bias[self._perm_k], a.v_proj.bias])
-        wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight
-        return _Layer(wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias, wgu.t(), m.down_proj.weight.t())
+        q, k, v = a.q_proj.weight[self._perm_q], a.k_proj.weight[self._perm_k], a.v_proj.weight
+        qb = None if a.q_proj.bias is None else a.q_proj.bias[self._perm_q]
+        scale = self.hd ** -0.5
+        if fold:  # rotary is linear, so the scale commutes with it
+            q, qb = q * scale, None if qb is None else qb * scale
+        wqkv = torch.cat([q, k, v])
+        bqkv = None if qb is None else torch.cat([qb, a.k_proj.bias[self._perm_k], a.v_proj.bias])
+        wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+        ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        if fold:  # RMSNorm's weight scales the matmul's input columns: (norm(x) * w) @ W.T == norm(x) @ (W * w).T
+            wqkv, wgu, ln1, ln2 = wqkv * ln1, wgu * ln2, None, None
+        return _Layer(wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias, wgu.t(), m.down_proj.weight.t(), ln1, ln2,
+                      None if fold else scale)
 
-    def _weights(self) -> list[_Layer]:
-        return [self._fuse(layer) for layer in self.model.model.layers]
+    def _weights(self, fold: bool = False) -> list[_Layer]:
+        return [self._fuse(layer, fold) for layer in self.model.model.layers]
 
     @torch.no_grad()
     def bind(self) -> FusedLM:
         """Take fused copies of the current weights (contiguous, for the decoding matmuls)."""
-        self.layers = [_Layer(*(t.contiguous() if t is not None else None for t in vars(w).values()))
-                       for w in self._weights()]
+        self.layers = [_Layer(*(t.contiguous() if isinstance(t, torch.Tensor) else t for t in vars(w).values()))
+                       for w in self._weights(fold=True)]
         return self
 
     def release(self) -> None:
@@ -137,17 +147,18 @@ class FusedLM:
         return (qk[:, :, :nh].flatten(-2).transpose(1, 2), qk[:, :, nh:].flatten(-2).transpose(1, 2),
                 qkv[:, :, nh + nkv:].transpose(1, 2))
 
-    def _sdpa(self, q, k, v, bias):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.nkv != self.nh, scale=1.0)
+    def _sdpa(self, q, k, v, bias, scale):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.nkv != self.nh,
+                                              scale=1.0 if scale is None else scale)
 
     def _run(self, x: torch.Tensor, layers: list[_Layer], attend) -> torch.Tensor:
-        """The decoder layers over flat tokens x (N, d); attend(i, qkv (N, (nh + 2 nkv) hd)) -> (N, nh hd) is
+        """The decoder layers over flat tokens x (N, d); attend(i, layer, qkv (N, (nh + 2 nkv) hd)) -> (N, nh hd) is
         the only part that knows which token sees which."""
         d = self.d
         for i, w in enumerate(layers):
-            att = attend(i, F.linear(F.rms_norm(x, (d,), None, self.eps), w.wqkv, w.bqkv))
+            att = attend(i, w, F.linear(F.rms_norm(x, (d,), w.ln1, self.eps), w.wqkv, w.bqkv))
             x = torch.addmm(x if w.bo is None else x + w.bo, att, w.wo)
-            g, u = torch.mm(F.rms_norm(x, (d,), None, self.eps), w.wgu).chunk(2, -1)
+            g, u = torch.mm(F.rms_norm(x, (d,), w.ln2, self.eps), w.wgu).chunk(2, -1)
             x = torch.addmm(x, F.silu(g) * u, w.wdown)
         return x
 
@@ -161,19 +172,20 @@ class FusedLM:
             # one query per row: its heads grouped by their kv head, as batched matmuls over (row, kv head)
             bias = bias.expand(B, nkv, 1, end).reshape(B * nkv, 1, end)
 
-        def attend(i, qkv):
+        def attend(i, w, qkv):
             q, k, v = self._rope(qkv.view(B, S, nh + 2 * nkv, hd), cis)
             if cache is None:
-                att = self._sdpa(q, k, v, bias)
+                att = self._sdpa(q, k, v, bias, w.scale)
             else:
                 keys, values = cache[0][i], cache[1][i]
                 keys[:, :, :, start:end] = k.transpose(2, 3)
                 values[:, :, start:end] = v
                 if S == 1:
-                    s = torch.baddbmm(bias, q.reshape(B * nkv, nh // nkv, hd), keys[..., :end].reshape(B * nkv, hd, end))
+                    s = torch.baddbmm(bias, q.reshape(B * nkv, nh // nkv, hd), keys[..., :end].reshape(B * nkv, hd, end),
+                                      alpha=1.0 if w.scale is None else w.scale)
                     att = torch.bmm(s.softmax(-1), values[:, :, :end].reshape(B * nkv, end, hd)).view(B, nh, 1, hd)
                 else:
-                    att = self._sdpa(q, keys[..., :end].transpose(2, 3), values[:, :, :end], bias)
+                    att = self._sdpa(q, keys[..., :end].transpose(2, 3), values[:, :, :end], bias, w.scale)
             return att.transpose(1, 2).reshape(B * S, nh * hd)
 
         return self._run(x.reshape(B * S, d), layers, attend).view(B, S, d)
@@ -196,11 +208,11 @@ class FusedLM:
         cis_p, cis_c = self.rotary(pos_p), self.rotary(pos_c)
         split = b * P
 
-        def attend(i, qkv):
+        def attend(i, w, qkv):
             qp, kp, vp = self._rope(qkv[:split].view(b, P, H, hd), cis_p)
             qc, kc, vc = self._rope(qkv[split:].view(R, C, H, hd), cis_c)
-            ap = self._sdpa(qp, kp, vp, bias_p)
-            ac = self._sdpa(qc, torch.cat([kp[owner], kc], 2), torch.cat([vp[owner], vc], 2), bias_c)
+            ap = self._sdpa(qp, kp, vp, bias_p, w.scale)
+            ac = self._sdpa(qc, torch.cat([kp[owner], kc], 2), torch.cat([vp[owner], vc], 2), bias_c, w.scale)
             return torch.cat([ap.transpose(1, 2).reshape(split, nh * hd), ac.transpose(1, 2).reshape(R * C, nh * hd)])
 
         emb = self.model.model.embed_tokens.weight

@@ -55,12 +55,12 @@ class GRPOTrainer(Trainer):
         self.max_prompt_tokens = max(8, min(settings.max_prompt_tokens, max_pos - settings.max_new_tokens))
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=settings.learning_rate,
-            weight_decay=settings.weight_decay,
-            betas=(0.9, settings.adam_beta2),
-        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        opts = dict(lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, settings.adam_beta2))
+        # torch's fused AdamW (one kernel over all tensors): 8x the per-tensor loop's speed on a 0.5B model on
+        # the CPU (bench/README.md); the same update and state_dict. Devices without it take the loop.
+        fused_ok = {p.device.type for p in params} <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+        self.optimizer = torch.optim.AdamW(params, fused=fused_ok or None, **opts)
         self.ref_model = None
         if settings.beta > 0:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
