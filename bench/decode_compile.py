@@ -2,7 +2,7 @@
 
     python bench/decode_compile.py            # embedded policy, 8 prompts x G=4, 64 tokens, 1 thread
     python bench/decode_compile.py --ops      # only count aten ops per generated token: ours vs HF generate
-    python bench/decode_compile.py --train    # only the training forward + backward, eager vs compiled
+    python bench/decode_compile.py --train    # only the training forward + backward: HF / FusedLM, eager / compiled
 
 Times Decoder.generate with the step eager and compiled (inductor on CPU; CUDA graphs on CUDA), 5 calls each
 after a first call that pays for compiling, and writes bench/results/decode_compile.json. decoder_compile=auto
@@ -62,32 +62,45 @@ def ops_per_token(model, tok, enc, eos) -> dict:
 
 
 def train_compile(model, tok) -> dict:
-    """One micro-batch of the training forward + backward (8 rows x 256 tokens, logits kept for the last 65
-    positions, as trainer._logprobs does), eager vs torch.compile(model): does compiling the training pay?"""
+    """One micro-batch of the training forward + backward: 8 rows (2 prompts x G=4, the prompts left-padded to
+    192 tokens, 64-token completions), as trainer._logprobs runs it: HF's forward on all 8 x 256 positions
+    (logits kept for the last 65) and FusedLM.forward_shared (each prompt once), each eager and under
+    torch.compile: does compiling the training pay?"""
+    from p2pswarm.fastlm import FusedLM
+
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, len(tok), (8, 256), generator=g)
-    attn = torch.ones_like(ids)
-    attn[:, :40] = 0  # left padding, as the trainer's batches have
+    P, C, G = 192, 64, 4
+    pid = torch.randint(3, len(tok), (2, P), generator=g)
+    pm = torch.ones_like(pid)
+    pm[:, :40] = 0  # left padding, as the trainer's batches have
+    cid = torch.randint(3, len(tok), (2 * G, C), generator=g)
+    owner = torch.arange(2).repeat_interleave(G)
+    ids, attn = torch.cat([pid[owner], cid], 1), torch.cat([pm[owner], torch.ones_like(cid)], 1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     model.train()
+    fused = FusedLM(model)
 
-    def step(m):
-        out = m(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=65, use_cache=False).logits
-        out.float().log_softmax(-1).mean().backward()
+    def hf(m):
+        return m(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=C + 1, use_cache=False).logits
 
-    res = {}
-    for mode, m in (("eager", model), ("compiled", torch.compile(model))):
+    sides = {"hf_eager": lambda: hf(model), "hf_compiled": (lambda c: lambda: hf(c))(torch.compile(model)),
+             "fused_eager": lambda: fused.forward_shared(pid, pm, cid, owner),
+             "fused_compiled": (lambda c: lambda: c(pid, pm, cid, owner))(torch.compile(fused.forward_shared))}
+    res = {"rows": 2 * G, "prompt_tokens": P, "completion_tokens": C}
+    for mode, fn in sides.items():
         t = time.perf_counter()
-        step(m)
+        fn().float().log_softmax(-1).mean().backward()
         first = time.perf_counter() - t
         calls = []
         for _ in range(5):
             t = time.perf_counter()
-            step(m)
+            fn().float().log_softmax(-1).mean().backward()
             calls.append(time.perf_counter() - t)
         res[mode] = {"first_call_s": first, "calls_s": calls, "median_s": statistics.median(calls)}
         print(mode, res[mode], flush=True)
-    res["speedup_compiled"] = res["eager"]["median_s"] / res["compiled"]["median_s"]
+    res["speedup_compiled_hf"] = res["hf_eager"]["median_s"] / res["hf_compiled"]["median_s"]
+    res["speedup_compiled_fused"] = res["fused_eager"]["median_s"] / res["fused_compiled"]["median_s"]
+    res["speedup_fused_over_hf"] = res["hf_eager"]["median_s"] / res["fused_eager"]["median_s"]
     model.eval()
     return res
 
