@@ -104,28 +104,30 @@ class FusedLM:
         less a layer, for a weight copy that bind() takes anyway. Training keeps them apart: multiplying every
         weight matrix in autograd at each micro-batch cost 10% of a 0.5B model's forward + backward."""
         a, m = layer.self_attn, layer.mlp
-        q, k, v = a.q_proj.weight[self._perm_q], a.k_proj.weight[self._perm_k], a.v_proj.weight
-        qb = None if a.q_proj.bias is None else a.q_proj.bias[self._perm_q]
-        scale = self.hd ** -0.5
-        if fold:  # rotary is linear, so the scale commutes with it
-            q, qb = q * scale, None if qb is None else qb * scale
-        wqkv = torch.cat([q, k, v])
-        bqkv = None if qb is None else torch.cat([qb, a.k_proj.bias[self._perm_k], a.v_proj.bias])
+        nq = self.nh * self.hd
+        wqkv = torch.cat([a.q_proj.weight[self._perm_q], a.k_proj.weight[self._perm_k], a.v_proj.weight])
+        bqkv = None
+        if a.q_proj.bias is not None:
+            bqkv = torch.cat([a.q_proj.bias[self._perm_q], a.k_proj.bias[self._perm_k], a.v_proj.bias])
         wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-        ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        if fold:  # RMSNorm's weight scales the matmul's input columns: (norm(x) * w) @ W.T == norm(x) @ (W * w).T
-            wqkv, wgu, ln1, ln2 = wqkv * ln1, wgu * ln2, None, None
-        return _Layer(wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias, wgu.t(), m.down_proj.weight.t(), ln1, ln2,
-                      None if fold else scale)
+        ln1, ln2, scale = layer.input_layernorm.weight, layer.post_attention_layernorm.weight, self.hd ** -0.5
+        if fold:  # in place on the fresh copies (bind runs without autograd): no further weight-sized temporaries
+            wqkv[:nq].mul_(scale)  # rotary is linear, so the scale commutes with it
+            wqkv.mul_(ln1)  # RMSNorm's weight scales the matmul's input columns: (norm(x) * w) @ W.T == norm(x) @ (W * w).T
+            wgu.mul_(ln2)
+            if bqkv is not None:
+                bqkv[:nq].mul_(scale)
+            ln1 = ln2 = scale = None
+        # the transposed views go to addmm / mm as they are: BLAS reads them transposed, no copy
+        return _Layer(wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias, wgu.t(), m.down_proj.weight.t(), ln1, ln2, scale)
 
     def _weights(self, fold: bool = False) -> list[_Layer]:
         return [self._fuse(layer, fold) for layer in self.model.model.layers]
 
     @torch.no_grad()
     def bind(self) -> FusedLM:
-        """Take fused copies of the current weights (contiguous, for the decoding matmuls)."""
-        self.layers = [_Layer(*(t.contiguous() if isinstance(t, torch.Tensor) else t for t in vars(w).values()))
-                       for w in self._weights(fold=True)]
+        """Take fused copies of the current weights for decoding (q|k|v and gate|up: a third of a layer's)."""
+        self.layers = self._weights(fold=True)
         return self
 
     def release(self) -> None:
