@@ -235,39 +235,13 @@ class Decoder:
                         logits_to_keep=1)
         except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
             raise DecoderUnsupported(f"its forward refused a static cache: {type(e).__name__}: {e}") from e
-        step_t = torch.zeros((), dtype=torch.long, device=dev)
-        tok, lp = sample_next(out.logits[:, -1].float(), step_t, eos, **opts)
-        finished = torch.isin(tok, eos)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)  # so that the split below is prefill vs decoding, not launch vs wait
-        t_prefill = time.perf_counter()
-        next_pos = pos[:, -1] + 1
-        toks, lps = [tok], [lp]
         step = self._step(opts)
-        done = 1
-        while done < T:
-            if done % self.sync_every == 0:
-                if progress is not None:
-                    progress(done, T)
-                if bool(finished.all()):
-                    break
-            step_t = step_t + 1
-            tok, lp, finished, next_pos = step(model, tok, next_pos, full_mask, cache, finished, step_t, eos)
-            toks.append(tok)
-            lps.append(lp)
-            done += 1
-        if progress is not None:
-            progress(T, T)
-        new = torch.stack(toks, 1)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t1 = time.perf_counter()
-        # decode_tokens_per_s: rows x steps after the first, over the time after prefill (the bench's figure)
-        self.last = {"seconds": t1 - t0, "prefill_s": t_prefill - t0, "decode_s": t1 - t_prefill, "steps": done,
-                     "rows": B, "cache_len": L, "decode_tokens_per_s": B * (done - 1) / max(t1 - t_prefill, 1e-9)}
-        if return_logprobs:
-            return new, _after_eos_zero(new, torch.stack(lps, 1), eos)
-        return new
+
+        def advance(tok, next_pos, finished, step_t, done):
+            return step(model, tok, next_pos, full_mask, cache, finished, step_t, eos)
+
+        return self._loop(out.logits[:, -1].float(), pos[:, -1] + 1, advance, eos, opts, T, t0, L, return_logprobs,
+                          progress)
 
     def _fused(self, input_ids, attention_mask, n, max_new_tokens, min_new_tokens, greedy, temperature, top_p,
                return_logprobs, progress):
@@ -290,39 +264,52 @@ class Decoder:
                 logits, pos, mask = (t.repeat_interleave(n, 0) for t in (logits, pos, mask))
             # generated columns are never padding: one (B, 1, 1, P + T) bias, cut to the columns written so far
             step_bias = padding_bias(torch.cat([mask, mask.new_ones((B, T))], 1), 1, f.dtype)
-            step_t = torch.zeros((), dtype=torch.long, device=dev)
-            tok, lp = sample_next(logits, step_t, eos, **opts)
-            finished = torch.isin(tok, eos)
-            t_prefill = time.perf_counter()
-            next_pos = pos[:, -1] + 1
-            toks, lps = [tok], [lp]
-            done = 1
-            while done < T:
-                if done % self.sync_every == 0:
-                    if progress is not None:
-                        progress(done, T)
-                    if bool(finished.all()):
-                        break
-                step_t = step_t + 1
+
+            def advance(tok, next_pos, finished, step_t, done):
                 col = P + done - 1  # the column the previous token is written to
                 logits = f.step(tok[:, None], next_pos[:, None], step_bias[..., : col + 1], cache, col).float()
                 nxt, lp = sample_next(logits, step_t, eos, **opts)
-                tok = torch.where(finished, self.pad_id, nxt)
-                finished = finished | torch.isin(tok, eos)
-                next_pos = next_pos + 1
-                toks.append(tok)
-                lps.append(lp)
-                done += 1
+                nxt = torch.where(finished, self.pad_id, nxt)
+                return nxt, lp, finished | torch.isin(nxt, eos), next_pos + 1
+
+            return self._loop(logits, pos[:, -1] + 1, advance, eos, opts, T, t0, P + T, return_logprobs, progress)
         finally:
             f.release()  # the fused copies are retaken next call: the trainer changes the weights in between
+
+    def _loop(self, logits, next_pos, advance, eos, opts, T, t0, cache_len, return_logprobs, progress):
+        """The token loop both forwards share: the first token from the prefill's `logits`, then
+        advance(tok, next_pos, finished, step_t, done) -> (tok, lp, finished, next_pos) until T tokens or, read
+        back every sync_every tokens, every row has ended."""
+        dev = logits.device
+        step_t = torch.zeros((), dtype=torch.long, device=dev)
+        tok, lp = sample_next(logits, step_t, eos, **opts)
+        finished = torch.isin(tok, eos)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # so that the split below is prefill vs decoding, not launch vs wait
+        t_prefill = time.perf_counter()
+        toks, lps = [tok], [lp]
+        done = 1
+        while done < T:
+            if done % self.sync_every == 0:
+                if progress is not None:
+                    progress(done, T)
+                if bool(finished.all()):
+                    break
+            step_t = step_t + 1
+            tok, lp, finished, next_pos = advance(tok, next_pos, finished, step_t, done)
+            toks.append(tok)
+            lps.append(lp)
+            done += 1
         if progress is not None:
             progress(T, T)
         new = torch.stack(toks, 1)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t1 = time.perf_counter()
+        B = new.shape[0]
+        # decode_tokens_per_s: rows x steps after the first, over the time after prefill (the bench's figure)
         self.last = {"seconds": t1 - t0, "prefill_s": t_prefill - t0, "decode_s": t1 - t_prefill, "steps": done,
-                     "rows": B, "cache_len": P + T, "decode_tokens_per_s": B * (done - 1) / max(t1 - t_prefill, 1e-9)}
+                     "rows": B, "cache_len": cache_len, "decode_tokens_per_s": B * (done - 1) / max(t1 - t_prefill, 1e-9)}
         if return_logprobs:
             return new, _after_eos_zero(new, torch.stack(lps, 1), eos)
         return new
