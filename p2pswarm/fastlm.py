@@ -199,7 +199,7 @@ class FusedLM:
         a GRPO group); autograd sums what its completions send back, so the gradient is the unshared one's.
         Returns (R, C, V): the logits that predict comp_ids[:, 0 .. C-1]."""
         (b, P), (R, C) = prompt_ids.shape, comp_ids.shape
-        nh, nkv, hd, H = self.nh, self.nkv, self.hd, self.nh + 2 * self.nkv
+        nh, hd, H = self.nh, self.hd, self.nh + 2 * self.nkv
         mask = prompt_mask.long()
         pos_p = (mask.cumsum(-1) - 1).clamp(min=0)
         pos_c = mask.sum(-1, keepdim=True)[owner] + torch.arange(C, device=comp_ids.device)
