@@ -8,8 +8,10 @@ module runs the same maths in about 15 ops a layer:
 - rotary embeddings are one complex multiply: the rows of q's and k's weights are permuted within each head so
   that HF's half-split pairs (j, j + hd/2) sit side by side. q·k is unchanged by permuting both alike, and v
   and the output projection are untouched, so the model computes exactly what HF's does;
-- RMSNorm is `F.rms_norm` (when decoding, its weight folded into the next matmul's); each residual add rides in its matmul (`addmm`); attention is one
-  `scaled_dot_product_attention` with grouped heads over the cache written so far, not its full static length.
+- RMSNorm is `F.rms_norm` (when decoding, its weight folded into the next matmul's); each residual add rides
+  in its matmul (`addmm`); attention covers the cache written so far, not its full static length: a decoding
+  step's one query a row as batched matmuls over (row, kv head), anything longer as one grouped-head
+  `scaled_dot_product_attention`.
 
 FusedLM.supports(model) says why a model cannot take this path (None when it can): Qwen2, Llama and Mistral
 configurations with SiLU MLPs, plain rotary embeddings, no sliding window and no extra projections. Anything
@@ -165,29 +167,26 @@ class FusedLM:
         return x
 
     def _layers(self, x, cis, bias, layers, cache, start):
-        """x: (B, S, d). cache: (keys, values) lists, keys (B, nkv, hd, L) and values (B, nkv, L, hd), written at
-        columns [start, start + S); or None (training: attention over x's own positions)."""
+        """Decoding: x (B, S, d); cache (keys, values) lists, keys (B, nkv, hd, L) and values (B, nkv, L, hd),
+        written at columns [start, start + S)."""
         B, S, d = x.shape
         nh, nkv, hd = self.nh, self.nkv, self.hd
         end = start + S
-        if cache is not None and S == 1:
+        if S == 1:
             # one query per row: its heads grouped by their kv head, as batched matmuls over (row, kv head)
             bias = bias.expand(B, nkv, 1, end).reshape(B * nkv, 1, end)
 
         def attend(i, w, qkv):
             q, k, v = self._rope(qkv.view(B, S, nh + 2 * nkv, hd), cis)
-            if cache is None:
-                att = self._sdpa(q, k, v, bias, w.scale)
+            keys, values = cache[0][i], cache[1][i]
+            keys[:, :, :, start:end] = k.transpose(2, 3)
+            values[:, :, start:end] = v
+            if S == 1:
+                s = torch.baddbmm(bias, q.reshape(B * nkv, nh // nkv, hd), keys[..., :end].reshape(B * nkv, hd, end),
+                                  alpha=1.0 if w.scale is None else w.scale)
+                att = torch.bmm(s.softmax(-1), values[:, :, :end].reshape(B * nkv, end, hd)).view(B, nh, 1, hd)
             else:
-                keys, values = cache[0][i], cache[1][i]
-                keys[:, :, :, start:end] = k.transpose(2, 3)
-                values[:, :, start:end] = v
-                if S == 1:
-                    s = torch.baddbmm(bias, q.reshape(B * nkv, nh // nkv, hd), keys[..., :end].reshape(B * nkv, hd, end),
-                                      alpha=1.0 if w.scale is None else w.scale)
-                    att = torch.bmm(s.softmax(-1), values[:, :, :end].reshape(B * nkv, end, hd)).view(B, nh, 1, hd)
-                else:
-                    att = self._sdpa(q, keys[..., :end].transpose(2, 3), values[:, :, :end], bias, w.scale)
+                att = self._sdpa(q, keys[..., :end].transpose(2, 3), values[:, :, :end], bias, w.scale)
             return att.transpose(1, 2).reshape(B * S, nh * hd)
 
         return self._run(x.reshape(B * S, d), layers, attend).view(B, S, d)
