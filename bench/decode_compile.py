@@ -1,12 +1,16 @@
-"""Does torch.compile pay for our decoding step (p2pswarm/decoding.py) on this machine?
+"""Does torch.compile pay for our decoding step (p2pswarm/decoding.py) on this machine? Every decoding path, timed.
 
-    python bench/decode_compile.py            # embedded policy, 8 prompts x G=4, 64 tokens, 1 thread
+    python bench/decode_compile.py            # embedded policy, 8 prompts x G=4, 64 tokens, 1 thread: each path
     python bench/decode_compile.py --ops      # only count aten ops per generated token: ours vs HF generate
     python bench/decode_compile.py --train    # only the training forward + backward: HF / FusedLM, eager / compiled
+    python3 bench/decode_compile.py cuda --dtype bfloat16 [--model qwen2.5-0.5b] [--train]   # on a GPU machine
 
-Times Decoder.generate with the step eager and compiled (inductor on CPU; CUDA graphs on CUDA), 5 calls each
-after a first call that pays for compiling, and writes bench/results/decode_compile.json. decoder_compile=auto
-follows this: on CPU the step stays eager (bench/README.md).
+Needs only torch and transformers (a GPU machine's image has both). Results other than the CPU/fp32/embedded
+default go to results/decode_compile.<device>-<dtype>-<model>.json.
+
+Times Decoder.generate on FusedLM (eager), on HF's forward with a static cache (eager; compiled with CUDA graphs
+on CUDA, or on the CPU with --compile) and HF generate, 5 calls each after a first call that pays for any
+compiling. decoder_compile=auto follows this: on CPU the step stays eager (bench/README.md).
 """
 
 from __future__ import annotations
@@ -105,31 +109,26 @@ def train_compile(model, tok) -> dict:
     return res
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    device = models.pick_device(args[0] if args else "cpu")
-    model, tok = models.load("embedded", device, torch.float32)
-    model.eval()
-    texts = [("question %d " % k) * (5 + 7 * k) for k in range(8)]  # 8 prompts of different lengths
-    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
-    eos = [model.generation_config.eos_token_id]
-    if "--train" in sys.argv:
-        res = json.loads(OUT.read_text()) if OUT.exists() else {}
-        res["train_forward_backward"] = train_compile(model, tok) | {"loadavg": os.getloadavg()}
-        OUT.write_text(json.dumps(res, indent=1) + "\n")
-        return
-    if "--ops" in sys.argv:
-        res = json.loads(OUT.read_text()) if OUT.exists() else {}
-        res["aten_ops_per_token"] = ops_per_token(model, tok, enc, eos)
-        print(res["aten_ops_per_token"])
-        OUT.write_text(json.dumps(res, indent=1) + "\n")
-        return
-    res: dict = {"device": str(device), "rows": 32, "new_tokens": 64, "loadavg_start": os.getloadavg()}
-    for mode in ("off", "on"):
-        d = Decoder(model, eos, tok.pad_token_id, choice="ours", compile=mode)
-        run = lambda: d.generate(enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=64,  # noqa: E731
-                                 min_new_tokens=64)
+def paths(model, tok, enc, eos, rows_per_prompt: int, new_tokens: int, compiled: bool) -> dict:
+    """Decoder.generate timed on each of its paths: FusedLM eager (the default off CUDA), HF's forward with a
+    static cache eager and compiled (CUDA graphs on CUDA: the default there), and HF generate. 5 calls each
+    after a first call that pays for any compiling."""
+    dev = next(model.parameters()).device
+    sides = {"fused_eager": dict(compile="off"), "static_cache_eager": dict(compile="off", fused=False),
+             "static_cache_compiled": dict(compile="on", fused=False), "hf_generate": dict(choice="hf")}
+    if not compiled:
+        sides.pop("static_cache_compiled")
+    rows = enc["input_ids"].shape[0] * rows_per_prompt
+    res = {}
+    for name, kw in sides.items():
+        d = Decoder(model, eos, tok.pad_token_id, **({"choice": "ours"} | kw))
+
+        def run():
+            d.generate(enc["input_ids"], enc["attention_mask"], n=rows_per_prompt, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
         t = time.perf_counter()
         run()
         first = time.perf_counter() - t
@@ -138,14 +137,58 @@ def main() -> None:
             t = time.perf_counter()
             run()
             calls.append(time.perf_counter() - t)
-        res[f"compile_{mode}"] = {"first_call_s": first, "calls_s": calls, "median_s": statistics.median(calls),
-                                  "tokens_per_s": 32 * 64 / statistics.median(calls),
-                                  "compile_failed": bool(d._step_fn and d._step_fn[1].failed)}
-        print(mode, res[f"compile_{mode}"], flush=True)
-    res["loadavg_end"] = os.getloadavg()
-    res["speedup_compiled"] = res["compile_off"]["median_s"] / res["compile_on"]["median_s"]
-    OUT.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {OUT}")
+        res[name] = {"path": d.path, "first_call_s": first, "calls_s": calls, "median_s": statistics.median(calls),
+                     "tokens_per_s": rows * new_tokens / statistics.median(calls),
+                     "compile_failed": bool(d._step_fn and d._step_fn[1].failed)}
+        print(name, res[name], flush=True)
+    return res
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("device", nargs="?", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--model", default="embedded", choices=["embedded", "qwen2.5-0.5b"])
+    ap.add_argument("--ops", action="store_true", help="only count aten ops per generated token")
+    ap.add_argument("--train", action="store_true", help="only the training forward + backward")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="time the compiled path on the CPU too (minutes of compiling)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = models.pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    _, tok = models.load("embedded", device, dtype)
+    if args.model == "embedded":
+        model = models.load("embedded", device, dtype)[0]
+    else:  # the 0.5B shape with random weights (throughput does not depend on them)
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from trainer_speed import QWEN25_05B
+
+        torch.manual_seed(0)
+        cfg = {k: v for k, v in QWEN25_05B.items() if k not in ("architectures", "model_type")}
+        model = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(device=device, dtype=dtype)
+    model.eval()
+    out = OUT if (device.type, args.dtype, args.model) == ("cpu", "float32", "embedded") else \
+        OUT.with_name(f"decode_compile.{device.type}-{args.dtype}-{args.model}.json")
+    texts = [("question %d " % k) * (5 + 7 * k) for k in range(8)]  # 8 prompts of different lengths
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    eos = [tok.eos_token_id]
+    res = json.loads(out.read_text()) if out.exists() else {}
+    res.update(device=str(device), dtype=args.dtype, model=args.model, torch=torch.__version__,
+               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    if args.train:
+        res["train_forward_backward"] = train_compile(model, tok) | {"loadavg": os.getloadavg()}
+    elif args.ops:
+        res["aten_ops_per_token"] = ops_per_token(model, tok, enc, eos)
+        print(res["aten_ops_per_token"])
+    else:
+        res["paths"] = {"rows": 32, "new_tokens": 64, "loadavg_start": os.getloadavg()} | paths(model, tok, enc, eos, 4, 64, device.type == "cuda" or args.compile)
+        res["paths"]["loadavg_end"] = os.getloadavg()
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
