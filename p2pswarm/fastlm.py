@@ -63,7 +63,8 @@ class FusedLM:
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         if (rope.get("rope_type") or rope.get("type") or "default") != "default":
             return f"rope type {rope.get('rope_type') or rope.get('type')!r} is not the plain one"
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", kind == "mistral"):
+        if (getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", kind == "mistral")) or \
+                "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
             return "sliding-window attention"
         if getattr(cfg, "mlp_bias", False):
             return "MLP biases"

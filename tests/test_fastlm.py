@@ -23,6 +23,8 @@ def tiny(kind):
                   num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, pad_token_id=0)
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)).eval()
+    if kind == "llama-biased":  # biases on q, k, v and o, as attention_bias=True gives
+        return LlamaForCausalLM(LlamaConfig(**common, attention_bias=True)).eval()
     return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
 
 
@@ -43,7 +45,7 @@ def shared_batch(seed=0):
     return pid, pm, cid, cm, owner
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama-biased", "mistral"])
 def test_the_shared_prompt_training_forward_gives_hfs_logits_and_gradients(fresh_policy, kind):
     model = fresh_policy[0] if kind == "qwen2" else tiny(kind)
     model.train()
@@ -66,7 +68,7 @@ def test_the_shared_prompt_training_forward_gives_hfs_logits_and_gradients(fresh
         assert torch.allclose(got["fused"][1][n], g, atol=1e-5 * max(1.0, g.abs().max().item())), n
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama-biased", "mistral"])
 def test_fused_greedy_decoding_equals_hf_generate(tmp_path, fresh_policy, kind):
     model, tok = fresh_policy
     if kind != "qwen2":
@@ -93,6 +95,12 @@ def test_models_it_cannot_run_say_why_and_keep_hfs_forward(tmp_path, fresh_polic
     qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     assert "qwen3" in FusedLM.supports(qwen3)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    windowed = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                                            sliding_window=8, max_window_layers=1))
+    assert "sliding" in FusedLM.supports(windowed)
     assert Decoder(gpt2, [2], 0, choice="ours", compile="off").path == "static-cache"
     trainer = GRPOTrainer(gpt2, tok, make_settings(tmp_path))
     assert trainer.fused is None and trainer.decoder.path == "static-cache"
