@@ -69,8 +69,13 @@ class GRPOTrainer(Trainer):
                                compile=settings.decoder_compile, fused=settings.fused_forward == "auto")
         # the training forward too, unless gradient checkpointing asks for HF's per-layer recomputation
         self.fused = None
-        if settings.fused_forward == "auto" and not settings.gradient_checkpointing and FusedLM.supports(model) is None:
+        why_not = "fused_forward=off" if settings.fused_forward == "off" else FusedLM.supports(model)
+        if why_not is None and settings.gradient_checkpointing:
+            why_not = "gradient checkpointing"
+        if why_not is None:
             self.fused = FusedLM(model)
+        log.info("policy forward: decoding on %s, training on %s", self.decoder.path,
+                 "p2pswarm's fused forward" if self.fused else f"transformers' ({why_not})")
 
     # ---- prompts -------------------------------------------------------------------------------
     def _render(self, task: Task) -> str:
