@@ -88,7 +88,9 @@ class Settings(BaseSettings):
                        description="'embedded', a local folder, or a Hugging Face causal LM name")
     device: str = Field("auto", validation_alias=_env("device"), description="auto, cpu, cuda, cuda:N or mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", validation_alias=_env("dtype"))
-    threads: int = Field(0, validation_alias=_env("threads"), ge=0, description="torch CPU threads (0: all cores)")
+    threads: int = Field(0, validation_alias=_env("threads"), ge=0,
+                         description="torch CPU threads (0: 1 for the embedded policy, whose matmuls are too small to "
+                                     "split, or one per agent or torch rank; else all cores)")
 
     # --- the game --------------------------------------------------------------------------------
     game: Literal["reasoning-gym", "revise", "tictactoe",

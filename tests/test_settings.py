@@ -173,3 +173,15 @@ def test_meaningless_fork_variables_are_named_in_one_warning(monkeypatch, tmp_pa
     for name in ("MAX_STAGES", "ADAPTIVE_IJ_ENABLED", "CACHE_ROLLOUTS", "COORDINATOR_ROUND_INTERVAL"):
         assert name in warnings[0]
     assert "NUM_GENERATIONS" not in warnings[0]  # mapped: it means something here
+
+
+def test_thread_defaults_fit_the_model_and_the_agents(tmp_path):
+    """0 threads means: 1 for the embedded policy (its matmuls are too small to split), 1 per in-process agent,
+    all cores (None: torch's own) for any other model; a number is taken as it is."""
+    from helpers import make_settings
+    from p2pswarm.node import default_threads
+
+    assert default_threads(make_settings(tmp_path)) == 1  # the embedded policy
+    assert default_threads(make_settings(tmp_path, model="Qwen/Qwen2.5-0.5B-Instruct")) is None
+    assert default_threads(make_settings(tmp_path, model="Qwen/Qwen2.5-0.5B-Instruct", agents=3)) == 1
+    assert default_threads(make_settings(tmp_path, threads=3)) == 3
