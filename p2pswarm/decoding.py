@@ -1,10 +1,11 @@
-"""Our own decoding loop for causal LMs: a preallocated static KV cache, sampling on the device, optionally compiled.
+"""Our own decoding loop for causal LMs: a preallocated KV cache, sampling on the device, optionally compiled.
 
 Issue #17 found HF `generate`'s per-token loop (logits processors, stopping criteria, cache bookkeeping, a host
-sync per token) costing as much as the model's forward on the CPU. Decoder.generate() runs the same model forward with a transformers StaticCache and does everything else in a
-few tensor ops per step that never wait on the device; whether a row has finished is read back to the host
-only every `sync_every` tokens on an accelerator (every token on the CPU, where it costs nothing), to stop early
-once every row has.
+sync per token) costing as much as the model's forward on the CPU. Decoder.generate() runs the model's forward
+(FusedLM's where it can, else HF's with a transformers StaticCache) and does everything else in a few tensor
+ops per step that never wait on the device; whether a row has finished is read back to the host only every
+`sync_every` tokens on an accelerator (every token on the CPU, where it costs nothing), to stop early once
+every row has.
 
 Sampling matches HF's `do_sample=True, top_k=0`: min_new_tokens masks eos first, then temperature, then top-p
 (the smallest set of tokens whose probability reaches top_p; at least one kept), then one draw per row. On an
@@ -309,7 +310,8 @@ class Decoder:
         B = new.shape[0]
         # decode_tokens_per_s: rows x steps after the first, over the time after prefill (the bench's figure)
         self.last = {"seconds": t1 - t0, "prefill_s": t_prefill - t0, "decode_s": t1 - t_prefill, "steps": done,
-                     "rows": B, "cache_len": cache_len, "decode_tokens_per_s": B * (done - 1) / max(t1 - t_prefill, 1e-9)}
+                     "rows": B, "cache_len": cache_len,
+                     "decode_tokens_per_s": B * (done - 1) / max(t1 - t_prefill, 1e-9)}
         if return_logprobs:
             return new, _after_eos_zero(new, torch.stack(lps, 1), eos)
         return new
