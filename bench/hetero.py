@@ -48,6 +48,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # this checkout's p2pswarm, whatever else is installed; sapo.py beside it
+from _children import run_children  # noqa: E402 - the child-process runner the benches share
 from sapo import save_results, seed_for, write_identities  # noqa: E402 - one copy of the paired-seed set-up
 
 RESULTS_DIR = BENCH / "results"
@@ -257,44 +258,26 @@ def main() -> None:
     done = {run_key(r) for r in doc["runs"]}
     todo = [(arm, k) for arm, k in todo if (arm, k, rounds, agents, args.tasks, args.lr) not in done]
     print(f"{len(todo)} run(s) to do: {agents} agents, {rounds} rounds, lr {args.lr}", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="hetero-"))
-    running: list[tuple[subprocess.Popen, str, int, Path, float]] = []
-    failed = 0
-    try:
-        while todo or running:
-            while todo and len(running) < max(1, args.jobs):
-                arm, k = todo.pop(0)
-                out = tmp / f"{arm}_{k}.json"
-                cmd = [sys.executable, __file__, "--child", arm, str(k), str(out), "--rounds", str(rounds),
-                       "--agents", str(agents), "--tasks", str(args.tasks), "--lr", str(args.lr),
-                       "--policies", json.dumps(policies)]
-                running.append((subprocess.Popen(cmd), arm, k, out, time.perf_counter()))
-                print(f"  start {arm} seed {k}", flush=True)
-            time.sleep(1.0)
-            for item in list(running):
-                proc, arm, k, out, t0 = item
-                if proc.poll() is None:
-                    continue
-                running.remove(item)
-                if proc.returncode != 0 or not out.exists():
-                    failed += 1
-                    print(f"  FAILED {arm} seed {k} (exit {proc.returncode})", flush=True)
-                    continue
-                doc = load_results(path)
-                run = json.loads(out.read_text())
-                doc["runs"] = [r for r in doc["runs"] if run_key(r) != run_key(run)] + [run]
-                doc["specialists"] = {k2: {"datasets": b["datasets"], "steps": b["steps"],
-                                           "heldout": b["heldout_score_per_dataset"]} for k2, b in build.items()}
-                doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                  "python": platform.python_version(), "loadavg": os.getloadavg()}
-                doc["command"] = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
-                doc["summary"] = summarise(doc["runs"])
-                save_results(path, doc)
-                print(f"  done  {arm} seed {k} in {time.perf_counter() - t0:.0f} s", flush=True)
-    finally:
-        for proc, *_ in running:
-            proc.terminate()
-        shutil.rmtree(tmp, ignore_errors=True)
+    def command(arm, k):
+        return lambda out: [sys.executable, __file__, "--child", arm, str(k), str(out), "--rounds", str(rounds),
+                            "--agents", str(agents), "--tasks", str(args.tasks), "--lr", str(args.lr),
+                            "--policies", json.dumps(policies)]
+
+    def on_done(key, run, seconds):
+        arm, k = key
+        doc = load_results(path)
+        doc["runs"] = [r for r in doc["runs"] if run_key(r) != run_key(run)] + [run]
+        doc["specialists"] = {k2: {"datasets": b["datasets"], "steps": b["steps"],
+                                   "heldout": b["heldout_score_per_dataset"]} for k2, b in build.items()}
+        doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "python": platform.python_version(), "loadavg": os.getloadavg()}
+        doc["command"] = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+        doc["summary"] = summarise(doc["runs"])
+        save_results(path, doc)
+        print(f"  done  {arm} seed {k} in {seconds:.0f} s", flush=True)
+
+    failed = run_children([((arm, k), f"{arm} seed {k}", command(arm, k)) for arm, k in todo], args.jobs, on_done,
+                          "hetero-")
     doc = load_results(path)
     if doc["runs"]:
         print(table(doc["summary"]))

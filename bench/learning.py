@@ -25,13 +25,13 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _children import run_children  # noqa: E402 - the child-process runner the benches share
 from sapo import rolling  # noqa: E402 - one copy of the trailing mean the bench plots share
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -199,36 +199,19 @@ def main() -> None:
     doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     doc["command"] = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
     print(f"{len(todo)} seed(s) to run ({len(done)} recorded in {path}), {args.rounds} rounds", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="learning-"))
-    running: list[tuple[subprocess.Popen, int, Path]] = []
-    failed = 0
-    try:
-        while todo or running:
-            while todo and len(running) < max(1, args.jobs):
-                seed = todo.pop(0)
-                out = tmp / f"{seed}.json"
-                cmd = [sys.executable, __file__, "--child", str(seed), str(out), "--rounds", str(args.rounds),
-                       "--eval-every", str(eval_every)]
-                running.append((subprocess.Popen(cmd), seed, out))
-                print(f"  start seed {seed}", flush=True)
-            time.sleep(2.0)
-            for item in list(running):
-                proc, seed, out = item
-                if proc.poll() is None:
-                    continue
-                running.remove(item)
-                if proc.returncode != 0 or not out.exists():
-                    failed += 1
-                    print(f"  FAILED seed {seed} (exit {proc.returncode})", flush=True)
-                    continue
-                doc = json.loads(path.read_text()) if path.exists() else doc
-                doc["runs"] = [r for r in doc["runs"] if r["seed"] != seed] + [json.loads(out.read_text())]
-                save(doc, stem)
-                print(f"  done  seed {seed}\n{report(doc['summary'])}", flush=True)
-    finally:
-        for proc, *_ in running:
-            proc.terminate()
-        shutil.rmtree(tmp, ignore_errors=True)
+    def command(seed):
+        return lambda out: [sys.executable, __file__, "--child", str(seed), str(out), "--rounds", str(args.rounds),
+                            "--eval-every", str(eval_every)]
+
+    def on_done(seed, run, seconds):
+        nonlocal doc
+        doc = json.loads(path.read_text()) if path.exists() else doc
+        doc["runs"] = [r for r in doc["runs"] if r["seed"] != seed] + [run]
+        save(doc, stem)
+        print(f"  done  seed {seed}\n{report(doc['summary'])}", flush=True)
+
+    failed = run_children([(seed, f"seed {seed}", command(seed)) for seed in todo], args.jobs, on_done, "learning-",
+                          poll_s=2.0)
     if failed:
         sys.exit(f"{failed} seed(s) failed; rerun the same command to retry them")
 

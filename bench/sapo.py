@@ -42,11 +42,13 @@ import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _children import run_children  # noqa: E402 - the child-process runner the benches share
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SPARSE_PRESET = Path(__file__).parent / "presets" / "sparse.toml"
@@ -455,44 +457,24 @@ def main() -> None:
     doc["command"] = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
     print(f"{len(todo)} run(s) to do ({len(done)} already recorded in {stem_path.with_suffix('.json')}): "
           f"{rounds} rounds, {args.jobs} in parallel", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="sapo-"))
     t_start = time.perf_counter()
-    running: list[tuple[subprocess.Popen, dict, int, Path, float]] = []
-    failed = 0
-    try:
-        while todo or running:
-            while todo and len(running) < max(1, args.jobs):
-                c, k = todo.pop(0)
-                label = "-".join(str(v) for v in c.values()).replace("/", "_")
-                out = tmp / f"{label}_{k}.json"
-                cmd = [sys.executable, __file__, "--child", json.dumps(c), str(k), str(out), "--rounds", str(rounds),
-                       "--tasks", str(args.tasks)]
-                running.append((subprocess.Popen(cmd), c, k, out, time.perf_counter()))
-                print(f"  start {c} seed {k}", flush=True)
-            time.sleep(1.0)
-            for item in list(running):
-                proc, c, k, out, t0 = item
-                if proc.poll() is None:
-                    continue
-                running.remove(item)
-                if proc.returncode != 0 or not out.exists():
-                    failed += 1
-                    print(f"  FAILED {c} seed {k} (exit {proc.returncode})", flush=True)
-                    continue
-                doc = load_results(stem_path.with_suffix(".json"))  # re-read: append to what is on disk
-                doc.setdefault("machine", {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()})
-                doc["command"] = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
-                run = json.loads(out.read_text())
-                doc["runs"] = [r for r in doc["runs"] if run_key(r) != run_key(run)] + [run]
-                write_outputs(doc, stem_path, window)
-                print(f"  done  {c} seed {k}: cumulative {cumulative(run):.2f}, signal groups/update "
-                      f"{per_update(run, 'signal_groups'):.2f}, train CPU {run['train_cpu_seconds']:.0f} s, "
-                      f"{time.perf_counter() - t0:.0f} s ({len(todo)} queued, {len(running)} running, "
-                      f"{time.perf_counter() - t_start:.0f} s total, load {os.getloadavg()[0]:.1f})", flush=True)
-    finally:
-        for proc, *_ in running:
-            proc.terminate()
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def command(c, k):
+        return lambda out: [sys.executable, __file__, "--child", json.dumps(c), str(k), str(out), "--rounds",
+                            str(rounds), "--tasks", str(args.tasks)]
+
+    def on_done(key, run, seconds):
+        c, k = key
+        doc = load_results(stem_path.with_suffix(".json"))  # re-read: append to what is on disk
+        doc.setdefault("machine", {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()})
+        doc["command"] = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+        doc["runs"] = [r for r in doc["runs"] if run_key(r) != run_key(run)] + [run]
+        write_outputs(doc, stem_path, window)
+        print(f"  done  {c} seed {k}: cumulative {cumulative(run):.2f}, signal groups/update "
+              f"{per_update(run, 'signal_groups'):.2f}, train CPU {run['train_cpu_seconds']:.0f} s, {seconds:.0f} s "
+              f"({time.perf_counter() - t_start:.0f} s total, load {os.getloadavg()[0]:.1f})", flush=True)
+
+    failed = run_children([((c, k), f"{c} seed {k}", command(c, k)) for c, k in todo], args.jobs, on_done, "sapo-")
     doc = load_results(stem_path.with_suffix(".json"))
     if doc["runs"]:
         write_outputs(doc, stem_path, window)
