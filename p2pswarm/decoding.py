@@ -241,8 +241,14 @@ class Decoder:
         def advance(tok, next_pos, finished, step_t, done):
             return step(model, tok, next_pos, full_mask, cache, finished, step_t, eos)
 
-        return self._loop(out.logits[:, -1].float(), pos[:, -1] + 1, advance, eos, opts, T, t0, L, return_logprobs,
-                          progress)
+        result = self._loop(out.logits[:, -1].float(), pos[:, -1] + 1, advance, eos, opts, T, t0, L,
+                            return_logprobs, progress)
+        if self.compile and self._step_fn is not None and self._step_fn[1].failed \
+                and self.fused is None and FusedLM.supports(model) is None:
+            # the compiled step failed and this call ran HF's forward eagerly; the fused one is the faster eager path
+            self.compile, self.fused, self._caches = False, FusedLM(model), {}
+            log.info("decoding on p2pswarm's fused forward from now on (eager)")
+        return result
 
     def _fused(self, input_ids, attention_mask, n, max_new_tokens, min_new_tokens, greedy, temperature, top_p,
                return_logprobs, progress):

@@ -182,3 +182,32 @@ def test_trainer_generates_with_our_loop_and_trains_on_its_completions(tmp_path,
     state.add(0, groups, [])
     stats = trainer.train(state)
     assert not stats.skipped and stats.local_groups == 4 and stats.loss == stats.loss  # finite, not NaN
+
+
+def test_a_step_that_fails_to_compile_runs_eagerly_then_on_the_fused_forward(tmp_path, fresh_policy, caplog,
+                                                                             monkeypatch):
+    """torch.compile failing (as it may on a machine's first CUDA run) costs nothing but speed: the call in
+    flight finishes on HF's forward, said once, and later calls decode on the fused forward; greedy output
+    stays generate's throughout."""
+    model, tok = fresh_policy
+    trainer = GRPOTrainer(model, tok, make_settings(tmp_path, max_new_tokens=12))
+    _, enc = prompts(trainer, 4)
+
+    def broken(fn, **kw):
+        def raise_(*a, **k):
+            raise RuntimeError("inductor: no compiler here")
+        return raise_
+
+    monkeypatch.setattr(torch, "compile", broken)
+    dec = Decoder(model, trainer.eos_ids, tok.pad_token_id, choice="ours", compile="on")
+    assert dec.path == "static-cache"
+    want = model.generate(**enc, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
+                          pad_token_id=tok.pad_token_id, eos_token_id=trainer.eos_ids)[:, enc["input_ids"].shape[1]:]
+    eos = set(trainer.eos_ids)
+    with caplog.at_level(logging.INFO, logger="p2pswarm.decoding"):
+        for _ in range(2):
+            got = dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=12, greedy=True)
+            assert [cut(r, eos) for r in got.tolist()] == [cut(r, eos) for r in want.tolist()]
+    assert dec.path == "fused"
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("torch.compile failed" in m for m in said) == 1 and sum("fused forward" in m for m in said) == 1
