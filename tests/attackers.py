@@ -169,11 +169,12 @@ class Attacker:
             relays[r] = [(f.peer_id, poisoned(f, self.swarm, r, self.data)) for f in fakes]
             await asyncio.gather(*(self.announce(r, data, origin=o) for o, data in relays[r]))
             self.say(f"round {r}: relayed 200 invented peers")
-        while True:  # the current round's 200 again, every few seconds: far past any author's rate
+        while True:  # the current and next round's 200 again, every second: far past any author's rate, and
+            # ahead of peers whose rounds take less than a second (a relay for a round they have left is stale)
             c = await self.clock()
             await self.member(bridged=1024, round=c)
-            await asyncio.gather(*(self.announce(c, data, origin=o) for o, data in relays.get(c, [])))
-            await asyncio.sleep(3)
+            await asyncio.gather(*(self.announce(r, data, origin=o) for r in (c, c + 1) for o, data in relays.get(r, [])))
+            await asyncio.sleep(1)
 
 
 def main() -> None:
