@@ -249,6 +249,30 @@ def test_janitor_keeps_the_last_rounds_and_the_clock_never_rewinds(url, tmp_path
         c.close()
 
 
+def test_a_keeper_that_stops_leaves_the_clock_past_the_rounds_it_finished(tmp_path):
+    """A keeper plays its last rounds faster than its clock thread polls, then stops: closing advances the
+    clock over every round that is over, so a follower, the fork's readers and the keeper restarted do not
+    start a round it already played. A round a live worker still plays is not ended by closing."""
+    url = str(tmp_path / "drive")
+    c = comm(url, "coord", role="coordinator", poll=3600.0)  # the thread never gets to step
+    keeper = FolderCoordinator(c, role="coordinator", deadline=1000)
+    w = FolderCoordinator(comm(url, "w", poll=0.02))
+    try:
+        for r in range(3):
+            c.publish(r, 0, [group()])
+            w.comm.publish(r, 0, [group()])
+            keeper.report_finished(r)
+            if r < 2:
+                w.report_finished(r)
+        assert until(lambda: c.live().get("w") is not None and c.live()["w"].finished == 1)
+        assert keeper.clock == 0 and c.store.read_clock()["round"] == 0
+        c.close()  # runs the keeper's close
+        assert c.store.read_clock()["round"] == 2  # rounds 0 and 1 are over; w still plays round 2
+        assert FolderCoordinator(comm(url, "w2")).start_round(0) == 2
+    finally:
+        w.comm.close()
+
+
 def test_archive_failure_keeps_the_rounds(tmp_path):
     c = comm(str(tmp_path), "coord", role="coordinator")
     coord = FolderCoordinator(c, role="coordinator", keep_rounds=1, archive=True, deadline=1000)

@@ -199,9 +199,20 @@ class FolderCoordinator(Coordinator):
                 log.warning("round clock: %s: %s", type(e).__name__, e)
 
     def close(self) -> None:
+        """Stop the keeper's thread, then advance the clock over the rounds already over: a keeper that
+        plays its last round faster than the thread polls must not leave the clock behind it (a follower,
+        the fork's readers or this keeper restarted would start a round it already played)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        if self._thread is None or self._thread is threading.current_thread():
+            return
+        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # stuck on a slow mount: two writers of the clock would race
+            return
+        try:
+            while self.step():
+                pass
+        except Exception as e:  # noqa: BLE001 - closing must not raise over a flaky mount
+            log.warning("round clock: not advanced at close: %s: %s", type(e).__name__, e)
 
 
 def _spans(rounds: list[int]) -> str:
