@@ -4,7 +4,8 @@ On the CPU a decoding step of the embedded policy was ~355 aten ops around 29 ti
 embeddings, cache and mask plumbing cost ~3 ms of dispatch for ~0.4 ms of arithmetic (bench/README.md). This
 module runs the same maths in about 15 ops a layer:
 
-- q, k and v come from one matmul (their weights concatenated), gate and up from another;
+- q, k and v come from one matmul (their weights concatenated), gate and up from another (small models: past
+  FUSE_MLP_MAX the copy costs more than a second matmul saves);
 - rotary embeddings are one complex multiply: the rows of q's and k's weights are permuted within each head so
   that HF's half-split pairs (j, j + hd/2) sit side by side. q·k is unchanged by permuting both alike, and v
   and the output projection are untouched, so the model computes exactly what HF's does;
@@ -31,6 +32,11 @@ import torch
 import torch.nn.functional as F
 
 FAMILIES = ("qwen2", "llama", "mistral")
+# Gate and up are concatenated into one matmul (and, decoding, the norm's weight folded in) only below this
+# many weights each: for a 0.5B model the copy cost ~190 ms a training micro-batch and ~0.3 s a generate call
+# (4864 x 896 x 2 x 24 layers), where a second matmul's dispatch costs microseconds; for the embedded policy
+# (256 x 64) one op less a layer is what counts.
+FUSE_MLP_MAX = 1 << 20
 
 
 @dataclass
@@ -39,7 +45,7 @@ class _Layer:
     bqkv: torch.Tensor | None
     wo: torch.Tensor  # d x nh hd, transposed for addmm
     bo: torch.Tensor | None
-    wgu: torch.Tensor  # d x 2I: gate and up, transposed
+    wgu: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # d x 2I: gate and up, transposed; or the two apart
     wdown: torch.Tensor  # I x d, transposed
     ln1: torch.Tensor | None  # the norms' weights, None where folded into wqkv / wgu
     ln2: torch.Tensor | None
@@ -104,33 +110,37 @@ class FusedLM:
     # ---- weights ---------------------------------------------------------------------------------
     def _fuse(self, layer, fold: bool) -> _Layer:
         """fold (decoding): the norms' weights and attention's 1/sqrt(hd) go into the matmuls' weights, two ops
-        less a layer, for a weight copy that bind() takes anyway. Training keeps them apart: multiplying every
-        weight matrix in autograd at each micro-batch cost ~7% of a 0.5B model's forward + backward."""
+        less a layer, for weight copies taken anyway (q|k|v; gate|up up to FUSE_MLP_MAX). Training keeps them
+        apart: multiplying every weight matrix in autograd at each micro-batch cost ~7% of a 0.5B model's
+        forward + backward."""
         a, m = layer.self_attn, layer.mlp
         nq = self.nh * self.hd
         wqkv = torch.cat([a.q_proj.weight[self._perm_q], a.k_proj.weight[self._perm_k], a.v_proj.weight])
         bqkv = None
         if a.q_proj.bias is not None:
             bqkv = torch.cat([a.q_proj.bias[self._perm_q], a.k_proj.bias[self._perm_k], a.v_proj.bias])
-        wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+        wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight]) if m.gate_proj.weight.numel() <= FUSE_MLP_MAX else None
         ln1, ln2, scale = layer.input_layernorm.weight, layer.post_attention_layernorm.weight, self.hd ** -0.5
         if fold:  # in place on the fresh copies (bind runs without autograd): no further weight-sized temporaries
             wqkv[:nq].mul_(scale)  # rotary is linear, so the scale commutes with it
             # RMSNorm's weight scales the matmul's input columns: (norm(x) * w) @ W.T == norm(x) @ (W * w).T
             wqkv.mul_(ln1)
-            wgu.mul_(ln2)
             if bqkv is not None:
                 bqkv[:nq].mul_(scale)
-            ln1 = ln2 = scale = None
+            ln1 = scale = None
+            if wgu is not None:
+                wgu.mul_(ln2)
+                ln2 = None
         # the transposed views go to addmm / mm as they are: BLAS reads them transposed, no copy
-        return _Layer(wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias, wgu.t(), m.down_proj.weight.t(), ln1, ln2, scale)
+        gu = (m.gate_proj.weight.t(), m.up_proj.weight.t()) if wgu is None else wgu.t()
+        return _Layer(wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias, gu, m.down_proj.weight.t(), ln1, ln2, scale)
 
     def _weights(self, fold: bool = False) -> list[_Layer]:
         return [self._fuse(layer, fold) for layer in self.model.model.layers]
 
     @torch.no_grad()
     def bind(self) -> FusedLM:
-        """Take fused copies of the current weights for decoding (q|k|v and gate|up: a third of a layer's)."""
+        """Take fused copies of the current weights for decoding (q|k|v; gate|up for small models)."""
         self.layers = self._weights(fold=True)
         return self
 
@@ -164,7 +174,9 @@ class FusedLM:
         for i, w in enumerate(layers):
             att = attend(i, w, F.linear(F.rms_norm(x, (d,), w.ln1, self.eps), w.wqkv, w.bqkv))
             x = torch.addmm(x if w.bo is None else x + w.bo, att, w.wo)
-            g, u = torch.mm(F.rms_norm(x, (d,), w.ln2, self.eps), w.wgu).chunk(2, -1)
+            h = F.rms_norm(x, (d,), w.ln2, self.eps)
+            g, u = (torch.mm(h, w.wgu[0]), torch.mm(h, w.wgu[1])) if isinstance(w.wgu, tuple) else \
+                torch.mm(h, w.wgu).chunk(2, -1)
             x = torch.addmm(x, F.silu(g) * u, w.wdown)
         return x
 
@@ -218,17 +230,22 @@ class FusedLM:
             ac = self._sdpa(qc, torch.cat([kp[owner], kc], 2), torch.cat([vp[owner], vc], 2), bias_c, w.scale)
             return torch.cat([ap.transpose(1, 2).reshape(split, nh * hd), ac.transpose(1, 2).reshape(R * C, nh * hd)])
 
-        emb = self.model.model.embed_tokens.weight
-        x = torch.cat([F.embedding(prompt_ids, emb).reshape(split, self.d),
-                       F.embedding(comp_ids, emb).reshape(R * C, self.d)])
+        emb, head = self.model.model.embed_tokens.weight, self.model.lm_head.weight
+        # Tied input and output embeddings (Qwen2.5 0.5B-3B, the embedded policy): autograd would sum two dense
+        # vocabulary-sized gradients, the input side's mostly zeros (~0.9 s a micro-batch at Qwen's 152k x 896).
+        # Here the output side's gradient is handed to the input side's backward, which adds its rows into it.
+        tied = _Tied() if emb is head and emb.requires_grad and torch.is_grad_enabled() else None
+        ids = torch.cat([prompt_ids.reshape(-1), comp_ids.reshape(-1)])
+        x = F.embedding(ids, emb) if tied is None else _Embed.apply(ids, emb, tied)
         x = self._run(x, self._weights(), attend)
         last = x[:split].view(b, P, self.d)[:, -1][owner]  # the prompt's last position predicts the first token
-        return self._head(torch.cat([last[:, None], x[split:].view(R, C, self.d)[:, : C - 1]], 1))
+        return self._head(torch.cat([last[:, None], x[split:].view(R, C, self.d)[:, : C - 1]], 1), tied)
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
+    def _head(self, x: torch.Tensor, tied: _Tied | None = None) -> torch.Tensor:
         inner = self.model.model
         x = F.rms_norm(x, (self.d,), inner.norm.weight, self.eps)
-        return F.linear(x, self.model.lm_head.weight, getattr(self.model.lm_head, "bias", None))
+        w, bias = self.model.lm_head.weight, getattr(self.model.lm_head, "bias", None)
+        return F.linear(x, w, bias) if tied is None else _Head.apply(x, w, bias, tied)
 
     def new_cache(self, rows: int, length: int, device, dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Keys (rows, nkv, hd, length), transposed so that a query's scores are one batched matmul; values
@@ -244,6 +261,48 @@ class FusedLM:
         x = F.embedding(ids, self.model.model.embed_tokens.weight)
         x = self._layers(x, self.rotary(pos), bias, self.layers, cache, start)
         return self._head(x[:, -1] if last_only else x)
+
+
+class _Tied:
+    """The output embedding's weight gradient, passed from _Head's backward to _Embed's (which runs after it:
+    the embedding feeds everything the head reads)."""
+    grad: torch.Tensor | None = None
+
+
+class _Head(torch.autograd.Function):
+    """x @ W.T + b where W is also the input embedding: W's gradient goes to _Embed, not to autograd."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, tied: _Tied):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias, ctx.tied = b is not None, tied
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        ctx.tied.grad = g2.t() @ x.reshape(-1, x.shape[-1])
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (g2 @ w).view(x.shape), None, gb, None
+
+
+class _Embed(torch.autograd.Function):
+    """F.embedding whose weight gradient is the output side's (from _Head) with this side's rows added in place."""
+
+    @staticmethod
+    def forward(ctx, ids, w, tied: _Tied):
+        ctx.save_for_backward(ids)
+        ctx.tied, ctx.rows = tied, w.shape[0]
+        return F.embedding(ids, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids,) = ctx.saved_tensors
+        grad, ctx.tied.grad = ctx.tied.grad, None
+        if grad is None:  # the head was not part of this backward
+            grad = g.new_zeros((ctx.rows, g.shape[-1]))
+        return None, grad.index_add_(0, ids, g.reshape(-1, g.shape[-1])), None
 
 
 def padding_bias(mask: torch.Tensor, queries: int, dtype=torch.float32) -> torch.Tensor:

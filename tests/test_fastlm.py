@@ -7,6 +7,7 @@ import torch
 
 from helpers import make_settings
 from p2pswarm.decoding import Decoder
+from p2pswarm import fastlm
 from p2pswarm.fastlm import FusedLM
 from p2pswarm.trainer import GRPOTrainer
 from p2pswarm.types import Group
@@ -45,9 +46,15 @@ def shared_batch(seed=0):
     return pid, pm, cid, cm, owner
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama-biased", "mistral"])
-def test_the_shared_prompt_training_forward_gives_hfs_logits_and_gradients(fresh_policy, kind):
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama-biased", "mistral", "qwen2-mlp-apart", "llama-mlp-apart"])
+def test_the_shared_prompt_training_forward_gives_hfs_logits_and_gradients(fresh_policy, kind, monkeypatch):
+    """qwen2 (the embedded policy) ties its input and output embeddings, llama does not; "-mlp-apart": gate and
+    up as two matmuls, as for models past FUSE_MLP_MAX (a 0.5B one)."""
+    if kind.endswith("-mlp-apart"):
+        monkeypatch.setattr(fastlm, "FUSE_MLP_MAX", 0)
+        kind = kind.removesuffix("-mlp-apart")
     model = fresh_policy[0] if kind == "qwen2" else tiny(kind)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (kind == "qwen2")
     model.train()
     pid, pm, cid, cm, owner = shared_batch()
     ids, attn = torch.cat([pid[owner], cid], 1), torch.cat([pm[owner], cm], 1)
@@ -68,8 +75,11 @@ def test_the_shared_prompt_training_forward_gives_hfs_logits_and_gradients(fresh
         assert torch.allclose(got["fused"][1][n], g, atol=1e-5 * max(1.0, g.abs().max().item())), n
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama-biased", "mistral"])
-def test_fused_greedy_decoding_equals_hf_generate(tmp_path, fresh_policy, kind):
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama-biased", "mistral", "qwen2-mlp-apart"])
+def test_fused_greedy_decoding_equals_hf_generate(tmp_path, fresh_policy, kind, monkeypatch):
+    if kind.endswith("-mlp-apart"):
+        monkeypatch.setattr(fastlm, "FUSE_MLP_MAX", 0)
+        kind = kind.removesuffix("-mlp-apart")
     model, tok = fresh_policy
     if kind != "qwen2":
         model = tiny(kind)
