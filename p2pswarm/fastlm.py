@@ -37,16 +37,20 @@ FAMILIES = ("qwen2", "llama", "mistral")
 # (4864 x 896 x 2 x 24 layers), where a second matmul's dispatch costs microseconds; for the embedded policy
 # (256 x 64) one op less a layer is what counts.
 FUSE_MLP_MAX = 1 << 20
+# Decoding on the CPU, a weight of at least this many elements goes to oneDNN's matmul in its own packed layout:
+# 2-2.5x MKL's sgemm at a decoding step's few rows on AVX-512 (8 x 896 x 4864: 0.9 ms against 2.3), slower below
+# ~100k elements (a fixed ~13 us a call). Packing costs ~4x a copy, once a generate call (bench/README "FusedLM").
+PACK_MIN = 1 << 17
 
 
 @dataclass
 class _Layer:
-    wqkv: torch.Tensor  # (nh + 2 nkv) hd x d: q, k, v; q and k rows permuted for the complex rotary form
+    wqkv: torch.Tensor | _Packed  # d x (nh + 2 nkv) hd, transposed: q, k, v; q and k rows permuted for rotary
     bqkv: torch.Tensor | None
-    wo: torch.Tensor  # d x nh hd, transposed for addmm
+    wo: torch.Tensor | _Packed  # nh hd x d, transposed for addmm
     bo: torch.Tensor | None
-    wgu: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # d x 2I: gate and up, transposed; or the two apart
-    wdown: torch.Tensor  # I x d, transposed
+    wgu: torch.Tensor | tuple  # d x 2I: gate and up, transposed; or the two apart (tensors or _Packed)
+    wdown: torch.Tensor | _Packed  # I x d, transposed
     ln1: torch.Tensor | None  # the norms' weights, None where folded into wqkv / wgu
     ln2: torch.Tensor | None
     scale: float | None  # attention's scale, None where folded into q's rows
@@ -102,6 +106,7 @@ class FusedLM:
         self._perm_q = (torch.arange(self.nh)[:, None] * self.hd + within).reshape(-1)
         self._perm_k = (torch.arange(self.nkv)[:, None] * self.hd + within).reshape(-1)
         self.layers: list[_Layer] = []
+        self.head: _Packed | None = None  # the output embedding, packed for decoding (bind)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -133,7 +138,14 @@ class FusedLM:
                 ln2 = None
         # the transposed views go to addmm / mm as they are: BLAS reads them transposed, no copy
         gu = (m.gate_proj.weight.t(), m.up_proj.weight.t()) if wgu is None else wgu.t()
-        return _Layer(wqkv, bqkv, a.o_proj.weight.t(), a.o_proj.bias, gu, m.down_proj.weight.t(), ln1, ln2, scale)
+        w = _Layer(wqkv.t(), bqkv, a.o_proj.weight.t(), a.o_proj.bias, gu, m.down_proj.weight.t(), ln1, ln2, scale)
+        if fold and _packs(w.wqkv):
+            w.wqkv, w.wo, w.wdown = _Packed.of(w.wqkv), _Packed.of(w.wo), _Packed.of(w.wdown)
+            if isinstance(gu, tuple):
+                w.wgu = (_Packed.of(gu[0]), _Packed.of(gu[1]))
+            else:
+                w.wgu = _Packed.of(gu)
+        return w
 
     def _weights(self, fold: bool = False) -> list[_Layer]:
         return [self._fuse(layer, fold) for layer in self.model.model.layers]
@@ -142,10 +154,12 @@ class FusedLM:
     def bind(self) -> FusedLM:
         """Take fused copies of the current weights for decoding (q|k|v; gate|up for small models)."""
         self.layers = self._weights(fold=True)
+        head = self.model.lm_head.weight
+        self.head = _Packed.of(head.t(), getattr(self.model.lm_head, "bias", None)) if _packs(head.t()) else None
         return self
 
     def release(self) -> None:
-        self.layers = []
+        self.layers, self.head = [], None
 
     # ---- maths -----------------------------------------------------------------------------------
     def rotary(self, pos: torch.Tensor) -> torch.Tensor:
@@ -172,12 +186,17 @@ class FusedLM:
         the only part that knows which token sees which."""
         d = self.d
         for i, w in enumerate(layers):
-            att = attend(i, w, F.linear(F.rms_norm(x, (d,), w.ln1, self.eps), w.wqkv, w.bqkv))
-            x = torch.addmm(x if w.bo is None else x + w.bo, att, w.wo)
+            att = attend(i, w, _mm(F.rms_norm(x, (d,), w.ln1, self.eps), w.wqkv, w.bqkv))
+            x = _mm(att, w.wo, w.bo, add=x)
             h = F.rms_norm(x, (d,), w.ln2, self.eps)
-            g, u = (torch.mm(h, w.wgu[0]), torch.mm(h, w.wgu[1])) if isinstance(w.wgu, tuple) else \
-                torch.mm(h, w.wgu).chunk(2, -1)
-            x = torch.addmm(x, F.silu(g) * u, w.wdown)
+            if not isinstance(w.wgu, tuple):
+                g, u = _mm(h, w.wgu).chunk(2, -1)
+                a = F.silu(g) * u
+            elif isinstance(w.wgu[0], _Packed):
+                a = w.wgu[1](h, times=w.wgu[0](h, silu=True))
+            else:
+                a = F.silu(torch.mm(h, w.wgu[0])) * torch.mm(h, w.wgu[1])
+            x = _mm(a, w.wdown, add=x)
         return x
 
     def _layers(self, x, cis, bias, layers, cache, start):
@@ -245,7 +264,11 @@ class FusedLM:
         inner = self.model.model
         x = F.rms_norm(x, (self.d,), inner.norm.weight, self.eps)
         w, bias = self.model.lm_head.weight, getattr(self.model.lm_head, "bias", None)
-        return F.linear(x, w, bias) if tied is None else _Head.apply(x, w, bias, tied)
+        if tied is not None:
+            return _Head.apply(x, w, bias, tied)
+        if self.head is not None and not torch.is_grad_enabled():
+            return self.head(x)
+        return F.linear(x, w, bias)
 
     def new_cache(self, rows: int, length: int, device, dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Keys (rows, nkv, hd, length), transposed so that a query's scores are one batched matmul; values
@@ -261,6 +284,65 @@ class FusedLM:
         x = F.embedding(ids, self.model.model.embed_tokens.weight)
         x = self._layers(x, self.rotary(pos), bias, self.layers, cache, start)
         return self._head(x[:, -1] if last_only else x)
+
+
+def _mm(x: torch.Tensor, w, bias: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w + bias (+ add): w a transposed (in, out) view of a weight, or a _Packed one."""
+    if isinstance(w, _Packed):
+        return w(x, bias, add=add)
+    if add is not None:
+        return torch.addmm(add if bias is None else add + bias, x, w)
+    return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+
+
+def _packs(w: torch.Tensor) -> bool:
+    """Whether decoding packs this weight for oneDNN: a big enough float32 CPU one, where packing works."""
+    return w.numel() >= PACK_MIN and w.device.type == "cpu" and w.dtype == torch.float32 and _packing_works()
+
+
+_PACKING: list[bool] = []
+
+
+def _packing_works() -> bool:
+    """oneDNN's packed linear (the private ops torch.compile's CPU backend uses) exists in this build and computes
+    F.linear's result on a small probe; checked once. False on builds without oneDNN, or if the ops change."""
+    if not _PACKING:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                g = torch.Generator().manual_seed(0)
+                w, x, r = (torch.randn(s, generator=g) for s in ((48, 32), (5, 32), (5, 48)))
+                p = _Packed.of(w.t())
+                ok = bool(torch.allclose(p(x, add=r), F.linear(x, w) + r, atol=1e-4)
+                          and torch.allclose(p(x, times=r), F.linear(x, w) * r, atol=1e-4)
+                          and torch.allclose(p(x, silu=True), F.silu(F.linear(x, w)), atol=1e-4))
+        except Exception:  # noqa: BLE001 - a private op that moved or is missing: MKL's matmul, as before
+            ok = False
+        _PACKING.append(ok)
+    return _PACKING[0]
+
+
+class _Packed:
+    """A weight in oneDNN's packed layout for inference (no autograd): x @ W.T + b, optionally with silu applied,
+    times `times` or plus `add`, in the same call."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None):
+        self.w, self.b = packed, bias
+
+    @staticmethod
+    def of(wt: torch.Tensor, bias: torch.Tensor | None = None) -> _Packed:
+        """wt: the weight's transposed (in, out) view, as _Layer holds it."""
+        return _Packed(torch.ops.mkldnn._reorder_linear_weight(wt.t().contiguous(), None), bias)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, add: torch.Tensor | None = None,
+                 times: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
+        b = self.b if bias is None else bias
+        lin = torch.ops.mkldnn._linear_pointwise
+        if add is not None:
+            return lin.binary(x, add, self.w, b, "add")
+        if times is not None:
+            return lin.binary(x, times, self.w, b, "mul")
+        return lin(x, self.w, b, "swish" if silu else "none", [], "")
 
 
 class _Tied:

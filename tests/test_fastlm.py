@@ -75,8 +75,16 @@ def test_the_shared_prompt_training_forward_gives_hfs_logits_and_gradients(fresh
         assert torch.allclose(got["fused"][1][n], g, atol=1e-5 * max(1.0, g.abs().max().item())), n
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama-biased", "mistral", "qwen2-mlp-apart"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama-biased", "mistral", "qwen2-mlp-apart", "qwen2-packed",
+                                  "llama-biased-packed", "qwen2-mlp-apart-packed"])
 def test_fused_greedy_decoding_equals_hf_generate(tmp_path, fresh_policy, kind, monkeypatch):
+    """"-mlp-apart": gate and up as two matmuls; "-packed": every weight in oneDNN's packed layout, as for a
+    0.5B model on the CPU (PACK_MIN)."""
+    if kind.endswith("-packed"):
+        if not fastlm._packing_works():
+            pytest.skip("this torch build has no oneDNN packed linear")
+        monkeypatch.setattr(fastlm, "PACK_MIN", 0)
+        kind = kind.removesuffix("-packed")
     if kind.endswith("-mlp-apart"):
         monkeypatch.setattr(fastlm, "FUSE_MLP_MAX", 0)
         kind = kind.removesuffix("-mlp-apart")
@@ -87,6 +95,8 @@ def test_fused_greedy_decoding_equals_hf_generate(tmp_path, fresh_policy, kind, 
     _, enc = prompts(trainer, 6)
     dec = Decoder(model, trainer.eos_ids, tok.pad_token_id, choice="ours", compile="off")
     assert dec.path == "fused"
+    packed = isinstance(dec.fused.bind().layers[0].wqkv, fastlm._Packed)
+    assert packed == (fastlm.PACK_MIN == 0) and (dec.fused.head is not None) == packed
     got = dec.generate(enc["input_ids"], enc["attention_mask"], n=2, max_new_tokens=20, greedy=True).tolist()
     twice = {k: v.repeat_interleave(2, 0) for k, v in enc.items()}  # n=2: each prompt's cache copied in our loop
     want = model.generate(**twice, max_new_tokens=20, do_sample=False, temperature=None, top_p=None, top_k=None,
