@@ -367,6 +367,8 @@ def hardware_probe(threads: int, batches: list[int], prompts_file: Path, model_d
     import torch
     import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from p2pswarm.fastlm import _packs as packs, _Packed as Packed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
@@ -408,8 +410,12 @@ def hardware_probe(threads: int, batches: list[int], prompts_file: Path, model_d
         for name, (i, o, count) in shapes.items():
             x, w = torch.randn(B, i), torch.randn(o, i)
             t = _time(lambda: F.linear(x, w))
-            per[name] = {"in": i, "out": o, "calls_per_token_step": count, "us_per_call": t * 1e6,
-                         "gflops": 2 * B * i * o / t / 1e9}
+            per[name] = {"in": i, "out": o, "calls_per_token_step": count, "us_per_call_f_linear": t * 1e6}
+            if packs(w.t()):  # the kernel our decoder uses for this weight: the bound is the best this torch has
+                pw = Packed.of(w.t())
+                per[name]["us_per_call_onednn_packed"] = _time(lambda: pw(x)) * 1e6
+                t = min(t, per[name]["us_per_call_onednn_packed"] / 1e6)
+            per[name].update(us_per_call=t * 1e6, gflops=2 * B * i * o / t / 1e9)
             step_s += count * t
         # A bare decoding step: the model's forward for one new token per row with a KV cache, greedy.
         enc = tok([texts[k % len(texts)] for k in range(B)], return_tensors="pt", padding=True, padding_side="left",
