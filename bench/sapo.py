@@ -51,21 +51,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _children import run_children  # noqa: E402 - the child-process runner the benches share
 
 RESULTS_DIR = Path(__file__).parent / "results"
-SPARSE_PRESET = Path(__file__).parent / "presets" / "sparse.toml"
-REGIMES = ("default", "sparse")
+PRESETS = {"sparse": Path(__file__).parent / "presets" / "sparse.toml",
+           "sparser": Path(__file__).parent / "presets" / "sparser.toml"}
+REGIMES = ("default", "sparse", "sparser")
+MODE_REGIMES = ("default", "sparse")  # what the modes run; --regimes sparser asks for the third
 PROTOCOLS = ("p2p", "paper")
 ARMS = ("8/0", "6/2", "4/4", "2/6", "8/0+", "adaptive")
 BUDGET = 8  # I + J of every arm
 # 8/0+'s tasks per round: about 4/4's groups with signal per update, at each regime's local signal rate
 # (~0.53 default: 16 tasks -> min(8, 8.5); ~0.23 sparse: 24 tasks -> 5.5, 4/4 trains ~5.7).
-MATCHED_TASKS = {"default": 16, "sparse": 24}
+MATCHED_TASKS = {"default": 16, "sparse": 24, "sparser": 32}
 # arXiv 2509.08721, 8 Qwen2.5-0.5B agents, 2000 rounds: cumulative reward per configuration.
 PAPER = {"8/0": 561.79, "6/2": 854.43, "4/4": 1093.31, "2/6": 945.87}
 MODES = {
     # name: (rounds, seeds, results stem, rolling window, regimes, protocols, agents, arms)
-    "quick": (10, 2, "sapo_quick", 3, REGIMES, ("p2p",), (4,), ("8/0", "4/4", "adaptive")),
-    "default": (60, 3, "sapo", 10, REGIMES, ("p2p",), (4,), ("8/0", "4/4", "8/0+", "adaptive")),
-    "full": (300, 3, "sapo_full", 30, REGIMES, PROTOCOLS, (4, 8), ARMS),
+    "quick": (10, 2, "sapo_quick", 3, MODE_REGIMES, ("p2p",), (4,), ("8/0", "4/4", "adaptive")),
+    "default": (60, 3, "sapo", 10, MODE_REGIMES, ("p2p",), (4,), ("8/0", "4/4", "8/0+", "adaptive")),
+    "full": (300, 3, "sapo_full", 30, MODE_REGIMES, PROTOCOLS, (4, 8), ARMS),
 }
 # Two-sided 95% Student t quantiles by degrees of freedom (no scipy needed for the bench).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -114,7 +116,7 @@ def run_one(cell: dict, seed_index: int, rounds: int, tasks: int, out: Path) -> 
 
     regime, protocol, agents, arm = cell["regime"], cell["protocol"], cell["agents"], cell["arm"]
     I, J, n_tasks, split = arm_split(arm, regime, tasks)
-    extra = {"preset": str(SPARSE_PRESET)} if regime == "sparse" else {}
+    extra = {"preset": str(PRESETS[regime])} if regime in PRESETS else {}
     work = Path(tempfile.mkdtemp(prefix="sapo-run-"))
     load0 = os.getloadavg()
     try:
