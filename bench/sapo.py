@@ -4,8 +4,9 @@ N agents of the embedded policy in one process (the in-process swarm, `build_swa
 project's own round loop, exchange and trainer). An experiment is a grid of cells, and every cell is run on
 the same paired seeds (same peer ids, hence the same tasks round by round, in every arm):
 
-- regime: `default` (the default preset) or `sparse` (bench/presets/sparse.toml: starting reward about 0.11,
-  as sparse as the paper's agents, whose mean reward per round was 0.035-0.07);
+- regime: `default` (the default preset) or `sparse` (bench/presets/sparse.toml: starting reward about 0.05,
+  as sparse as the paper's agents, whose mean reward per round was 0.035-0.07); `sparser` (starting near 0.02,
+  bench/presets/sparser.toml) only when asked for with --regimes;
 - protocol (`selection`): `p2p` (flat groups dropped on both sides) or `paper` (only swarm groups filtered);
 - agents: 4 or 8;
 - arm: the I/J split 8/0 (no sharing), 6/2, 4/4, 2/6; `8/0+`, no sharing but more tasks per round so that
