@@ -153,9 +153,10 @@ class FusedLM:
     @torch.no_grad()
     def bind(self) -> FusedLM:
         """Take fused copies of the current weights for decoding (q|k|v; gate|up for small models)."""
-        self.layers = self._weights(fold=True)
+        self.release()
         head = self.model.lm_head.weight
         self.head = _Packed.of(head.t(), getattr(self.model.lm_head, "bias", None)) if _packs(head.t()) else None
+        self.layers = self._weights(fold=True)
         return self
 
     def release(self) -> None:
@@ -260,13 +261,14 @@ class FusedLM:
         last = x[:split].view(b, P, self.d)[:, -1][owner]  # the prompt's last position predicts the first token
         return self._head(torch.cat([last[:, None], x[split:].view(R, C, self.d)[:, : C - 1]], 1), tied)
 
-    def _head(self, x: torch.Tensor, tied: _Tied | None = None) -> torch.Tensor:
+    def _head(self, x: torch.Tensor, tied: _Tied | None = None, decoding: bool = False) -> torch.Tensor:
+        """decoding: the packed copy bind() took, if any (training's no-grad calls read the live weights)."""
         inner = self.model.model
         x = F.rms_norm(x, (self.d,), inner.norm.weight, self.eps)
         w, bias = self.model.lm_head.weight, getattr(self.model.lm_head, "bias", None)
         if tied is not None:
             return _Head.apply(x, w, bias, tied)
-        if self.head is not None and not torch.is_grad_enabled():
+        if decoding and self.head is not None:
             return self.head(x)
         return F.linear(x, w, bias)
 
@@ -283,7 +285,7 @@ class FusedLM:
         (B, 1, S, start + S) additive. Returns logits of the last position (B, V), or of all (B, S, V)."""
         x = F.embedding(ids, self.model.model.embed_tokens.weight)
         x = self._layers(x, self.rotary(pos), bias, self.layers, cache, start)
-        return self._head(x[:, -1] if last_only else x)
+        return self._head(x[:, -1] if last_only else x, decoding=True)
 
 
 def _mm(x: torch.Tensor, w, bias: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
