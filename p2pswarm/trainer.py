@@ -279,9 +279,6 @@ class GRPOTrainer(Trainer):
             losses.append(it_loss)
             kls.append(it_kl)
             clips.append(it_clip)
-        # Free the gradients until the next update: generation runs in between, with its own working set (the
-        # KV cache; at 0.5B on a CPU the packed weight copies, ~2 GB), and a 0.5B model's gradients are 2 GB.
-        self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
         stats.loss = sum(losses) / len(losses)
         stats.kl = sum(kls) / len(kls)
