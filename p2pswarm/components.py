@@ -21,6 +21,8 @@ which re-scores it locally. What the transports share is in comm/core.py.
 
 from __future__ import annotations
 
+import threading
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +184,11 @@ class CommunicationManager(ABC):
 
     def note_exit(self, why: str) -> None:
         """The node is going down for `why` (a crash): a transport whose peers wait in lockstep tells them."""
+
+    def serve_last_round(self, round: int, stop: threading.Event) -> None:
+        """Called once by the game loop after the node's last round (its round limit, not a stop request),
+        before close: a transport whose peers fetch batches from their author keeps serving round `round`
+        while peers still play it, bounded by its collect timeout; it returns at once when `stop` is set."""
 
     def close(self) -> None:
         pass

@@ -151,6 +151,8 @@ class GameManager:
                     log.info("%s skipped round(s) %d-%d to catch up with the swarm", self.name, r + 1, nxt - 1)
                 r = nxt
             clean = True
+            if not self.stopping and last_done >= 0:
+                self.comm.serve_last_round(last_done, self._stop)
         finally:
             # Only a clean exit or a stop request saves: after a crash the model may be mid-update.
             if (clean or self.stopping) and last_done > self.last_checkpoint:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections import Counter
 
@@ -156,6 +157,35 @@ def test_a_collect_still_short_asks_again(swarm):
         keeper.book.handle, keeper.timeout = handle, 8.0
     assert sorted(g.peer for g in got) == sorted([ann.peer_id, cat.peer_id])
     assert keeper.catchups >= first + 2 and time.monotonic() - t0 < 60
+
+
+def test_a_peer_at_its_last_round_serves_it_while_another_still_plays_it(swarm):
+    """ann stops after round 9 while cat still plays it: serve_last_round holds (ann's batch is pulled from
+    ann) until cat reports round 9 finished; it returns at once for a round nobody plays and on a stop."""
+    comms, _, _ = swarm
+    ann, cat = comms["ann"], comms["cat"]
+    wait_until(lambda: {"cat"} <= members_of(ann), WAIT, "members")
+    ann.publish(9, 0, groups(ann.peer_id))
+    ann.set_position(finished=9)
+    cat.publish(9, 0, groups(cat.peer_id))  # cat's announcement says it plays round 9
+    wait_until(lambda: ann.node.call(ann.fetch_members(), timeout=10)[cat.peer_id].round == 9, WAIT, "cat at 9")
+    stop, timeout = threading.Event(), ann.timeout
+    ann.timeout = 600.0  # the bound is collect_timeout: here only cat's report ends the wait
+    try:
+        serving = threading.Thread(target=ann.serve_last_round, args=(9, stop), daemon=True)
+        serving.start()
+        assert [g.peer for g in cat.collect(9, 0)] == [ann.peer_id]  # pulled from ann
+        assert serving.is_alive()  # cat has not said it finished round 9
+        cat.set_position(finished=9)
+        serving.join(WAIT)
+        assert not serving.is_alive()
+        ann.serve_last_round(30, stop)  # nobody plays round 30 or is about to: returns at once
+        stop.set()
+        cat.set_position(round=31)  # playing 31 now, unfinished: only the stop request ends the wait
+        ann.serve_last_round(31, stop)
+    finally:
+        stop.set()
+        ann.timeout = timeout
 
 
 def test_an_announcement_is_the_heartbeat_and_an_idle_peer_still_beats(swarm):

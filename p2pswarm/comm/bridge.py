@@ -66,6 +66,9 @@ class HybridComm(CommunicationManager):
         self.folder.note_exit(why)
         self.dht.note_exit(why)
 
+    def serve_last_round(self, round: int, stop: threading.Event) -> None:
+        self.dht.serve_last_round(round, stop)  # the folder's files stay where they are
+
     def close(self) -> None:
         self.folder.close()
         self.dht.close()

@@ -31,6 +31,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -330,6 +331,30 @@ class HivemindComm(SignedTransport):
                 log.debug("re-publish failed: %s", e)
 
     # ---- collect ----------------------------------------------------------------------------------------
+    def serve_last_round(self, round: int, stop: threading.Event) -> None:
+        """Peers pull a batch from its author: leaving right after the last round would take round `round`'s
+        batches from the peers still collecting it, who would each wait out their collect timeout without
+        them. So this keeps serving until no live trainer of this shard is playing `round` (or about to: it
+        finished the round before), at most collect_timeout; peers further behind are not waited for."""
+        deadline = time.monotonic() + self.timeout
+        said = False
+        while not stop.is_set() and not self._closed and self.node.alive():
+            try:
+                self.node.call(self.fetch_members(), timeout=5)
+            except Exception as e:  # noqa: BLE001 - our own p2p side is going: nothing left to serve
+                log.debug("serving the last round: %s", e)
+                return
+            playing = [p for p in self.live_trainers() if p in self.members
+                       and self.members[p].finished < round <= max(self.members[p].round, self.members[p].finished + 1)]
+            left = deadline - time.monotonic()
+            if not playing or left <= 0:
+                return
+            if not said:
+                log.info("serving round %d's batches while %d peer(s) still play it (at most %.0f s; Ctrl-C leaves now)",
+                         round, len(playing), left)
+                said = True
+            stop.wait(min(0.2, left))
+
     def collect(self, round: int, stage: int) -> list[Group]:
         t0 = self.begin_collect(round)
         self.node.loop.call_soon_threadsafe(self.book.forget_before, round - gossip.KEEP_ROUNDS)
