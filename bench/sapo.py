@@ -53,15 +53,16 @@ from _children import run_children  # noqa: E402 - the child-process runner the 
 
 RESULTS_DIR = Path(__file__).parent / "results"
 PRESETS = {"sparse": Path(__file__).parent / "presets" / "sparse.toml",
-           "sparser": Path(__file__).parent / "presets" / "sparser.toml"}
-REGIMES = ("default", "sparse", "sparser")
+           "sparser": Path(__file__).parent / "presets" / "sparser.toml",
+           "sparsest": Path(__file__).parent / "presets" / "sparsest.toml"}
+REGIMES = ("default", "sparse", "sparser", "sparsest")
 MODE_REGIMES = ("default", "sparse")  # what the modes run; --regimes sparser asks for the third
 PROTOCOLS = ("p2p", "paper")
 ARMS = ("8/0", "6/2", "4/4", "2/6", "8/0+", "adaptive")
 BUDGET = 8  # I + J of every arm
 # 8/0+'s tasks per round: about 4/4's groups with signal per update, at each regime's local signal rate
 # (~0.53 default: 16 tasks -> min(8, 8.5); ~0.23 sparse: 24 tasks -> 5.5, 4/4 trains ~5.7).
-MATCHED_TASKS = {"default": 16, "sparse": 24, "sparser": 32}
+MATCHED_TASKS = {"default": 16, "sparse": 24, "sparser": 32, "sparsest": 32}
 # arXiv 2509.08721, 8 Qwen2.5-0.5B agents, 2000 rounds: cumulative reward per configuration.
 PAPER = {"8/0": 561.79, "6/2": 854.43, "4/4": 1093.31, "2/6": 945.87}
 MODES = {
