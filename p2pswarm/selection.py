@@ -5,7 +5,9 @@ GRPOTrainer.select() delegates here, so the rules are one class that tests drive
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import random
 from dataclasses import dataclass
 
@@ -53,8 +55,13 @@ class Selector:
         the swarm's groups carry signal again. Every received group is observed, picked or not, so a peer
         can earn its way back.
 
-    select() never raises on what peers sent: a group is only ever weighed by `has_signal` and its `peer`
-    string, both already validated and scored by the receiver.
+    Swarm groups are weighed per peer, not per group: a peer's groups share one unit of weight (its worth,
+    under `adaptive`), so a peer that sends 256 groups gets no more of an update than one that sends 8.
+    Before that, a peer's groups of the same task count once, and a group of more than G completions is cut
+    to G of them at random (64 completions would otherwise weigh 16 of ours in the loss).
+
+    select() never raises on what peers sent: a group is only ever weighed by `has_signal`, its `peer`
+    string and its task's text, all already validated and scored by the receiver.
     """
 
     def __init__(self, settings, rng: random.Random):
@@ -92,20 +99,45 @@ class Selector:
             del self.peer_worth[oldest], self._seen[oldest]
 
     # ---- selection ------------------------------------------------------------------------------
-    def _weighted_sample(self, groups: list[Group], k: int) -> list[Group]:
-        """k groups without replacement, each drawn with probability proportional to its peer's worth
-        (Efraimidis-Spirakis keys u^(1/w); equal weights reduce to a uniform sample)."""
+    def _swarm_pool(self, state: GameState) -> list[Group]:
+        """The received groups an update may use: one per (peer, task), at most G completions each."""
+        G = self.s.num_generations
+        seen: set[tuple[str, str, str]] = set()
+        pool = []
+        for g in state.swarm_groups():
+            key = (g.peer, g.task.dataset, g.task.question)
+            if key in seen:
+                continue
+            seen.add(key)
+            if len(g.completions) > G and len(g.rewards) == len(g.completions):
+                keep = sorted(self.rng.sample(range(len(g.completions)), G))
+                g = dataclasses.replace(g, completions=[g.completions[i] for i in keep],
+                                        rewards=[g.rewards[i] for i in keep], sender_rewards=[])
+            pool.append(g)
+        return pool
+
+    def _per_peer_sample(self, groups: list[Group], k: int, by_worth: bool) -> list[Group]:
+        """k groups without replacement; each peer's groups share its weight (1, or its worth when by_worth),
+        so what a peer gets does not grow with how many groups it sends (Efraimidis-Spirakis keys
+        log(u) / w, which do not underflow for small weights; equal weights give a uniform sample)."""
         if k >= len(groups):
             return list(groups)
-        keyed = [(self.rng.random() ** (1.0 / max(self.peer_worth.get(g.peer, 0.0), MIN_PEER_WEIGHT)), i)
-                 for i, g in enumerate(groups)]
-        keyed.sort(reverse=True)
+        count: dict[str, int] = {}
+        for g in groups:
+            count[g.peer] = count.get(g.peer, 0) + 1
+
+        def weight(g: Group) -> float:
+            w = max(self.peer_worth.get(g.peer, 0.0), MIN_PEER_WEIGHT) if by_worth else 1.0
+            return w / count[g.peer]
+
+        keyed = sorted(((math.log(1.0 - self.rng.random()) / weight(g), i) for i, g in enumerate(groups)),
+                       reverse=True)
         return [groups[i] for _, i in keyed[:k]]
 
     def select(self, state: GameState) -> tuple[list[Group], list[Group]]:
         local_all = state.local_groups()
         local_signal = [g for g in local_all if g.has_signal]
-        swarm = [g for g in state.swarm_groups() if g.has_signal]
+        swarm = [g for g in self._swarm_pool(state) if g.has_signal]
         local_pool = local_signal if self.s.selection == "p2p" else local_all
         if self.s.split == "adaptive":
             self.observe(state)
@@ -131,11 +163,11 @@ class Selector:
                     picked_local = local_signal + self.rng.sample(flat, min(I - len(local_signal), len(flat)))
             else:
                 picked_local = self.rng.sample(local_pool, min(I, len(local_pool)))
-            picked_swarm = self._weighted_sample(swarm, J)
+            picked_swarm = self._per_peer_sample(swarm, J, by_worth=True)
         else:
             J = self.s.swarm_groups
             picked_local = self.rng.sample(local_pool, min(self.s.local_groups, len(local_pool)))
-            picked_swarm = self.rng.sample(swarm, min(J, len(swarm)))
+            picked_swarm = self._per_peer_sample(swarm, J, by_worth=False)
         self.last = Selection(
             local=len(picked_local), swarm=len(picked_swarm),
             signal=sum(g.has_signal for g in picked_local) + len(picked_swarm), j=J,

@@ -16,8 +16,11 @@ SIGNAL, FLAT = [1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]
 
 
 def groups(n: int, rewards: list[float], *, local: bool, peer: str = "me") -> list[Group]:
+    """n groups of n different tasks (a peer's groups of one task count once)."""
     ids = [[1]] * len(rewards) if local else None
-    return [Group(TASK, ["x"] * len(rewards), peer=peer, rewards=list(rewards), completion_ids=ids) for _ in range(n)]
+    groups.made = getattr(groups, "made", 0) + n
+    return [Group(Task(f"t{groups.made + i}", "basic_arithmetic", f"{groups.made + i}+1", "2"), ["x"] * len(rewards),
+                  peer=peer, rewards=list(rewards), completion_ids=ids) for i in range(n)]
 
 
 def state(r: int, local: list[Group], swarm: list[Group]) -> GameState:
@@ -124,6 +127,36 @@ def test_fixed_split_samples_swarm_groups_uniformly(tmp_path):
             picked[g.peer] += 1
     assert 0.4 * 240 < picked["good"] < 0.6 * 240
     assert sel.peer_worth == {}  # the fixed split keeps no per-peer state
+
+
+@pytest.mark.parametrize("split", ["fixed", "adaptive"])
+def test_a_peer_that_floods_groups_gets_no_more_than_its_share(tmp_path, split):
+    """One peer sends 256 groups with signal, three honest peers 2 each: the flood is weighed as one peer."""
+    sel = selector(tmp_path, local_groups=4, swarm_groups=4, split=split)
+    picked = {"flood": 0, "honest": 0}
+    for r in range(100):
+        swarm = groups(256, SIGNAL, local=False, peer="flood")
+        for p in ("a", "b", "c"):
+            swarm += groups(2, SIGNAL, local=False, peer=p)
+        for g in sel.select(state(r, groups(4, SIGNAL, local=True), swarm))[1]:
+            picked["flood" if g.peer == "flood" else "honest"] += 1
+    # by group count the flood would hold 256/262 of the picks; weighed per peer, about a quarter
+    assert picked["flood"] + picked["honest"] == 400
+    assert picked["flood"] < 0.4 * 400
+
+
+def test_a_task_sent_twice_counts_once_and_big_groups_are_cut_to_G(tmp_path):
+    sel = selector(tmp_path, local_groups=0, swarm_groups=8, num_generations=4)
+    [g] = groups(1, SIGNAL, local=False, peer="p")
+    twins = [Group(g.task, ["x"] * 4, peer="p", rewards=list(SIGNAL)) for _ in range(5)]
+    big = Group(Task("big", "basic_arithmetic", "9+9", "18"), [f"c{i}" for i in range(64)], peer="q",
+                rewards=[i / 63 for i in range(64)])  # all different: any 4 of them carry signal
+    _, chosen = sel.select(state(0, [], twins + [big]))
+    assert sorted(x.peer for x in chosen) == ["p", "q"]
+    cut = next(x for x in chosen if x.peer == "q")
+    assert len(cut.completions) == len(cut.rewards) == 4
+    assert all(big.rewards[int(c[1:])] == r for c, r in zip(cut.completions, cut.rewards))  # pairs kept together
+    assert len(big.completions) == 64  # the received group itself is untouched
 
 
 def test_peer_table_is_bounded(tmp_path, monkeypatch):
