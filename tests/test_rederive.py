@@ -165,3 +165,33 @@ def test_a_data_manager_that_cannot_rederive_refuses_swarm_groups_unless_told_to
             else:
                 assert row["swarm_groups_received"] == 0
                 assert row["comm"]["dropped_bad_task"] == s.tasks_per_round
+
+
+def test_what_one_batch_can_make_the_receiver_re_derive_is_bounded(tmp_path):
+    """Re-deriving costs the receiver CPU under its accept lock: a batch naming many generators is refused
+    before any is built, checking stops at the first forged task, and a task sent twice is checked once."""
+    s = make_settings(tmp_path, agents=1, rounds=1)
+    [agent] = build_swarm(s)
+    comm, check, calls = agent.comm, agent._task_check(), []
+    comm.check_tasks_with(lambda t: calls.append(t.question) or check(t))
+    mallory = Identity.generate()
+    tasks = agent.data.round_tasks(0) + agent.data.round_tasks(1)
+
+    def batch(round, tasks):
+        groups = [Group(t, ["<answer>1</answer>", "x"], mallory.peer_id, rewards=[1.0, 0.0]) for t in tasks]
+        return wire.encode(wire.RolloutBatch(s.experiment, round, 0, mallory.peer_id, groups), mallory)
+
+    # (one batch a round: a second one for the same round and stage would be a replay)
+    # 64 tasks, each naming a generator of its own (another seed): dropped whole, nothing regenerated
+    many = [altered(tasks[0], recipe={"seed": 1000 + i}) for i in range(64)]
+    assert comm.accept(batch(0, many), round=0, stage=0, sender=mallory.peer_id) is None
+    assert calls == [] and comm.per_peer[mallory.peer_id]["dropped_too_many_recipes"] == 1
+    # the same honest task 50 times: checked once, kept once
+    got = comm.accept(batch(1, [copy.deepcopy(tasks[1]) for _ in range(50)]), round=1, stage=0, sender=mallory.peer_id)
+    assert got is not None and len(got.groups) == 1 and calls == [tasks[1].question]
+    # a forged task first, then honest ones: one check, and the whole batch counted as bad tasks
+    calls.clear()
+    forged = [altered(tasks[2], answer="12345")] + [copy.deepcopy(t) for t in tasks[3:]]
+    assert comm.accept(batch(2, forged), round=2, stage=0, sender=mallory.peer_id) is None
+    assert calls == [tasks[2].question]
+    assert comm.per_peer[mallory.peer_id]["dropped_bad_task"] == len(forged)

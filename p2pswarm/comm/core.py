@@ -15,6 +15,7 @@ that "enough peers delivered" and "the round is over" each have exactly one defi
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -175,7 +176,18 @@ class MonotonicClock:
 OFFENSES = frozenset({
     "bad_signature", "malformed", "schema", "bad_version", "wrong_peer", "wrong_swarm", "wrong_slot", "too_large",
     "round_window", "digest_mismatch", "bad_task", "relay_limit", "relay_mismatch", "over_limit", "over_rate",
+    "too_many_recipes",
 })
+# Distinct task generators one batch may make the receiver build to re-derive its tasks (a recipe less its
+# index names one; reasoning-gym builds each in ~20 ms). An honest batch needs one per dataset of its preset.
+MAX_RECIPES_PER_BATCH = 32
+
+
+def _recipe_kind(recipe: Any) -> str:
+    """What generator a recipe needs: the recipe without the index of its item."""
+    if isinstance(recipe, dict):
+        recipe = {k: v for k, v in recipe.items() if k != "index"}
+    return json.dumps(recipe, sort_keys=True, default=str)[:1024]
 
 
 class PeerLedger:
@@ -345,17 +357,35 @@ class SignedTransport(CommunicationManager):
         return batch
 
     def check_groups(self, batch: wire.RolloutBatch, culprit: str) -> int:
-        """Keep the groups whose task re-derives, each with the receiver's own task; the count kept."""
+        """Keep the groups whose task re-derives, each with the receiver's own task; the count kept.
+
+        Re-deriving costs the receiver CPU (and holds the accept lock), so what one batch can ask for is
+        bounded: at most MAX_RECIPES_PER_BATCH generators to build, a task sent twice is checked once, and
+        checking stops at the first task that does not re-derive: the groups after it are dropped with it,
+        unchecked, and counted as bad tasks too (a sender of one forged task is not owed the CPU to find out
+        whether the rest are honest)."""
+        if len({_recipe_kind(g.task.recipe) for g in batch.groups}) > MAX_RECIPES_PER_BATCH:
+            self.drop(culprit, "too_many_recipes")
+            self.inbox.groups_from[batch.peer] -= len(batch.groups)
+            batch.groups = []
+            return 0
         kept = []
-        for g in batch.groups:
+        seen: set[tuple[str, str]] = set()
+        for i, g in enumerate(batch.groups):
+            if (g.task.dataset, g.task.question) in seen:
+                self.inbox.drops["duplicate_task"] += 1
+                self.per_peer[culprit]["dropped_duplicate_task"] += 1
+                continue
+            seen.add((g.task.dataset, g.task.question))
             try:
                 own = self.task_check(g.task)
             except Exception as e:  # noqa: BLE001 - a check must never take a round down
                 log.debug("task check of %s's group: %s: %s", batch.peer[-8:], type(e).__name__, e)
                 own = None
             if own is None:
-                self.drop(culprit, "bad_task")
-                continue
+                for _ in batch.groups[i:]:
+                    self.drop(culprit, "bad_task")
+                break
             g.task = own
             kept.append(g)
         self.inbox.groups_from[batch.peer] -= len(batch.groups) - len(kept)
