@@ -29,6 +29,7 @@ from typing import Any
 import msgpack
 
 from p2pswarm import validate as V
+from p2pswarm.bounded import RecentCounter
 from p2pswarm.identity import Identity, peer_id_from_public, verify
 from p2pswarm.types import Group, Task
 
@@ -205,7 +206,7 @@ class Inbox:
         self.drops: Counter[str] = Counter()
         self.received = 0
         self.bytes_received = 0
-        self.groups_from: Counter[str] = Counter()  # groups accepted, by sending peer
+        self.groups_from: Counter[str] = RecentCounter()  # groups accepted, by sending peer (bounded)
         self._seen: set[tuple[str, int, int]] = set()
 
     def accept(

@@ -140,3 +140,28 @@ def test_one_peer_cannot_pull_the_same_payload_over_and_over():
     assert sizes == [1000] * MAX_PULLS + [0, 0]  # then "not served"
     assert asyncio.run(pull(other)) == 1000  # others are not affected
     assert server.refused == {"12D3KooWgreedy": 2}
+
+
+def test_made_up_identities_cannot_grow_a_nodes_per_peer_state_or_its_metrics_rows():
+    """Identities cost nothing: garbage from 10,000 of them is counted, but what a node keeps per identity is
+    bounded, and a round's metrics row lists the peers active last, not everyone ever seen."""
+    import json
+
+    from p2pswarm.bounded import MAX_PEERS
+
+    me, friend = Identity.generate(), Identity.generate()
+    comm = InProcessComm(InProcessHub(), me, "swarm")
+    comm.set_ban_policy(1, 3600)  # every garbage sender is banned at once: the ledger grows too
+    assert comm.accept(wire.encode(wire.RolloutBatch("swarm", 0, 0, friend.peer_id, []), friend), round=0, stage=0,
+                       sender=friend.peer_id) is not None
+    for i in range(10_000):
+        comm.accept(b"\x93garbage", round=0, stage=0, sender=f"12D3KooWfake{i:06d}")
+        comm.peer_info(f"12D3KooWfake{i:06d}", f"name{i}", 0, 0.0)
+    assert comm.inbox.drops["malformed"] == 10_000  # every one counted
+    for table in (comm.per_peer, comm.names, comm.ledger.bans, comm.ledger.until, comm.ledger.reason,
+                  comm.inbox.groups_from):
+        assert len(table) <= MAX_PEERS
+    row = comm.counters()
+    assert len(row["per_peer"]) <= 2 * 256 and len(json.dumps(row)) < 2 * 256 * 200  # ~100 bytes a peer row
+    assert "12D3KooWfake009999" in row["per_peer"]  # the newest are kept
+    assert comm.ledger.banned("12D3KooWfake009999")

@@ -21,11 +21,12 @@ import math
 import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Container, Iterable, Mapping
 
 from p2pswarm import wire
+from p2pswarm.bounded import Recent, RecentCounter
 from p2pswarm.components import CommunicationManager, PeerInfo
 from p2pswarm.identity import Identity, friendly_name
 from p2pswarm.types import Group, Task
@@ -129,8 +130,8 @@ class RoundRule:
         self.deadline = deadline
         self.fraction = fraction
         self.first_done_at: float | None = None
-        self.stalls: Counter[str] = Counter()
-        self.excused_until: dict[str, int] = {}  # trainer -> first round it is waited for again
+        self.stalls: Counter[str] = RecentCounter()
+        self.excused_until: dict[str, int] = Recent()  # trainer -> first round it is waited for again
 
     def step(self, clock: int, trainers: Mapping[str, Progress], now: float | None = None) -> bool:
         """True when round `clock` is over; the caller then advances its clock by one."""
@@ -207,10 +208,11 @@ class PeerLedger:
         self.base = base
         self.cap = cap
         self.clock = clock
-        self.strikes: Counter[str] = Counter()
-        self.bans: Counter[str] = Counter()
-        self.until: dict[str, float] = {}
-        self.reason: dict[str, str] = {}
+        # bounded (p2pswarm/bounded.py): a banned identity forgotten is one its owner could replace anyway
+        self.strikes: Counter[str] = RecentCounter()
+        self.bans: Counter[str] = RecentCounter()
+        self.until: dict[str, float] = Recent()
+        self.reason: dict[str, str] = Recent()
 
     def banned(self, peer: str) -> bool:
         until = self.until.get(peer)
@@ -278,10 +280,11 @@ class SignedTransport(CommunicationManager):
         self.on_accept: Relay | None = None  # a bridge passes on what this side accepted directly
         self.last_collect_seconds = 0.0
         self.collect_seconds_total = 0.0
-        self.per_peer: dict[str, Counter[str]] = defaultdict(Counter)  # by authenticated peer id
+        # by authenticated peer id; bounded, the least recently active forgotten first
+        self.per_peer: dict[str, Counter[str]] = Recent(factory=Counter)
         self.ledger = PeerLedger()
         self._accept_lock = threading.Lock()  # transports accept from several threads (pulls in executors)
-        self.names: dict[str, str] = {}  # peer id -> display name, of every peer ever seen
+        self.names: dict[str, str] = Recent()  # peer id -> display name, of the peers seen last
         # Set by the game loop (check_tasks_with); a transport used on its own, without a game, keeps the
         # sender's tasks as they came.
         self.task_check: TaskCheck | None = None
@@ -423,11 +426,14 @@ class SignedTransport(CommunicationManager):
     def display_name(self, peer_id: str) -> str:
         return self.names.get(peer_id) or friendly_name(peer_id)
 
-    def per_peer_rows(self) -> dict[str, dict[str, Any]]:
-        """Counters by authenticated peer id. A name is what a peer calls itself (display only): one that
-        claims another's name is shown disambiguated by the tail of its peer id, never merged with it."""
-        rows = {p: dict(c) for p, c in list(self.per_peer.items())}
-        for p in list(self.ledger.bans):
+    def per_peer_rows(self, limit: int = 256) -> dict[str, dict[str, Any]]:
+        """Counters by authenticated peer id, of the `limit` peers active last and of the peers banned now
+        (at most `limit` of them too): a metrics row a round cannot list every identity ever made up. A name is
+        what a peer calls itself (display only): one that claims another's name is shown disambiguated by the
+        tail of its peer id, never merged with it."""
+        recent = list(self.per_peer.items())[-limit:]
+        rows = {p: dict(c) for p, c in recent}
+        for p in self.ledger.banned_now()[-limit:] + [p for p in rows if p in self.ledger.bans]:
             row = rows.setdefault(p, {})
             row["bans"] = self.ledger.bans[p]
             if self.ledger.banned(p):

@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from p2pswarm.bounded import Recent, RecentCounter
 from p2pswarm import wire
 from p2pswarm.comm.hivemind import gossip, records
 from p2pswarm.comm.hivemind.node import HivemindNode, peer_id_of
@@ -77,8 +78,8 @@ class HivemindComm(SignedTransport):
         self.book = gossip.Book(self.peer_id, self.topic, blame=self._blame_gossip)
         self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
         self.members: dict[str, records.Member] = {}
-        self.seen_peers: set[str] = set()
-        self.silent: Counter[str] = Counter()  # collects in a row each expected member delivered nothing in
+        self.seen_peers: dict[str, None] = Recent()  # an ordered set, bounded (identities cost nothing)
+        self.silent: Counter[str] = RecentCounter()  # collects in a row each expected member delivered nothing in
         self.position = {"round": -1, "stage": 0, "finished": -1}
         self.paused = False
         self.published = 0  # topic messages and bytes this peer sent
@@ -230,7 +231,9 @@ class HivemindComm(SignedTransport):
         """Members of this swarm heard within MEMBER_TTL who have not left (self included): what the topic
         said, no network round trip."""
         members = self.book.live_members()
-        self.seen_peers.update(p for p in self.book.members if p != self.peer_id)
+        for p in self.book.members:
+            if p != self.peer_id:
+                self.seen_peers[p] = None
         self.names.update({p: m.name for p, m in self.book.members.items()})  # kept after they leave, for the counters
         self.members = members
         for p in [p for p in self.silent if p not in self.members]:

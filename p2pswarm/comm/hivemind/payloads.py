@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 
+from p2pswarm.bounded import RecentCounter
 from p2pswarm import validate as V
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class PayloadServer:
         self._lock = threading.Lock()
         self.served = 0
         self.bytes_served = 0
-        self.refused: Counter[str] = Counter()  # pulls over the limit, by requesting peer id
+        self.refused: Counter[str] = RecentCounter()  # pulls over the limit, by requesting peer id
 
     def put(self, round: int, stage: int, data: bytes, origin: str = "") -> None:
         with self._lock:

@@ -35,6 +35,7 @@ import msgpack
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
 
+from p2pswarm.bounded import RecentCounter
 from p2pswarm import validate as V
 from p2pswarm.identity import Identity, verify
 from p2pswarm.validate import public_from_peer_id  # noqa: F401 - kept importable from here
@@ -97,7 +98,7 @@ class Ed25519OwnerValidator(RecordValidatorBase):
         self.identity = identity
         self.marker = marker(identity.peer_id)
         self.rejected: Counter[str] = Counter()  # records refused, by reason (another peer's forgeries, ...)
-        self.offenders: Counter[str] = Counter()  # signed records refused for their content, by owner
+        self.offenders: Counter[str] = RecentCounter()  # signed records refused for their content, by owner
         # hivemind re-validates every record in every reply on every poll: without this cache signature
         # checks took 63% of a 16-peer process's CPU, and a 64-peer swarm delivered 16% instead of 85%.
         # (It also makes each distinct bad record count once.)
