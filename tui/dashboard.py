@@ -13,6 +13,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from tui.engine import (ChainState, EngineFinished, LogLine, NodeError, NodeEvent, NodeStopped, Paused, Progress,
                         RoundFinished, RoundStarted)
+from tui.fmt import shown
 from tui.widgets import (ERROR, FINISHED, PAUSED, PAUSING, RUNNING, STOPPED_BY_ERROR, STOPPING, STOPPING_NOW,
                          HeaderBar, LogPanel, PeersTable, RewardPlot, RolloutsBrowser, RolloutsTable, Status,
                          TrainingPanel, render_rollout)
@@ -189,7 +190,7 @@ class DashboardScreen(Screen):
         self.finished = True
         if message.error:
             self.status = STOPPED_BY_ERROR
-            self.notify(message.error, title="the node stopped", severity="error", timeout=60, markup=False)
+            self.notify(shown(message.error), title="the node stopped", severity="error", timeout=60, markup=False)
         elif not self.engine.stopping:
             self.status = FINISHED
 

@@ -10,7 +10,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
-from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
@@ -19,6 +18,7 @@ from p2pswarm.identity import Identity
 from p2pswarm.settings import Settings, SettingsError
 
 from tui.engine import Engine
+from tui.fmt import literal, markup
 
 SettingsFactory = Callable[..., Settings]
 
@@ -169,9 +169,9 @@ class JoinScreen(Screen):
                     "drive": "joins through the shared folder"}[concrete]
             if mode == "auto":
                 hint = f"→ {concrete}: {hint}"
-            self.query_one("#mode-hint", Static).update(f"[dim]{hint}[/]")
+            self.query_one("#mode-hint", Static).update(markup("[dim]$hint[/]", hint=hint))
         except JoinError as e:
-            self.query_one("#mode-hint", Static).update(f"[$warning]{escape(str(e))}[/]")
+            self.query_one("#mode-hint", Static).update(markup("[$warning]$why[/]", why=e))
 
     def _update_node_placeholder(self, create: bool = False) -> None:
         try:
@@ -274,4 +274,4 @@ class JoinScreen(Screen):
     def set_status(self, text: str, cls: str) -> None:
         status = self.query_one("#join-status", Static)
         status.set_class(cls == "error", "error")
-        status.update(escape(text))
+        status.update(literal(text))  # a reason may quote a path, a model or a peer's words

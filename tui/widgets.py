@@ -1,5 +1,8 @@
 """The dashboard's panels. Each draws from the node's messages it declares handlers for (tui/engine.py)
-and, for live values such as the peer list, from queries of the running engine (`refresh_from`)."""
+and, for live values such as the peer list, from queries of the running engine (`refresh_from`).
+
+Peers, the shared folder and the model choose most of the strings shown here: they are drawn as literal
+text (tui/fmt.py: `literal`, `markup`; every table is a LiteralTable), never parsed as markup."""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ from collections import deque
 from statistics import fmean
 from typing import NamedTuple
 
-from textual.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.reactive import reactive
 from textual.widgets import DataTable, ProgressBar, RichLog, Static
 from textual_plotext import PlotextPlot
@@ -21,7 +24,7 @@ from p2pswarm.identity import friendly_name
 
 from tui.engine import (CheckpointSaved, Evaluated, LogLine, NodeError, NodeEvent, NodeStarted, NodeStopped, Paused,
                         Resumed, RoundFinished, Rollouts, RolloutsReceived, RoundsSkipped)
-from tui.fmt import ago, num, rate, short_id
+from tui.fmt import ago, literal, markup, num, rate, short_id
 
 PHASES = {"generate": "generating", "collect": "sharing rollouts", "train": "training", "idle": "between rounds"}
 
@@ -64,7 +67,7 @@ def chain_line(status) -> Text:
             t.append(f" · stage {status.stage + 1}/{status.stages}")
         t.append(" · ")
     if status.error:
-        return t.append(f"✖ {status.error}", style="bold red")
+        return t.append(literal(f"✖ {status.error}", style="bold red"))  # an RPC's words
     text, style = REGISTRATION.get(status.registration, (status.registration, ""))
     if status.registration == "unproven" and status.flavour != "p2pswarm":
         style = ""  # Gensyn's contract holds no proofs: nothing is wrong
@@ -95,11 +98,14 @@ class HeaderBar(Vertical):
 
     def compose(self) -> ComposeResult:
         engine, s, a = self.engine, self.engine.settings, self.engine.agent
-        yield Static(f"[b $accent]p2pswarm[/] · swarm [b]{escape(s.experiment)}[/] [dim]({escape(engine.swarm)})[/]"
-                     f" · mode [b]{engine.mode}[/] · model [b]{escape(s.model)}[/]", id="hdr-swarm")
+        yield Static(markup("[b $accent]p2pswarm[/] · swarm [b]$experiment[/] [dim]($swarm)[/]"
+                            " · mode [b]$mode[/] · model [b]$model[/]",
+                            experiment=s.experiment, swarm=engine.swarm, mode=engine.mode, model=s.model),
+                     id="hdr-swarm")
         if a is not None:
             here = f" · {len(engine.agents)} agents in this process" if len(engine.agents) > 1 else ""
-            node = f"node [b $accent]{escape(a.name)}[/] · peer [b]{a.peer_id[:8]}…{a.peer_id[-6:]}[/]{here}"
+            node = markup("node [b $accent]$name[/] · peer [b]$head…$tail[/]$here", name=a.name,
+                          head=a.peer_id[:8], tail=a.peer_id[-6:], here=here)
         else:
             node = "node [dim]loading…[/]"
         yield Static(node, id="hdr-node")
@@ -110,13 +116,14 @@ class HeaderBar(Vertical):
         if self.has_chain:
             yield Static(chain_line(None), id="hdr-chain")
 
-    def compute_round_text(self) -> str:
+    def compute_round_text(self) -> str | Content:
         if self.round < 0:
             return "starting…"
         stage = f" · stage {self.stage + 1}/{self.stages}" if self.stages > 1 else ""
-        return f"round [b]{self.round}[/]{stage} · {PHASES.get(self.phase, self.phase)}"
+        return markup("round [b]$round[/]$stage · $phase", round=self.round, stage=stage,
+                      phase=PHASES.get(self.phase, self.phase))
 
-    def watch_round_text(self, line: str) -> None:
+    def watch_round_text(self, line: str | Content) -> None:
         self.query_one("#hdr-round", Static).update(line)
 
     def watch_progress(self, progress: tuple[float, float]) -> None:
@@ -131,7 +138,26 @@ class HeaderBar(Vertical):
             self.query_one("#hdr-chain", Static).update(chain_line(status))
 
 
-class PeersTable(DataTable):
+class LiteralTable(DataTable):
+    """A DataTable whose str cells are literal text. DataTable parses a str cell as markup when it draws it,
+    and these cells hold peers' names, datasets and questions: `[/]` there would raise MarkupError while the
+    screen is drawn, and end the app and its node. Every str cell is made a Text (fmt.literal) on its way in,
+    whoever adds it."""
+
+    def add_row(self, *cells, height: int | None = 1, key: str | None = None, label=None):
+        return super().add_row(*(literal(c) if isinstance(c, str) else c for c in cells), height=height, key=key,
+                               label=literal(label) if isinstance(label, str) else label)
+
+    def update_cell(self, row_key, column_key, value, *, update_width: bool = False) -> None:
+        super().update_cell(row_key, column_key, literal(value) if isinstance(value, str) else value,
+                            update_width=update_width)
+
+    def add_column(self, label, *, width: int | None = None, key: str | None = None, default=None):
+        return super().add_column(label, width=width, key=key,
+                                  default=literal(default) if isinstance(default, str) else default)
+
+
+class PeersTable(LiteralTable):
     """This node first, then every peer the transport knows: name, short id, mode, round, last seen,
     mean reward (of their rollouts, as this node scored them) and rollouts shared/received."""
 
@@ -163,14 +189,14 @@ class PeersTable(DataTable):
         if a is None:
             return
         now = time.time()
-        rows = [(a.peer_id, Text(a.name, style="bold"), short_id(a.peer_id), engine.mode, str(max(a.round, 0)),
+        rows = [(a.peer_id, literal(a.name, style="bold"), short_id(a.peer_id), engine.mode, str(max(a.round, 0)),
                  "you", num(self._self_reward), f"{self._shared}/{self._received}")]
         for p in sorted(a.comm.peers(), key=lambda p: p.name or p.peer_id):
             name = p.name or friendly_name(p.peer_id)
             # A peer this node ignores for now (it sent invalid data) is marked, with the reason.
-            label = Text(f"{name} ⊘ {p.ignored}", style="red") if p.ignored else name
+            label = literal(f"{name} ⊘ {p.ignored}", style="red") if p.ignored else literal(name)
             rows.append((p.peer_id, label, short_id(p.peer_id),
-                         getattr(p, "mode", engine.mode), str(p.round) if p.round >= 0 else "–",
+                         literal(getattr(p, "mode", engine.mode)), str(p.round) if p.round >= 0 else "–",
                          ago(p.last_seen, now), num(self._reward.get(p.peer_id)), f"{p.rollouts_received}/–"))
         keys = [r[0] for r in rows]
         existing = [k.value for k in self.rows]
@@ -332,7 +358,7 @@ class TrainingPanel(Static):
         self.update(text)
 
 
-class RolloutsTable(DataTable):
+class RolloutsTable(LiteralTable):
     pass
 
 
@@ -375,8 +401,8 @@ class RolloutsBrowser(Vertical):
             self._samples.append(s)
             mean = fmean(s["rewards"]) if s["rewards"] else None
             question = " ".join(s["question"].split())
-            table.add_row(str(s["round"]), self.peer_label(s["peer"], s["local"]), s["dataset"], num(mean, ".2f"),
-                          question[:60], key=key)
+            table.add_row(str(s["round"]), literal(self.peer_label(s["peer"], s["local"])), literal(s["dataset"]),
+                          num(mean, ".2f"), literal(question[:60]), key=key)
         if follow and table.row_count:
             table.move_cursor(row=table.row_count - 1)
             self.show(self._samples[-1])
@@ -400,18 +426,19 @@ class RolloutsBrowser(Vertical):
 
 
 def render_rollout(s: dict, who: str) -> Text:
+    """A group in full. Its texts come from the model, the dataset and (swarm groups) another peer: literal."""
     t = Text()
     src = "local" if s["local"] else "swarm"
-    t.append(f"round {s['round']} stage {s['stage']} · {src} · from {who} · {s['dataset']}\n", style="bold")
+    t.append(literal(f"round {s['round']} stage {s['stage']} · {src} · from {who} · {s['dataset']}\n", style="bold"))
     t.append("question ", style="dim")
-    t.append(s["question"].strip() + "\n")
+    t.append(literal(s["question"].strip() + "\n"))
     t.append("answer   ", style="dim")
-    t.append(s["answer"] + "\n", style="bold green")
+    t.append(literal(s["answer"] + "\n", style="bold green"))
     for i, (c, r) in enumerate(zip(s["completions"], s["rewards"] or [None] * len(s["completions"]))):
         style = "green" if r and r >= 0.999 else ("yellow" if r and r > 0 else "red")
         t.append(f"#{i + 1} ", style="dim")
         t.append(f"[{num(r, '.2f')}] ", style=f"bold {style}")
-        t.append(" ".join(c.split()) + "\n")
+        t.append(literal(" ".join(c.split()) + "\n"))
     return t
 
 
@@ -445,7 +472,7 @@ class LogPanel(RichLog):
 
     def _event_line(self, message: NodeEvent, line: str, style: str = "") -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(message.at))
-        self._add(Text(f"{stamp} {line}", style=style))
+        self._add(literal(f"{stamp} {line}", style=style))
 
     def on_round_finished(self, message: RoundFinished) -> None:
         self._event_line(message, round_line(message.metrics))
@@ -478,4 +505,4 @@ class LogPanel(RichLog):
 
     def on_log_line(self, message: LogLine) -> None:
         style = "bold red" if message.level >= 40 else ("yellow" if message.level >= 30 else "")
-        self._add(Text(message.text, style=style))
+        self._add(literal(message.text, style=style))
