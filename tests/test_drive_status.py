@@ -261,6 +261,60 @@ def test_a_shared_checkpoint_is_restored_only_if_this_node_signed_it_and_it_is_i
         m.close()
 
 
+def test_a_restore_copies_no_more_than_the_manifest_says_and_adopts_only_logs_this_node_signed(tmp_path):
+    """A folder writer can swap a huge file in for a checkpoint file, or add rows in a node's name to its logs:
+    the first is refused as soon as it runs past its signed size, the second leaves the logs unrestored."""
+    import json as _json
+
+    from p2pswarm.comm.drive.mirror import LOGS_MANIFEST, DriveMirror
+    from p2pswarm.comm.drive.store import FolderStore
+    from p2pswarm.identity import Identity
+    from p2pswarm.run import RunDir
+
+    class Trainer:
+        def save(self, path):
+            (path / "trainer.pt").write_bytes(b"optimizer")
+
+    store = FolderStore(str(tmp_path / "drive"), EXP)
+    me = Identity.generate()
+    src = RunDir(tmp_path / "first")
+    for r in range(2):
+        src.append_metrics({"round": r, "peer": me.peer_id, "reward": 0.5})
+    (src.path / "events.jsonl").write_text(_json.dumps({"kind": "round_finished", "round": 1, "peer": me.peer_id}) + "\n")
+    mirror = DriveMirror(store, me, "n1", src, keep=3)
+    try:
+        assert mirror.upload_checkpoint(0, src.save_checkpoint(0, Trainer(), keep=3))
+        assert mirror.upload_checkpoint(1, src.save_checkpoint(1, Trainer(), keep=3))
+        mirror.upload_logs()
+    finally:
+        mirror.close()
+    logs = store.path("logs", "n1")
+    assert store.fs.exists(f"{logs}/{LOGS_MANIFEST}")
+
+    def restore(name):
+        m = DriveMirror(store, me, "n1", RunDir(tmp_path / name), keep=3)
+        try:
+            return m.restore(), m.run
+        finally:
+            m.close()
+
+    r, run = restore("intact")
+    assert r == 1 and run.metrics_path.exists()  # the logs this node signed come back
+    # a 64 MB file in place of round 1's 9-byte trainer.pt: refused, the older round restored
+    ckpt = store.path("checkpoints", "n1")
+    with store.fs.open(f"{ckpt}/round_000001/trainer.pt", "wb") as f:
+        f.write(b"\0" * (64 << 20))
+    r, run = restore("swapped")
+    assert r == 0 and not any(p.stat().st_size > 1 << 20 for p in run.path.rglob("*") if p.is_file())
+    # a row added in the node's name: the logs no longer match what it signed, and are not taken
+    forged = _json.dumps({"round": 7, "peer": me.peer_id, "reward": 1.0}) + "\n"
+    with store.fs.open(f"{logs}/events.jsonl", "ab") as f:
+        f.write(forged.encode())
+    r, run = restore("forged")
+    events = run.path / "events.jsonl"
+    assert r == 0 and (not events.exists() or '"round": 7' not in events.read_text())
+
+
 # ---- errors, package, notebook ------------------------------------------------------------------------------
 def test_status_of_a_missing_experiment_names_the_ones_that_exist(tmp_path):
     from p2pswarm import get_experiment_status

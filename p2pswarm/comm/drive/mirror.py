@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOG_FILES = ("metrics.jsonl", "events.jsonl")
+# Beside the logs: their sizes and sha256, signed by the node, so that a restore adopts only logs it wrote
+# (anyone who can write to the folder could otherwise add rows in its name).
+LOGS_MANIFEST = "logs.manifest.json"
+MAX_LOG_RESTORE_BYTES = 256 << 20
 SUBMIT_BACK = 50  # rounds a restarted node still submits its reward for (the fork only reads the current one)
 
 
@@ -168,6 +172,7 @@ class DriveMirror:
         if events:
             files.update({f"{self.logs}/{forkfiles.TRAINING_EVENTS}": forkfiles.jsonl(training),
                           forkfiles.progress_path(self.store, self.node): forkfiles.jsonl(progress)})
+        changed = False
         for path, data in files.items():
             if data is None:
                 continue
@@ -176,6 +181,15 @@ class DriveMirror:
                 continue
             self.store.write_atomic(path, data)
             self._sent[path] = digest
+            changed = True
+        restorable = {name: files.get(f"{self.logs}/{name}") for name in LOG_FILES}
+        if changed:  # after the files: a crash in between leaves a manifest that matches nothing, not a wrong one
+            entries = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                       for name, data in restorable.items() if data is not None}
+            if entries:
+                last = rows[-1].get("round", 0) if rows else 0
+                self.store.write_atomic(f"{self.logs}/{LOGS_MANIFEST}", manifest_record(
+                    self.identity, self.node, last if isinstance(last, int) and last >= 0 else 0, entries))
         self._submit_rewards(metrics)
 
     def _submit_rewards(self, metrics: list[dict]) -> None:
@@ -268,7 +282,7 @@ class DriveMirror:
             for rel, (size, sha256) in man.files.items():  # names checked by parse_manifest: no .., not absolute
                 target = tmp.joinpath(*PurePosixPath(rel).parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.store.fs.get_file(f"{src}/{rel}", str(target))
+                self._copy_capped(f"{src}/{rel}", target, size)  # a swapped-in huge file stops at its size
                 if target.stat().st_size != size or _sha256(target) != sha256:
                     raise ValueError(f"{rel} does not match the manifest")
             if not (tmp / "state.json").exists():
@@ -281,12 +295,33 @@ class DriveMirror:
         os.replace(tmp, dest)
         return True
 
+    def _copy_capped(self, src: str, target: Path, size: int) -> None:
+        """Copy `src` to `target`, refusing it (ValueError) as soon as it is longer than `size` bytes."""
+        copied = 0
+        with self.store.fs.open(src, "rb") as f, open(target, "wb") as out:
+            while True:
+                chunk = f.read(min(1 << 20, size + 1 - copied))
+                if not chunk:
+                    return
+                copied += len(chunk)
+                if copied > size:
+                    raise ValueError(f"{src} is longer than its manifest says")
+                out.write(chunk)
+
     def _restore_logs(self) -> None:
-        """The shared logs replace local ones that have fewer lines (the run folder was lost); only this
-        node's own rows are taken."""
+        """The shared logs replace local ones that have fewer lines (the run folder was lost): only logs whose
+        bytes match the manifest this node signed beside them, and of those only this node's own rows."""
+        man = parse_manifest(self.store.read_json(f"{self.logs}/{LOGS_MANIFEST}"))
+        if man is None or man.peer_id != self.identity.peer_id:
+            log.warning("not restoring the logs in %s: no manifest signed by this node beside them", self.logs)
+            return
         for name in LOG_FILES:
-            data = self.store.read(f"{self.logs}/{name}")
-            if not data:
+            size, sha256 = man.files.get(name, (-1, ""))
+            if not 0 < size <= MAX_LOG_RESTORE_BYTES:
+                continue
+            data = self.store.read(f"{self.logs}/{name}", max_bytes=size)
+            if not data or hashlib.sha256(data).hexdigest() != sha256:
+                log.warning("not restoring %s/%s: it does not match this node's signed manifest", self.logs, name)
                 continue
             rows = []
             for line in data.decode("utf-8", "replace").splitlines():
