@@ -8,7 +8,10 @@ decoded by its 4-byte selector from the ABI, whichever exception type the provid
 in-process EVM's TransactionFailed, HTTP's ContractCustomError...).
 
 What the chain returns is data from the network: rounds and stages are checked as p2pswarm.validate
-integers and peer ids as libp2p ids before anything uses them.
+integers and peer ids as libp2p ids before anything uses them. Over HTTP every call goes through one
+bounded transport (comm/chain/rpc.py: a total deadline per call, a size cap, a nesting-depth check before
+parsing), also when the caller built the Web3 object with web3's own HTTPProvider; whatever the transport
+or the reply's decoding raises reaches callers as ChainError.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,6 +40,7 @@ PROOF_DOMAIN = b"p2pswarm chain registration v1"
 REWARD_SCALE = 1000  # rewards go on chain as int256 thousandths (Gensyn's contract takes integers)
 MAX_REGISTRATIONS = 10_000  # what one status read enumerates at most
 RECEIPT_TIMEOUT = 120.0
+RECEIPT_POLL = 0.1  # seconds between receipt reads, doubling to 1 s
 _ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string)
 
 
@@ -150,23 +156,32 @@ class ChainClient:
     """One account on one SwarmCoordinator, of flavour `p2pswarm` (ours) or `gensyn-0.4.2`.
 
     Construction checks, each failure one ChainError line: the RPC answers, its chain id is the expected
-    one (when given), and there is code at the contract address. Views (`round`, `deadline`,
-    `registrations`, ...) return validated values; the writes (`register`, `advance`, `submit_reward`,
-    `submit_winners`) are idempotent: what the contract refuses as already done returns False.
+    one (when given), and there is code at the contract address. A `w3` over web3's HTTPProvider is moved
+    onto BoundedHTTPProvider (same URL): no call of this client waits on an unbounded transport. Views
+    (`round`, `deadline`, `registrations`, ...) return validated values; the writes (`register`, `advance`,
+    `submit_reward`, `submit_winners`) are idempotent: what the contract refuses as already done returns
+    False.
     Thread-safe as far as web3 providers are (the in-process one is locked: comm/chain/local.py).
+    Setting `stopping` (a threading.Event) ends a wait for a receipt at once, with a ChainError.
     """
 
     def __init__(self, w3, contract: str, account, *, flavour: str = "p2pswarm", chain_id: int = 0,
                  where: str = "the chain"):
-        from web3 import Web3
+        from web3 import HTTPProvider, Web3
 
+        from p2pswarm.comm.chain.rpc import BoundedHTTPProvider, RPCError
+
+        if type(w3.provider) is HTTPProvider:  # requests: per-read timeouts, no size or depth bound
+            w3.provider = BoundedHTTPProvider(str(w3.provider.endpoint_uri))
         self.w3, self.account, self.flavour, self.where = w3, account, flavour, where
+        self.stopping = threading.Event()
         self.abi, _ = artifact(flavour)
         self.errors = error_selectors(self.abi)
         try:
-            self.chain_id = int(w3.eth.chain_id)
+            self.chain_id = V.integer(w3.eth.chain_id, "chain id", 1, 2**63)
         except Exception as e:  # noqa: BLE001 - any transport failure reads the same to a user
-            raise ChainError(f"cannot reach {where}: {type(e).__name__}: {V.clip(str(e), 120)} "
+            why = e.detail if isinstance(e, RPCError) else f"{type(e).__name__}: {V.clip(str(e), 120)}"
+            raise ChainError(f"cannot reach {where}: {why} "
                              "(is the node running, and is the chain_rpc URL right?)") from None
         if chain_id and self.chain_id != chain_id:
             raise ChainError(f"{where} is chain id {self.chain_id}, not the expected {chain_id} "
@@ -174,7 +189,7 @@ class ChainClient:
         if not Web3.is_address(contract):
             raise ChainError(f"chain_contract {contract!r} is not an Ethereum address")
         self.address = Web3.to_checksum_address(contract)
-        if not w3.eth.get_code(self.address):
+        if not self._rpc("eth_getCode", w3.eth.get_code, self.address):
             raise ChainError(f"no contract at {self.address} on chain {self.chain_id} ({where}): "
                              "check chain_contract and the network")
         self.contract = w3.eth.contract(address=self.address, abi=self.abi)
@@ -183,12 +198,21 @@ class ChainClient:
     def eoa(self) -> str:
         return self.account.address
 
+    def _rpc(self, what: str, fn, *args: Any) -> Any:
+        """One plain RPC (no contract call); any failure as one ChainError line."""
+        try:
+            return fn(*args)
+        except ChainError:
+            raise
+        except Exception as e:  # noqa: BLE001 - provider-specific types and malformed replies; one line
+            raise ChainError(f"{what} on {self.where}: {type(e).__name__}: {V.clip(str(e), 120)}") from None
+
     # ---- reads ---------------------------------------------------------------------------------------
     def view(self, fn: str, *args: Any) -> Any:
         try:
             return getattr(self.contract.functions, fn)(*args).call()
-        except ChainError:
-            raise
+        except ChainError as e:  # the transport's: no reply, or one dropped
+            raise ChainError(f"{fn}() on {self.address}: {e}") from None
         except Exception as e:  # noqa: BLE001 - provider-specific types; one line
             raise ChainError(f"{fn}() on {self.address}: {describe_revert(e, self.errors)}") from None
 
@@ -204,7 +228,13 @@ class ChainClient:
         return V.integer(self.view("stageDeadline"), "stageDeadline", 0, 2**63)
 
     def chain_time(self) -> int:
-        return int(self.w3.eth.get_block("latest")["timestamp"])
+        """The latest block's timestamp, checked."""
+        block = self._rpc("eth_getBlockByNumber", self.w3.eth.get_block, "latest")
+        try:
+            return V.integer(block["timestamp"], "block timestamp", 0, 2**63)
+        except (V.Invalid, KeyError, TypeError) as e:
+            raise ChainError(f"the latest block from {self.where} has no valid timestamp "
+                             f"({V.clip(str(e), 80)})") from None
 
     def registered(self, peer_id: str) -> bool:
         if self.flavour == "p2pswarm":
@@ -252,6 +282,8 @@ class ChainClient:
         self._check_funded(fn, 1)
         try:
             call.call({"from": self.eoa})
+        except ChainError as e:  # the transport's: no reply, or one dropped; not a revert
+            raise ChainError(f"{fn}() on {self.address}: {e}") from None
         except Exception as e:  # noqa: BLE001 - provider-specific types; decoded by selector
             why = describe_revert(e, self.errors)
             if why in already:
@@ -263,7 +295,7 @@ class ChainClient:
                                          "chainId": self.chain_id})
             self._check_funded(fn, tx["gas"] * tx.get("maxFeePerGas", tx.get("gasPrice", 0)))
             txhash = self.w3.eth.send_raw_transaction(self.account.sign_transaction(tx).raw_transaction)
-            receipt = self.w3.eth.wait_for_transaction_receipt(txhash, timeout=RECEIPT_TIMEOUT)
+            receipt = self._receipt(fn, txhash)
         except ChainError:
             raise
         except Exception as e:  # noqa: BLE001 - provider-specific types; one line
@@ -271,13 +303,33 @@ class ChainClient:
             if why in already:  # another peer got there between the pre-flight and the send
                 return False
             raise ChainError(f"{fn}() on {self.address}: {why}") from None
-        if receipt["status"] != 1:
+        get = getattr(receipt, "get", None)  # an AttributeDict; anything else from a broken node is no receipt
+        if get is None or get("status") != 1:
             raise ChainError(f"{fn}() was mined but reverted (transaction 0x{bytes(txhash).hex()}, "
-                             f"block {receipt['blockNumber']})")
+                             f"block {V.clip(get('blockNumber') if get else None, 20)})")
         return True
 
+    def _receipt(self, fn: str, txhash) -> Any:
+        """The receipt of `txhash`, polled until RECEIPT_TIMEOUT; a set `stopping` ends the wait at once."""
+        from web3.exceptions import TransactionNotFound
+
+        end = time.monotonic() + RECEIPT_TIMEOUT
+        delay = RECEIPT_POLL
+        while True:
+            try:
+                return self.w3.eth.get_transaction_receipt(txhash)
+            except TransactionNotFound:
+                pass
+            if self.stopping.is_set():
+                raise ChainError(f"{fn}(): stopped before transaction 0x{bytes(txhash).hex()} was mined "
+                                 "(it may still be)")
+            if time.monotonic() >= end:
+                raise ChainError(f"{fn}(): transaction 0x{bytes(txhash).hex()} not mined in {RECEIPT_TIMEOUT:g} s")
+            self.stopping.wait(delay)
+            delay = min(delay * 2, 1.0)
+
     def _check_funded(self, fn: str, need: int) -> None:
-        balance = self.w3.eth.get_balance(self.eoa)
+        balance = self._rpc("eth_getBalance", self.w3.eth.get_balance, self.eoa)
         if balance < need:
             raise ChainError(f"the chain account {self.eoa} holds {balance} wei on chain {self.chain_id}, "
                              f"{fn}() needs about {need}: fund it (or use --chain local)")
@@ -324,10 +376,10 @@ def round_half(x: float) -> float:
 
 def connect(url: str, contract: str, key_path: Path, *, flavour: str = "p2pswarm", chain_id: int = 0) -> ChainClient:
     """A client over HTTP(S) JSON-RPC at `url`."""
-    from web3 import HTTPProvider, Web3
+    from p2pswarm.comm.chain.rpc import bounded_web3
 
     if not url.startswith(("http://", "https://")):
         raise ChainError(f"chain_rpc {url!r} is not an http(s):// JSON-RPC URL")
-    w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 10}))
+    w3 = bounded_web3(url)
     return ChainClient(w3, contract, load_or_create_key(key_path), flavour=flavour, chain_id=chain_id,
                        where=f"the chain at {url}")

@@ -80,7 +80,7 @@ class LocalChain:
         anvil dies with this process, also when it is killed (Linux: the parent-death signal, which the kernel
         sends when the thread that started anvil ends: call this from a thread that lives as long as the
         chain, such as the main thread)."""
-        from web3 import HTTPProvider, Web3
+        from p2pswarm.comm.chain.rpc import bounded_web3
 
         exe = anvil_executable()
         if exe is None:
@@ -92,7 +92,7 @@ class LocalChain:
                                  "--block-time", "1", "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 preexec_fn=_die_with_parent())
         url = f"http://127.0.0.1:{port}"
-        w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 10}))
+        w3 = bounded_web3(url)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -197,13 +197,13 @@ def serve_anvil(state_file: Path, stage_seconds: float = 30.0, port: int = 0) ->
     is started, on the recorded port when it is free (the URL peers were given stays valid; the contract
     address, the development account's first deployment, too), and the log says the chain is new."""
     try:
-        from web3 import HTTPProvider, Web3
+        from p2pswarm.comm.chain.rpc import bounded_web3
     except ImportError:  # an optional extra: one line naming it, not a traceback
         raise ChainError("--chain local needs web3, which is not installed: pip install 'p2pswarm[chain]'") from None
 
     rec = _read_record(state_file)
     if rec is not None:
-        w3 = Web3(HTTPProvider(rec["url"], request_kwargs={"timeout": 3}))
+        w3 = bounded_web3(rec["url"], deadline=3)
         try:
             if w3.eth.chain_id == rec["chain_id"] and len(w3.eth.get_code(rec["contract"])) > 0:
                 chain = LocalChain(w3, stage_seconds=stage_seconds, url=rec["url"], contract=rec["contract"])
@@ -274,7 +274,14 @@ def fund_on_dev_chain(client: ChainClient, url: str) -> None:
         dev = client.w3.eth.accounts
     except Exception:  # noqa: BLE001 - a node that lists no accounts is no dev chain
         return
-    if dev and client.w3.eth.get_balance(client.eoa) == 0:
+    if not isinstance(dev, (list, tuple)) or not dev:
+        return
+    try:
+        if client.w3.eth.get_balance(client.eoa) != 0:
+            return
         txhash = client.w3.eth.send_transaction({"from": dev[0], "to": client.eoa, "value": FUNDING})
         client.w3.eth.wait_for_transaction_receipt(txhash, timeout=60)
-        log.info("funded the chain key %s from the local chain's development account", client.eoa)
+    except Exception as e:  # noqa: BLE001 - whatever the node answered: one line
+        raise ChainError(f"funding the chain key {client.eoa} from {url}'s development account failed: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:120]}") from None
+    log.info("funded the chain key %s from the local chain's development account", client.eoa)
