@@ -216,6 +216,14 @@ class ChainClient:
         except Exception as e:  # noqa: BLE001 - provider-specific types; one line
             raise ChainError(f"{fn}() on {self.address}: {describe_revert(e, self.errors)}") from None
 
+    def view_first(self, fn: str, *args: Any) -> Any:
+        """The first element of an array a view returns (Gensyn's contract answers arrays): ChainError if the
+        reply has none, as a hostile or broken endpoint's may."""
+        out = self.view(fn, *args)
+        if not isinstance(out, (list, tuple)) or not out:
+            raise ChainError(f"{fn}() on {self.address} returned no element")
+        return out[0]
+
     def round(self) -> tuple[int, int]:
         """(round, stage), checked: a contract that returns a round past 2**31 cannot move a node there."""
         return (V.integer(self.view("currentRound"), "currentRound", 0),
@@ -239,7 +247,7 @@ class ChainClient:
     def registered(self, peer_id: str) -> bool:
         if self.flavour == "p2pswarm":
             return bool(self.view("isRegistered", peer_id, self.eoa))
-        return self.view("getEoa", [peer_id])[0] == self.eoa
+        return self.view_first("getEoa", [peer_id]) == self.eoa
 
     def registrations(self) -> list[Registration]:
         """Every claim the contract holds (ours: enumerable), each with whether its proof verifies here."""
@@ -267,12 +275,12 @@ class ChainClient:
         return Registration(self.eoa, peer_id, False)  # registered, but past what one read enumerates
 
     def _own_gensyn_peer_ids(self) -> list[str]:
-        return list(self.view("getPeerId", [self.eoa])[0])
+        return list(self.view_first("getPeerId", [self.eoa]))
 
     def total_reward(self, peer_id: str, eoa: str) -> float:
         if self.flavour == "p2pswarm":
             return self.view("totalReward", peer_id, eoa) / REWARD_SCALE
-        return self.view("getTotalRewards", [peer_id])[0] / REWARD_SCALE
+        return self.view_first("getTotalRewards", [peer_id]) / REWARD_SCALE
 
     # ---- writes --------------------------------------------------------------------------------------
     def transact(self, fn: str, *args: Any, already: tuple[str, ...] = ()) -> bool:
@@ -342,7 +350,7 @@ class ChainClient:
             proof = make_proof(identity, self.chain_id, self.address, self.eoa)
             done = self.transact("registerPeerWithProof", identity.peer_id, proof, already=("PeerIdAlreadyRegistered",))
         else:
-            owner = self.view("getEoa", [identity.peer_id])[0]
+            owner = self.view_first("getEoa", [identity.peer_id])
             if int(owner, 16) != 0:
                 raise ChainError(f"peer id {identity.peer_id} is registered to {owner} on {self.address}, "
                                  "not to this node's chain key: Gensyn's contract lets the first claim win")
