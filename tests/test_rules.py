@@ -105,3 +105,39 @@ def test_a_clock_reading_never_goes_back():
     assert c.see([]) == 3
     assert c.see([2]) == 3  # a stale replica or a forged low record
     assert c.see([5]) == 5 and c.known
+
+
+def test_a_clock_reading_past_any_round_a_swarm_plays_is_not_adopted():
+    """A forged 2**31 - 1 would make a node play rounds every peer refuses, and its checkpoint would keep it there."""
+    from p2pswarm.comm.core import ROUND_CEILING
+
+    c = MonotonicClock()
+    assert c.see([4, 2**31 - 1, ROUND_CEILING, "7", True]) == 4
+    assert c.refused == 4
+    assert c.see([ROUND_CEILING - 1]) == ROUND_CEILING - 1  # the last round it may play
+
+
+def test_claims_move_a_keepers_clock_no_faster_than_the_pace_allows():
+    """A keeper advances on heartbeats, which anyone can send: a flood of fresh identities that claim to have
+    finished every round moves the clock one round per MIN_ROUND_SECONDS at most, saved up to the cap."""
+    from p2pswarm.comm.core import MIN_ROUND_SECONDS, Pace
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    pace, rule, r = Pace(10_000, clock), RoundRule(fraction=0.75), 0
+    honest = {"h": Progress(0, -1)}
+    sybils = {f"s{i}": Progress(2**31 - 2, 2**31 - 2) for i in range(30)}
+    for _ in range(40):  # 40 polls of 0.25 s
+        clock.t += 0.25
+        moved, most = 0, pace.allowance()
+        while moved < most and rule.step(r, honest | sybils, now=clock.t):
+            r, moved = r + 1, moved + 1
+        pace.spend(moved)
+    assert 0 < r <= 1 + 10 / MIN_ROUND_SECONDS  # 10 s of polls: not 40 x 10,000 rounds
+    clock.t += 10 ** 6
+    assert pace.allowance() == 10_000  # saved up, to the cap and no more

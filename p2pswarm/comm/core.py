@@ -154,15 +154,52 @@ class RoundRule:
         return True
 
 
+# No clock goes past this round: rounds travel as int32 (validate.INT_MAX), and a node that reached the end of
+# them would be refused by every peer (its heartbeats and batches out of range) and brought back there by its
+# own checkpoint. Half the range is more rounds than any swarm plays (68 years at one round a second).
+ROUND_CEILING = 2**30
+# The fastest rounds a keeper's clock may run at, catching up or pushed by claims it cannot check: 20 a second
+# (the embedded policy's rounds take ~0.1 s). Sybils claiming to have finished rounds far ahead move it no
+# faster than that, so ROUND_CEILING is years away.
+MIN_ROUND_SECONDS = 0.05
+
+
+class Pace:
+    """How many rounds a keeper may advance its clock by now: one per MIN_ROUND_SECONDS since it started or
+    last advanced, saved up to `most`. What moves a keeper's clock are claims (a quorum of heartbeats saying
+    a round is finished), and identities are free: the pace bounds how fast invented claims can move it."""
+
+    def __init__(self, most: int, clock: Callable[[], float] = time.monotonic):
+        self.most, self.clock = most, clock
+        self._tokens, self._last = 1.0, clock()
+
+    def allowance(self) -> int:
+        now = self.clock()
+        self._tokens = min(float(self.most), self._tokens + (now - self._last) / MIN_ROUND_SECONDS)
+        self._last = now
+        return int(self._tokens)
+
+    def spend(self, rounds: int) -> None:
+        self._tokens -= rounds
+
+
 class MonotonicClock:
     """The swarm's round as read by a follower: never lower than a reading seen before (a stale replica,
-    a restarted keeper that lost its state, or a forged low record cannot send a node back)."""
+    a restarted keeper that lost its state, or a forged low record cannot send a node back), and never a
+    reading at or past ROUND_CEILING (not adopted, not remembered: counted in `refused`)."""
 
     def __init__(self) -> None:
         self.round = -1
+        self.refused = 0
 
     def see(self, readings: Iterable[int]) -> int:
         for r in readings:
+            if type(r) is not int or not r < ROUND_CEILING:
+                self.refused += 1
+                if self.refused == 1:
+                    log.warning("round clock: a reading of %r is not a round any swarm plays (at most %d); "
+                                "ignored, as are any more such readings", r, ROUND_CEILING - 1)
+                continue
             self.round = max(self.round, r)
         return self.round
 

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from p2pswarm.comm.core import MonotonicClock, Progress, RoundRule
+from p2pswarm.comm.core import ROUND_CEILING, MonotonicClock, Pace, Progress, RoundRule
 from p2pswarm.comm.hivemind import gossip, records
 from p2pswarm.comm.hivemind.manager import HivemindComm
 from p2pswarm.components import Coordinator
@@ -52,7 +52,7 @@ def read_state(path: Path | None) -> tuple[int | None, int]:
         state = json.loads(Path(path).read_text()) if path else None
     except (OSError, ValueError):
         return None, 1
-    if not isinstance(state, dict) or type(state.get("round")) is not int:
+    if not isinstance(state, dict) or type(state.get("round")) is not int or not 0 <= state["round"] < ROUND_CEILING:
         return None, 1
     shards = state.get("shards", 1)
     return state["round"], shards if type(shards) is int and 1 <= shards <= gossip.MAX_SHARDS else 1
@@ -103,7 +103,7 @@ class RoundKeeper:
         so a clock that fell behind the trainers, e.g. while one played alone, catches up in one poll)."""
         trainers = {p: Progress(m.round, m.finished) for p, m in members.items()
                     if m.role == "trainer" and not m.paused and self.comm.in_my_shard(p)}  # its shards: a uniform sample
-        if not self.rule.step(self.round, trainers):
+        if self.round + 1 >= ROUND_CEILING or not self.rule.step(self.round, trainers):
             return False
         done = sum(1 for p in trainers.values() if p.finished >= self.round)
         self.round += 1
@@ -116,13 +116,15 @@ class RoundKeeper:
 
     async def _loop(self) -> None:
         last_publish = time.monotonic()
+        pace = Pace(CATCH_UP)  # heartbeats are claims: how fast they can move the clock is bounded by time
         while not self._stopped:
             await asyncio.sleep(self.poll)
             try:
                 members = await self.comm.fetch_members()
-                moved = 0
-                while moved < CATCH_UP and self.step(members):
+                moved, most = 0, pace.allowance()
+                while moved < most and self.step(members):
                     moved += 1
+                pace.spend(moved)
                 moved += await self._reshard(members)
                 if moved or time.monotonic() - last_publish > CLOCK_REFRESH:
                     await self._publish()
