@@ -196,6 +196,7 @@ def build_agent(settings: Settings, *, index: int = 0, hub: InProcessHub | None 
     agent_settings = settings.model_copy(update={"seed": settings.seed + index})
     data, rewards = GAME_BUILDERS[settings.game](agent_settings, identity.peer_id)
     events = EventBus(identity.peer_id)
+    run.repair_events()  # a last line a kill cut short would swallow the first event of this start
     events.subscribe(JsonlEventLog(run.events_path))
     comm, coordinator = make_transport(settings, identity, hub, name=name, device=device, output=run.path,
                                        key_path=key_path, initial_peers=initial_peers)

@@ -21,11 +21,15 @@ _PREFIX = "round_"
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also keep the half-written copy
+        raise
 
 
 class RunDir:
@@ -59,6 +63,19 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         return self._parse(self._metrics_text())
 
+    def repair_events(self) -> bool:
+        """Cut a last line a kill left unfinished from events.jsonl (the next event would be glued to it and
+        lost to every reader); whether there was one. For the node that writes this folder, at its start."""
+        try:
+            with open(self.events_path, "rb+") as f:
+                data = f.read()
+                if not data or data.endswith(b"\n"):
+                    return False
+                f.truncate(data.rfind(b"\n") + 1)
+                return True
+        except FileNotFoundError:
+            return False
+
     def truncate_metrics(self, last_round: int) -> int:
         """Drop rows of rounds after `last_round` (a resumed node replays them) and any line a kill cut
         short; returns the number of rows dropped."""
@@ -89,15 +106,32 @@ class RunDir:
         rounds = self.checkpoint_rounds()
         return (rounds[-1], self.checkpoint_path(rounds[-1])) if rounds else None
 
+    def _sweep(self) -> None:
+        """Leftovers of a writer that died mid-save (a kill, a full disk): half-written `.tmp-*` folders go,
+        and a `.old-*` one, a checkpoint moved aside for its replacement that never came, is put back."""
+        for p in self.checkpoints.glob(".old-*"):
+            final = self.checkpoints / p.name[len(".old-"):].rsplit("-", 1)[0]
+            if final.name.startswith(_PREFIX) and not final.exists():
+                os.replace(p, final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.checkpoints.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
     def save_checkpoint(self, round: int, trainer: Trainer, keep: int, extra: dict[str, Any] | None = None) -> Path:
-        """Write into a temporary folder and rename it into place, so a kill never leaves half a checkpoint."""
+        """Write into a temporary folder and rename it into place, so a kill never leaves half a checkpoint.
+        A save that fails (a full disk) removes what it wrote and raises; the previous checkpoints stay."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._sweep()  # first: the space a dead writer's leftovers hold may be what this save needs
         final = self.checkpoint_path(round)
         tmp = self.checkpoints / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        trainer.save(tmp)
-        atomic_write_text(tmp / "state.json", json.dumps({"round": round, "time": time.time(), **(extra or {})}))
+        try:
+            tmp.mkdir()
+            trainer.save(tmp)
+            atomic_write_text(tmp / "state.json", json.dumps({"round": round, "time": time.time(), **(extra or {})}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             old = self.checkpoints / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
