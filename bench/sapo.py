@@ -6,7 +6,8 @@ the same paired seeds (same peer ids, hence the same tasks round by round, in ev
 
 - regime: `default` (the default preset) or `sparse` (bench/presets/sparse.toml: starting reward about 0.05,
   as sparse as the paper's agents, whose mean reward per round was 0.035-0.07); `sparser` (starting near 0.02,
-  bench/presets/sparser.toml) only when asked for with --regimes;
+  bench/presets/sparser.toml) and `sparsest` (near 0.01, the paper's own mean reward level:
+  bench/presets/sparsest.toml) only when asked for with --regimes;
 - protocol (`selection`): `p2p` (flat groups dropped on both sides) or `paper` (only swarm groups filtered);
 - agents: 4 or 8;
 - arm: the I/J split 8/0 (no sharing), 6/2, 4/4, 2/6; `8/0+`, no sharing but more tasks per round so that
@@ -56,7 +57,7 @@ PRESETS = {"sparse": Path(__file__).parent / "presets" / "sparse.toml",
            "sparser": Path(__file__).parent / "presets" / "sparser.toml",
            "sparsest": Path(__file__).parent / "presets" / "sparsest.toml"}
 REGIMES = ("default", "sparse", "sparser", "sparsest")
-MODE_REGIMES = ("default", "sparse")  # what the modes run; --regimes sparser asks for the third
+MODE_REGIMES = ("default", "sparse")  # what the modes run; --regimes sparser / sparsest ask for the others
 PROTOCOLS = ("p2p", "paper")
 ARMS = ("8/0", "6/2", "4/4", "2/6", "8/0+", "adaptive")
 BUDGET = 8  # I + J of every arm
