@@ -40,7 +40,7 @@ from p2pswarm.bounded import Recent, RecentCounter
 from p2pswarm import wire
 from p2pswarm.comm.hivemind import gossip, records
 from p2pswarm.comm.hivemind.node import HivemindNode, peer_id_of
-from p2pswarm.comm.hivemind.payloads import PROTOCOL, PayloadServer, PullError, pull
+from p2pswarm.comm.hivemind.payloads import PROTOCOL, PayloadServer, PullError, pull, requester_of
 from p2pswarm.comm.hivemind.pubsub import Subscription, publish, topic_peers
 from p2pswarm.comm.core import MAX_RELAYED_ORIGINS, SignedTransport, collect_need, sample_sources
 from p2pswarm.components import PeerInfo
@@ -75,7 +75,9 @@ class HivemindComm(SignedTransport):
         self.server = PayloadServer()
         self.topic = gossip.topic(swarm)  # the base topic: the clock, and everything while the swarm is one shard
         self.shards, self.all_shards = 1, False  # as the keeper's clock says (follow_shards); the keeper: all
-        self.book = gossip.Book(self.peer_id, self.topic, blame=self._blame_gossip)
+        # Clocks are followed (and kept) from the initial peers; the round clock adds coordinator_peer when it reads.
+        self.book = gossip.Book(self.peer_id, self.topic, blame=self._blame_gossip,
+                                trusted={peer_id_of(m) for m in node.net.initial_peers})
         self.latencies: list[float] = []  # publish-to-delivery seconds of the last collect
         self.members: dict[str, records.Member] = {}
         self.seen_peers: dict[str, None] = Recent()  # an ordered set, bounded (identities cost nothing)
@@ -92,7 +94,8 @@ class HivemindComm(SignedTransport):
         self._closed = False
         node.call(node.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle), timeout=30)
         node.call(node.p2p.add_binary_stream_handler(
-            gossip.CATCHUP, lambda _i, r, w: gossip.serve_catchup(self.book, r, w, self.rng)), timeout=30)
+            gossip.CATCHUP, lambda i, r, w: gossip.serve_catchup(self.book, r, w, self.rng, requester_of(i))),
+            timeout=30)
         self.subscriptions: dict[str, Subscription] = {}
         self._gone_counts: Counter[str] = Counter()  # what closed subscriptions received and dropped
         node.call(self._subscribe({self.topic}), timeout=30)
@@ -147,7 +150,8 @@ class HivemindComm(SignedTransport):
 
     async def _subscribe(self, topics: set[str]) -> None:
         for t in sorted(topics - self.subscriptions.keys()):
-            self.subscriptions[t] = await Subscription(self.node.p2p, t, self._on_message).start()
+            self.subscriptions[t] = await Subscription(self.node.p2p, t, self._on_message,
+                                                       priority=self.book.priority).start()
 
     def _unsubscribe(self, topics: list[str]) -> None:
         for t in topics:
@@ -360,7 +364,7 @@ class HivemindComm(SignedTransport):
 
     def collect(self, round: int, stage: int) -> list[Group]:
         t0 = self.begin_collect(round)
-        self.node.loop.call_soon_threadsafe(self.book.forget_before, round - gossip.KEEP_ROUNDS)
+        self.node.loop.call_soon_threadsafe(self.book.playing, round)  # what is KEEP_ROUNDS older goes
         try:
             groups = self.node.call(self._collect(round, stage), timeout=self.timeout + 30)
         except Exception as e:  # noqa: BLE001 - our own p2p side failed (peers' input cannot raise here)
@@ -492,6 +496,8 @@ class HivemindComm(SignedTransport):
             self.silent[p] += 1
         for p in valid:  # ... until it delivers again, waited for or not
             self.silent.pop(p, None)
+        # Peers with valid batches here: their topic messages go first and are held longest (gossip.Book).
+        self.book.vouch(p for p, c in list(self.per_peer.items()) if c["batches"] > 0)
         return groups
 
     def behind(self, finished: int) -> set[str]:
@@ -536,7 +542,7 @@ class HivemindComm(SignedTransport):
             self.drop(server, "too_large")
             return None
         remaining = deadline - asyncio.get_running_loop().time()
-        data = a.data  # a small batch that came on the topic itself (its digest checked there)
+        data = a.data or self.book.inline_data(a)  # a small batch that came on the topic itself (digest checked)
         try:
             if not data:
                 data = await pull(self.node.p2p, server, round, stage, max_bytes=self.limits.max_bytes,
@@ -582,6 +588,8 @@ class HivemindComm(SignedTransport):
             "pulls": self.pulls, "catchups": self.catchups,
         }
         rejected = self.node.validator.rejected + self.book.drops
+        rejected += Counter({f"pull_{k}": v for k, v in self.server.gate.drops.items()})  # serving: busy, over rate...
+        rejected += Counter({f"catchup_{k}": v for k, v in self.book.gate.drops.items()})
         for sub in self.subscriptions.values():
             rejected += sub.dropped
         out.update({f"dropped_{k}": v for k, v in rejected.items()})

@@ -6,6 +6,12 @@
 
 The puller reads the length first and refuses anything over the size cap before reading the body, so a
 hostile peer cannot make us buffer more than `max_bytes`. Every pull runs under a timeout.
+
+Serving is bounded the same way (`StreamGate`, also used by gossip.py's catch-up stream): at most a fixed
+number of handlers at once per protocol, a token bucket of requests per requesting peer (a bounded table:
+identities cost nothing), the request read under one deadline, and the reply's write and drain under one
+deadline scaled to its size (`send_within`), so a puller that asks for megabytes and never reads holds a
+handler, its stream and the unsent bytes for seconds, not for good.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from p2pswarm.bounded import RecentCounter
+from p2pswarm.bounded import MAX_PEERS, Recent, RecentCounter
 from p2pswarm import validate as V
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,102 @@ class PullError(Exception):
 
 
 MAX_PULLS = 4  # times one peer may pull the same payload (an honest puller needs 1, a retry 2)
+READ_TIMEOUT = 10.0  # seconds for a whole request to arrive, and for the puller to close after the reply
+SEND_TIMEOUT, SEND_RATE = 10.0, 128 * 1024.0  # a reply's write + drain: this many seconds, plus its size at this rate
+MAX_SERVING = 64  # payload requests handled at once; more are closed unanswered (counted `busy`)
+PULL_RATE, PULL_BURST = 8.0, 128.0  # payload requests a second per requesting peer, and the burst (a bridge's origins)
+
+
+@dataclass
+class Bucket:
+    """A token bucket: `rate` per second, at most `burst`."""
+
+    rate: float
+    burst: float
+    level: float = -1.0
+    at: float = 0.0
+
+    def take(self, n: float, now: float) -> bool:
+        if self.level < 0:
+            self.level, self.at = self.burst, now
+        self.level = min(self.burst, self.level + max(0.0, now - self.at) * self.rate)
+        self.at = now
+        if self.level < n:
+            return False
+        self.level -= n
+        return True
+
+
+class StreamGate:
+    """Who may be served on one stream protocol: at most `concurrent` handlers at once (a semaphore that
+    never queues: past it a stream is closed at once) and a token bucket of `rate` requests a second (burst
+    `burst`) per requesting peer, kept for at most MAX_PEERS peers (the least recently seen forgotten
+    first). A reply must be taken within `send_timeout` seconds plus its size at `send_rate` (send_within).
+    What is refused is counted in `drops` by reason (busy, over_rate, send_timeout); nothing here waits or
+    raises. Used on the event loop only."""
+
+    def __init__(self, concurrent: int, rate: float, burst: float, *, send_timeout: float = SEND_TIMEOUT,
+                 send_rate: float = SEND_RATE, maxsize: int = MAX_PEERS, clock=time.monotonic):
+        self.concurrent, self.rate, self.burst = concurrent, rate, burst
+        self.send_timeout, self.send_rate = send_timeout, send_rate
+        self.active = 0
+        self.buckets: Recent = Recent(maxsize)
+        self.drops: Counter[str] = Counter()
+        self.refused: Counter[str] = RecentCounter(maxsize)  # by requesting peer
+        self.clock = clock
+
+    def admit(self, requester: str) -> bool:
+        """True (and one handler more in flight: call `release` when done) or False, counted."""
+        if self.active >= self.concurrent:
+            return self._refuse(requester, "busy")
+        if requester:
+            bucket = self.buckets.get(requester)
+            if bucket is None:
+                bucket = Bucket(self.rate, self.burst)
+            self.buckets[requester] = bucket  # the newest: an active peer is the last to be forgotten
+            if not bucket.take(1, self.clock()):
+                return self._refuse(requester, "over_rate")
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active = max(0, self.active - 1)
+
+    def _refuse(self, requester: str, reason: str) -> bool:
+        self.drops[reason] += 1
+        if requester:
+            self.refused[requester] += 1
+        return False
+
+
+def requester_of(info: Any) -> str:
+    """The authenticated peer id of a stream's other end ("" when the stream info has none)."""
+    try:
+        return str(getattr(info, "peer_id", "") or "")
+    except Exception:  # noqa: BLE001 - whatever the object, no id
+        return ""
+
+
+async def read_request(reader: asyncio.StreamReader, max_bytes: int, timeout: float = READ_TIMEOUT) -> bytes | None:
+    """A length-prefixed request of at most `max_bytes`, all of it within `timeout` seconds; None when it is
+    longer (unread)."""
+
+    async def go() -> bytes | None:
+        n = int.from_bytes(await reader.readexactly(_HEADER), "big")
+        return None if n > max_bytes else await reader.readexactly(n)
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+async def send_within(writer: asyncio.StreamWriter, data: bytes, *, timeout: float = SEND_TIMEOUT,
+                      rate: float = SEND_RATE) -> None:
+    """Write the 8-byte length and `data`, and drain it, all under one deadline: `timeout` seconds plus
+    len(data) at `rate` bytes a second. asyncio.TimeoutError when the reader does not take it by then (the
+    caller closes the stream, which frees what is still buffered)."""
+    writer.write(len(data).to_bytes(_HEADER, "big"))
+    if data:
+        writer.write(data)
+    await asyncio.wait_for(writer.drain(), timeout + len(data) / max(1.0, rate))
 
 
 class PayloadServer:
@@ -42,16 +146,19 @@ class PayloadServer:
 
     Each requesting peer (the stream's authenticated peer id) may pull a payload at most MAX_PULLS times:
     beyond that it is answered "not served" and counted in `refused`, so that one peer cannot make this
-    one upload the same megabytes over and over."""
+    one upload the same megabytes over and over. Fresh identities get around that, so the server also caps
+    the handlers in flight and each requester's request rate, and bounds the time a reply may take to send
+    (`gate`)."""
 
-    def __init__(self, keep_rounds: int = 4):
+    def __init__(self, keep_rounds: int = 4, *, gate: StreamGate | None = None):
         self.keep_rounds = keep_rounds
         self._payloads: dict[tuple[int, int, str], bytes] = {}
-        self._pulls: Counter[tuple[str, int, int, str]] = Counter()
+        self._pulls: Counter[tuple[str, int, int, str]] = RecentCounter(4 * MAX_PEERS)
         self._lock = threading.Lock()
         self.served = 0
         self.bytes_served = 0
         self.refused: Counter[str] = RecentCounter()  # pulls over the limit, by requesting peer id
+        self.gate = gate or StreamGate(MAX_SERVING, PULL_RATE, PULL_BURST)
 
     def put(self, round: int, stage: int, data: bytes, origin: str = "") -> None:
         with self._lock:
@@ -66,34 +173,38 @@ class PayloadServer:
             return self._payloads.get((round, stage, origin), b"")
 
     async def handle(self, _info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requester = requester_of(_info)
+        if not self.gate.admit(requester):
+            writer.close()
+            return
         try:
-            header = await asyncio.wait_for(reader.readexactly(_HEADER), 10)
-            n = int.from_bytes(header, "big")
-            if n > MAX_REQUEST:
-                return
-            req = parse_request(await asyncio.wait_for(reader.readexactly(n), 10))
+            raw = await read_request(reader, MAX_REQUEST)
+            req = None if raw is None else parse_request(raw)
             if req is None:
                 return
             data = self.get(*req)
-            requester = str(getattr(_info, "peer_id", ""))
             if data and requester:
                 with self._lock:
                     self._pulls[(requester, *req)] += 1
                     if self._pulls[(requester, *req)] > MAX_PULLS:
                         self.refused[requester] += 1
                         data = b""
-            writer.write(len(data).to_bytes(_HEADER, "big"))
-            writer.write(data)
-            await writer.drain()
+            try:
+                await send_within(writer, data, timeout=self.gate.send_timeout, rate=self.gate.send_rate)
+            except asyncio.TimeoutError:
+                self.gate.drops["send_timeout"] += 1
+                log.debug("payload reply to %s not taken in time: dropped", requester[-8:])
+                return
             if data:
                 # Closing right after drain() lets p2pd drop the stream's tail (measured: 14 of 7,300 1 MB
                 # pulls cut short); the puller closes first once it has everything.
-                await asyncio.wait_for(reader.read(1), 10)
+                await asyncio.wait_for(reader.read(1), READ_TIMEOUT)
                 self.served += 1
                 self.bytes_served += len(data)
         except Exception as e:  # noqa: BLE001 - a broken or hostile caller: nothing to answer, no traceback
             log.debug("payload request ended: %s", type(e).__name__)
         finally:
+            self.gate.release()
             writer.close()
 
 

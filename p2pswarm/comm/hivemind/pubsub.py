@@ -14,8 +14,10 @@ Pitfalls measured here (docs/notes/scale.md §1) that shape the Subscription:
 - the daemon cancels a subscription silently when its connection closes, which is what happens when the
   StreamWriter is garbage-collected: the Subscription keeps it, and re-subscribes if the daemon drops it;
 - the daemon buffers 32 messages per subscriber and drops the rest ("subscriber too slow"): a reader task
-  does nothing but read frames into our own bounded queue (dropping, and counting, the oldest past it),
-  and a second task hands them to the handler;
+  does nothing but read frames into our own bounded queue, and a second task hands them to the handler.
+  Past the queue's size something is dropped and counted: with a `priority` (the authors the node knows),
+  the newest message of an author it does not know, else the oldest of those, so that a flood of fresh
+  identities cannot push the known peers' messages out; without one, the oldest;
 - a message over 1 MiB is accepted by PUBLISH and delivered to nobody: callers keep messages small;
 - no validator can be registered: every daemon forwards a message before any Python code looks at it, so
   receivers check everything themselves (gossip.py) and cap every author's rate.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Awaitable, Callable
 
 from hivemind.p2p import P2P
@@ -132,16 +134,23 @@ Handler = Callable[[pb.PSMessage], Awaitable[None]]
 class Subscription:
     """A topic subscription that lasts until `close()`, on the node's event loop.
 
-    One task reads the daemon's frames as fast as they come into a queue of at most `queue_size` messages
-    (past it the oldest is dropped and counted in `dropped`); another hands each to `handler`, whose errors
-    are logged, never raised. When the daemon ends the subscription (it restarted, or the socket broke) it
-    is re-made after a second, for as long as the daemon lives."""
+    One task reads the daemon's frames as fast as they come into a queue of at most `queue_size` messages;
+    another hands each to `handler`, whose errors are logged, never raised. `priority(msg)` (optional, never
+    raising into the reader) says whether its author is known: those messages are handed on first, and
+    when the queue is full the newest message of an unknown author is dropped (else the oldest unknown one,
+    else the oldest), counted in `dropped`. Without `priority` the oldest goes. When the daemon ends the
+    subscription (it restarted, or the socket broke) it is re-made after a second, for as long as the
+    daemon lives."""
 
-    def __init__(self, p2p: P2P, topic: str, handler: Handler, *, queue_size: int = 4096):
+    def __init__(self, p2p: P2P, topic: str, handler: Handler, *, queue_size: int = 4096,
+                 priority: Callable[[pb.PSMessage], bool] | None = None):
         self.p2p = p2p
         self.topic = topic
         self.handler = handler
-        self.queue: asyncio.Queue[pb.PSMessage] = asyncio.Queue()
+        self.priority = priority
+        self._known: deque[pb.PSMessage] = deque()
+        self._other: deque[pb.PSMessage] = deque()
+        self._ready = asyncio.Event()
         self.queue_size = queue_size
         self.received = 0
         self.dropped: Counter[str] = Counter()
@@ -173,10 +182,7 @@ class Subscription:
                     msg = pb.PSMessage()
                     await _read_frame(reader, msg)
                     self.received += 1
-                    if self.queue.qsize() >= self.queue_size:
-                        self.queue.get_nowait()
-                        self.dropped["queue_full"] += 1
-                    self.queue.put_nowait(msg)
+                    self.put(msg)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - the daemon went away or the stream broke: subscribe again
@@ -188,9 +194,40 @@ class Subscription:
                     self._writer.close()
                 await asyncio.sleep(1.0)
 
+    def qsize(self) -> int:
+        return len(self._known) + len(self._other)
+
+    def put(self, msg: pb.PSMessage) -> None:
+        """Queue one message, dropping one (counted) when the queue is full (see the class doc)."""
+        known = False
+        if self.priority is not None:
+            try:
+                known = bool(self.priority(msg))
+            except Exception:  # noqa: BLE001 - an unknown author, whatever went wrong
+                known = False
+        if self.qsize() >= max(1, self.queue_size):
+            self.dropped["queue_full"] += 1
+            if self.priority is not None and not known:
+                return  # the newest of an unknown author: the queue keeps what it has
+            (self._other or self._known).popleft()
+        (self._known if known else self._other).append(msg)
+        self._ready.set()
+
+    def get_nowait(self) -> pb.PSMessage | None:
+        """The next message to hand on (known authors' first), or None."""
+        if self._known:
+            return self._known.popleft()
+        if self._other:
+            return self._other.popleft()
+        return None
+
     async def _handle_loop(self) -> None:
         while not self._closed:
-            msg = await self.queue.get()
+            msg = self.get_nowait()
+            if msg is None:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
             try:
                 await self.handler(msg)
             except asyncio.CancelledError:
