@@ -351,7 +351,7 @@ def analyse_kill(ch: Chaos, k: dict, until: float) -> dict:
     for p in others:
         for e in events_of(ch.work / "runs" / p / "events.jsonl"):
             if e.get("kind") == "rounds_skipped" and t_kill <= e.get("time", 0) <= end:
-                skipped += len(e.get("skipped", []))
+                skipped += e["count"] if isinstance(e.get("count"), int) else len(e.get("skipped", []))
     k["others_rounds_skipped"] = skipped
     return k
 

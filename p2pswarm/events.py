@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ ROUND_STARTED = "round_started"
 PROGRESS = "progress"
 ROLLOUTS_RECEIVED = "rollouts_received"
 ROUND_FINISHED = "round_finished"
-ROUNDS_SKIPPED = "rounds_skipped"
+ROUNDS_SKIPPED = "rounds_skipped"  # first, last (inclusive), count = last - first + 1: a span, never a list
 CHECKPOINT_SAVED = "checkpoint_saved"
 RESUMED = "resumed"
 EVALUATED = "evaluated"
@@ -37,6 +38,8 @@ class Event:
     time: float = field(default_factory=time.time)
 
 
+log = logging.getLogger(__name__)
+
 Listener = Callable[[Event], None]
 
 
@@ -45,17 +48,29 @@ class EventBus:
         self.peer = peer
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
+        self._failed: set[tuple[int, str]] = set()
 
     def subscribe(self, listener: Listener) -> None:
         with self._lock:
             self._listeners.append(listener)
 
     def emit(self, kind: str, **data: Any) -> Event:
+        """Hand the event to every listener. A listener that fails (a full disk under events.jsonl, a UI that
+        went away) is logged, once per listener and kind of error, and the others still get the event: an
+        observer never stops the round loop that emits."""
         event = Event(kind=kind, peer=self.peer, data=data)
         with self._lock:
             listeners = list(self._listeners)
         for listener in listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception as e:  # noqa: BLE001 - whatever a listener raises is its own trouble
+                key = (id(listener), type(e).__name__)
+                if key not in self._failed:
+                    self._failed.add(key)
+                    log.warning("event listener %s failed on %s: %s: %s (further such failures are not logged)",
+                                getattr(listener, "__qualname__", type(listener).__name__), kind,
+                                type(e).__name__, e)
         return event
 
 
@@ -73,6 +88,12 @@ class JsonlEventLog:
         line = json.dumps({"time": round(event.time, 3), "kind": event.kind, "peer": event.peer, **event.data}, default=str)
         with self._lock, open(self.path, "a") as f:
             f.write(line + "\n")
+
+
+def span_text(first: int, last: int) -> str:
+    """A ROUNDS_SKIPPED span for a log line: "[5] (1 round)", "[5..9] (5 rounds)"."""
+    count = last - first + 1
+    return f"[{first}] (1 round)" if count == 1 else f"[{first}..{last}] ({count} rounds)"
 
 
 def peer_rewards(groups) -> dict[str, float]:

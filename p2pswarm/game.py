@@ -16,6 +16,9 @@ from p2pswarm.run import RunDir
 from p2pswarm.types import GameState, Group
 
 log = logging.getLogger(__name__)
+# Checkpoint saves that may fail in a row (a full disk) before the node stops: training on without one keeps
+# the swarm going while someone frees space, but not for ever.
+MAX_CHECKPOINT_FAILURES = 3
 
 
 def _mean(groups: list[Group]) -> float | None:
@@ -51,6 +54,7 @@ class GameManager:
         self.round = -1
         self.stage = 0
         self.last_checkpoint = -1
+        self.checkpoint_failures = 0  # saves that failed in a row (checkpoint)
 
     def _task_check(self):
         """What a swarm group's task must pass before it reaches the round: re-derived by the DataManager,
@@ -114,7 +118,22 @@ class GameManager:
         return r + 1
 
     def checkpoint(self, round: int) -> None:
-        path = self.run_dir.save_checkpoint(round, self.trainer, keep=self.s.keep_checkpoints, extra={"peer": self.peer_id})
+        """Save a checkpoint of `round`. A save that fails for want of disk space or an I/O error is logged and
+        retried at the next checkpoint: the previous checkpoints stay (RunDir.save_checkpoint), and training
+        on loses nothing more than stopping would. MAX_CHECKPOINT_FAILURES in a row stop the node."""
+        try:
+            path = self.run_dir.save_checkpoint(round, self.trainer, keep=self.s.keep_checkpoints,
+                                                extra={"peer": self.peer_id})
+        except OSError as e:
+            self.checkpoint_failures += 1
+            if self.checkpoint_failures >= MAX_CHECKPOINT_FAILURES:
+                raise
+            log.error("%s: the checkpoint of round %d failed (%s); training goes on, the last checkpoint is "
+                      "round %d (%d failure(s) in a row, the node stops at %d)", self.name, round, e,
+                      self.last_checkpoint, self.checkpoint_failures, MAX_CHECKPOINT_FAILURES)
+            self.events.emit(ev.ERROR, message=f"checkpoint of round {round} failed: {e}")
+            return
+        self.checkpoint_failures = 0
         self.last_checkpoint = round
         self.events.emit(ev.CHECKPOINT_SAVED, round=round, path=str(path))
 
@@ -125,7 +144,7 @@ class GameManager:
         self.events.emit(ev.NODE_STARTED, name=self.name, first_round=first, model=self.s.model)
         r = self.coordinator.start_round(first)
         if r > first:
-            self.events.emit(ev.ROUNDS_SKIPPED, skipped=list(range(first, r)))
+            self._skipped(first, r - 1)
         last_done = first - 1
         clean = False
         try:
@@ -147,8 +166,7 @@ class GameManager:
                     break  # no next round: do not wait for the swarm's clock to end this one
                 nxt = self.coordinator.next_round(r)
                 if nxt > r + 1:
-                    self.events.emit(ev.ROUNDS_SKIPPED, skipped=list(range(r + 1, nxt)))
-                    log.info("%s skipped round(s) %d-%d to catch up with the swarm", self.name, r + 1, nxt - 1)
+                    self._skipped(r + 1, nxt - 1)
                 r = nxt
             clean = True
             if not self.stopping and last_done >= 0:
@@ -159,6 +177,11 @@ class GameManager:
                 self.checkpoint(last_done)
             self.after_game()
             self.events.emit(ev.NODE_STOPPED, round=last_done, clean=clean)
+
+    def _skipped(self, first: int, last: int) -> None:
+        """Rounds first..last (inclusive) skipped to follow the swarm's clock: one event with the span, never a
+        list of the rounds (a clock may jump by millions). The headless printer and the TUI log it."""
+        self.events.emit(ev.ROUNDS_SKIPPED, first=first, last=last, count=last - first + 1)
 
     def play_round(self, r: int) -> dict[str, Any] | None:
         """One round; None if a stop request abandoned it (nothing was trained)."""

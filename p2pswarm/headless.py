@@ -69,7 +69,7 @@ class ConsolePrinter:
         elif e.kind == ev.RESUMED:
             log.info("%sresumed from %s", self.prefix, d["checkpoint"])
         elif e.kind == ev.ROUNDS_SKIPPED:
-            log.info("%sskipped round(s) %s to follow the swarm", self.prefix, d["skipped"])
+            log.info("%sskipped round(s) %s to follow the swarm", self.prefix, ev.span_text(d["first"], d["last"]))
         elif e.kind == ev.CHECKPOINT_SAVED:
             log.debug("%scheckpoint %s", self.prefix, d["path"])
         elif e.kind == ev.NODE_STOPPED:

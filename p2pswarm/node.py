@@ -271,12 +271,12 @@ def run_agents(agents: list[GameManager], rounds: int | None = None) -> None:
         try:
             agent.run(rounds)
         except BaseException as e:  # noqa: BLE001 - reported below, after the others stop
-            agent.events.emit(ev.ERROR, message=f"{type(e).__name__}: {e}")
-            if not isinstance(e, UserError):  # RankFailure, CheckpointError...: a complete sentence, no traceback
-                log.exception("%s failed", agent.name)
-            errors.append(e)
+            errors.append(e)  # first: nothing below may lose it
             for other in agents:
                 other.request_stop()
+            if not isinstance(e, UserError):  # RankFailure, CheckpointError...: a complete sentence, no traceback
+                log.exception("%s failed", agent.name)
+            agent.events.emit(ev.ERROR, message=f"{type(e).__name__}: {e}")
         finally:
             agent.comm.close()
 

@@ -97,6 +97,15 @@ def comm(url: str, name: str, **kw) -> FolderComm:
     return FolderComm(url, Identity.generate(), EXP, name=name, timeout=2.0, poll=0.02, peer_timeout=5.0, **kw)
 
 
+def member(url: str, finished: int, peer_timeout: float = 5.0) -> FolderComm:
+    """A live node of ours that finished round `finished` (its signed registration, refreshed by its heartbeat
+    thread): what lets a coordinator adopt a clock file nobody signs (tests/test_drive_clock_trust.py)."""
+    m = FolderComm(url, Identity.generate(), EXP, name="member", timeout=1.0, poll=0.02,
+                   peer_timeout=peer_timeout)
+    m.set_position(finished=finished)
+    return m
+
+
 def play(c: FolderComm, coord: FolderCoordinator, rounds: range) -> None:
     """The keeper publishes and finishes each round as the round loop does; the rule moves the clock."""
     for r in rounds:
@@ -142,9 +151,11 @@ def test_cleanup_retires_only_the_rollout_files_the_setting_names(tmp_path, arch
     _write(r1 / "plots" / "p.json", "{}")
     _write(base / "archive" / "rollouts" / "round_0" / "stage_0" / "node_0.json", "archived before")
     before = snapshot(base)
+    m = member(str(tmp_path), 4)  # one of ours played along with the fork up to round 4, then leaves
     c = comm(str(tmp_path), "coord", role="coordinator")
     coord = FolderCoordinator(c, role="coordinator", keep_rounds=2, archive=archive, deadline=1000)
     coord.close()  # driven by hand
+    m.close()
     try:
         assert coord.clock == 5
         play(c, coord, range(5, 8))
@@ -153,7 +164,7 @@ def test_cleanup_retires_only_the_rollout_files_the_setting_names(tmp_path, arch
             coord.janitor()
     finally:
         c.close()
-    after = snapshot(base)
+    after = {k: v for k, v in snapshot(base).items() if not k.startswith("peers/member.")}
     unknown = {"rollouts/round_1/notes.txt", "rollouts/round_1/stage_0/.node_2.json.tmp",
                "rollouts/round_1/stage_0/node 9.json", "rollouts/round_1/plots/p.json"}
     # The archive already holds round 0's node_0.json: that one file stays where it is when archiving.
@@ -185,10 +196,12 @@ def test_our_clock_file_keeps_the_forks_fields_and_reads_as_the_fork_reads_it(tm
     base = fork_experiment(tmp_path, 3)
     created = time.time() - 3600
     fork_state(base, 3, created_at=created, experiment_name=EXP, config_overrides={"num_generations": 8})
+    m = member(str(tmp_path), 2)
     c = comm(str(tmp_path), "coord", role="coordinator")
     with caplog.at_level(logging.INFO, logger="p2pswarm.comm.drive.coordinator"):
         coord = FolderCoordinator(c, role="coordinator", deadline=1000)
     coord.close()
+    m.close()
     try:
         assert coord.clock == 3
         assert any("round clock adopted at round 3" in r.getMessage() for r in caplog.records), caplog.text
@@ -205,9 +218,11 @@ def test_our_clock_file_keeps_the_forks_fields_and_reads_as_the_fork_reads_it(tm
 def test_hostile_fork_fields_in_the_clock_file_are_not_carried_over(tmp_path):
     base = fork_experiment(tmp_path, 2)
     fork_state(base, 2, created_at="yesterday", experiment_name="a" * 5000, config_overrides={"x": "y" * 70_000})
+    m = member(str(tmp_path), 1)
     c = comm(str(tmp_path), "coord", role="coordinator")
     coord = FolderCoordinator(c, role="coordinator", deadline=1000)
     coord.close()
+    m.close()
     try:
         play(c, coord, range(2, 3))
         state = json.loads((base / "state" / "current_state.json").read_text())
@@ -287,9 +302,13 @@ def test_a_coordinator_in_a_fork_experiment_deletes_and_overwrites_nothing(tmp_p
     fork's readers read at the round we reached."""
     base = fork_experiment(tmp_path, 5)
     before = snapshot(base)
-    procs.start("coord", fork_node_cmd(tmp_path, "coord", "coordinator", 9))
+    m = member(str(tmp_path), 4, peer_timeout=4.0)  # what lets it adopt the fork's unsigned clock; it leaves then
+    try:
+        procs.start("coord", fork_node_cmd(tmp_path, "coord", "coordinator", 9))
+        procs.wait_for("coord", "round clock adopted at round 5", HANG)
+    finally:
+        m.close()
     procs.wait_exit("coord", HANG)
-    assert "round clock adopted at round 5" in procs.log("coord")
     assert [r["round"] for r in metrics(tmp_path / "runs" / "coord")] == [5, 6, 7, 8]
     after = snapshot(base)
     changed = sorted(k for k, v in before.items() if after.get(k) != v)
@@ -306,7 +325,12 @@ def test_a_coordinator_with_the_forks_cleanup_variables_retires_only_old_rollout
     base = fork_experiment(tmp_path, 5)
     before = snapshot(base)
     env = {**os.environ, "ROLLOUT_CLEANUP_ENABLED": "True", "ROLLOUT_KEEP_LAST_N_ROUNDS": "2"}
-    procs.start("coord", fork_node_cmd(tmp_path, "coord", "coordinator", 9), env=env)
+    m = member(str(tmp_path), 4, peer_timeout=4.0)
+    try:
+        procs.start("coord", fork_node_cmd(tmp_path, "coord", "coordinator", 9), env=env)
+        procs.wait_for("coord", "round clock adopted at round 5", HANG)
+    finally:
+        m.close()
     procs.wait_exit("coord", HANG)
     after = snapshot(base)
     assert not (base / "rollouts" / "round_4").exists() and (base / "rollouts" / "round_8").exists()
@@ -315,22 +339,43 @@ def test_a_coordinator_with_the_forks_cleanup_variables_retires_only_old_rollout
     assert "retired round(s) 0-" in procs.log("coord")
 
 
+def fork_live(base: Path, node: str, submitted: int) -> None:
+    """The fork node `node` registered now and its reward submission for round `submitted` (written once it
+    collected that round): with drive_trust_folder on, the finished round our clock's plausibility counts."""
+    _write(base / "peers" / f"{node}.json", {"peer_id": node, "registered_at": time.time(), "node_role": "coordinator"})
+    _write(base / "rewards" / f"round_{submitted}" / "stage_0" / f"{node}.json",
+           {"round": submitted, "stage": 0, "reward": 0.1, "peer_id": node, "submitted_at": time.time()})
+
+
 @pytest.mark.timeout(PROCESS_TEST_TIMEOUT)
 def test_the_forks_clock_paces_our_worker(tmp_path, procs):
-    """A fork coordinator's current_state.json (round, stage, updated_at, updated_by) is the clock of our
-    worker: it starts at the fork's round and jumps when the fork's coordinator moves it."""
+    """With drive_trust_folder on, a fork coordinator's current_state.json (round, stage, updated_at, updated_by)
+    is the clock of our worker as far as the fork nodes' reward submissions show the rounds they finished: it
+    starts at the fork's round and jumps when the fork's coordinator moves on. The file is unsigned, so a jump
+    no live node's progress supports is ignored (counted, logged once) and the worker plays on at its own pace."""
     base = fork_experiment(tmp_path, 4)
-    procs.start("w", fork_node_cmd(tmp_path, "w", "worker", ENDLESS))
+    fork_live(base, "node_0", 3)
+    procs.start("w", fork_node_cmd(tmp_path, "w", "worker", ENDLESS, "drive_trust_folder=true"))
     wait_until(lambda: metrics(tmp_path / "runs" / "w"), HANG, "the worker's first round", lambda: procs.log("w"))
     assert metrics(tmp_path / "runs" / "w")[0]["round"] == 4
-    fork_state(base, 1000)  # the fork's coordinator advances the swarm (far beyond where the worker gets alone)
+    fork_state(base, 1000)  # nobody finished anything near round 999: not a clock to follow
+    procs.wait_for("w", r"holds round 1000, more than 2 round\(s\) past", HANG)
+    played = len(metrics(tmp_path / "runs" / "w"))
+    wait_until(lambda: len(metrics(tmp_path / "runs" / "w")) >= played + 2, HANG, "two more rounds", lambda: procs.log("w"))
+    assert all(r["round"] < 1000 for r in metrics(tmp_path / "runs" / "w"))
+    fork_live(base, "node_0", 999)  # the fork's nodes played on to round 999: now the clock is plausible
+    fork_state(base, 1000)
     wait_until(lambda: any(r["round"] >= 1000 for r in metrics(tmp_path / "runs" / "w")), HANG,
                "the worker at the fork's round 1000", lambda: procs.log("w"))
     procs.stop("w")
-    rounds = [r["round"] for r in metrics(tmp_path / "runs" / "w")]
+    rows = metrics(tmp_path / "runs" / "w")
+    rounds = [r["round"] for r in rows]
     assert rounds[0] == 4 and rounds == sorted(set(rounds)) and 1000 in rounds, rounds
-    skipped = [e["skipped"] for e in events(tmp_path / "runs" / "w") if e.get("kind") == "rounds_skipped"]
-    assert skipped[0] == [0, 1, 2, 3] and any(s[-1] == 999 for s in skipped), [(s[0], s[-1]) for s in skipped]
+    assert rows[-1]["comm"]["dropped_implausible_clock"] >= 1
+    assert procs.log("w").count("holds round 1000") == 1  # once, however often it was read
+    skipped = [(e["first"], e["last"], e["count"]) for e in events(tmp_path / "runs" / "w")
+               if e.get("kind") == "rounds_skipped"]
+    assert skipped[0] == (0, 3, 4) and any(last == 999 for _, last, _ in skipped), skipped
 
 
 def test_a_worker_with_a_missing_folder_exits_with_one_error_naming_it(tmp_path):

@@ -51,3 +51,43 @@ def test_sigkill_loses_at_most_k_rounds(tmp_path, procs):
     rounds = [r["round"] for r in metrics(out)]
     assert rounds == list(range(target))  # replayed rounds replace their lost rows; nothing twice
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_full_disk_at_checkpoint_time_does_not_stop_training(tmp_path, monkeypatch):
+    """Saves that fail (ENOSPC) are logged and retried at the next checkpoint; the node plays on and the
+    previous checkpoint stays; a save that works again clears the count."""
+    from p2pswarm.run import RunDir
+
+    s = make_settings(tmp_path, rounds=5, checkpoint_every=1, node_id="n1")
+    a = build_agent(s)
+    real, calls = RunDir.save_checkpoint, []
+
+    def disk(self, round, *args, **kw):
+        calls.append(round)
+        if round in (1, 2):  # the disk is full for two saves, then space is freed
+            raise OSError(28, "No space left on device")
+        return real(self, round, *args, **kw)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", disk)
+    run_agents([a])
+    assert [r["round"] for r in a.run_dir.read_metrics()] == [0, 1, 2, 3, 4]  # every round played
+    assert calls == [0, 1, 2, 3, 4] and a.run_dir.checkpoint_rounds()[-1] == 4
+    errors = [e for e in events(a.run_dir.path) if e["kind"] == "error"]
+    assert len(errors) == 2 and "round 1" in errors[0]["message"]
+    assert a.checkpoint_failures == 0
+
+
+def test_a_failing_event_listener_does_not_stop_the_node(tmp_path):
+    """An observer (a full disk under events.jsonl, a UI gone) is logged once; the round loop plays on."""
+    s = make_settings(tmp_path, rounds=2, node_id="n1")
+    a = build_agent(s)
+    seen = []
+
+    def broken(event):
+        raise OSError(28, "No space left on device")
+
+    a.events.subscribe(broken)
+    a.events.subscribe(lambda e: seen.append(e.kind))  # a listener after the broken one still hears every event
+    run_agents([a])
+    assert [r["round"] for r in a.run_dir.read_metrics()] == [0, 1]
+    assert "round_finished" in seen and seen[-1] == "node_stopped"

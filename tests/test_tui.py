@@ -250,7 +250,7 @@ def test_auto_mode_reads_the_swarm_field(text, expected):
     ("rollouts", {"round": 4, "stage": 0, "local_groups": 4, "swarm_groups": 2, "samples": []}, "Rollouts",
      "swarm_groups", 2),
     ("round_finished", {"round": 4, "loss": 0.1}, "RoundFinished", "round", 4),
-    ("rounds_skipped", {"skipped": [5, 6]}, "RoundsSkipped", "skipped", [5, 6]),
+    ("rounds_skipped", {"first": 5, "last": 6, "count": 2}, "RoundsSkipped", "last", 6),
     ("checkpoint_saved", {"round": 4, "path": "ck"}, "CheckpointSaved", "path", "ck"),
     ("resumed", {"round": 4, "checkpoint": "ck", "metrics_rows_dropped": 0}, "Resumed", "checkpoint", "ck"),
     ("evaluated", {"round": 4, "eval_reward": 0.5}, "Evaluated", "scores", {"eval_reward": 0.5}),

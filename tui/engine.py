@@ -140,7 +140,8 @@ class RoundFinished(NodeEvent):
 
 @dataclass(kw_only=True)
 class RoundsSkipped(NodeEvent):
-    skipped: list[int]
+    first: int  # the span of rounds skipped, both ends included (never a list: a jump may be millions)
+    last: int
 
 
 @dataclass(kw_only=True)
@@ -199,7 +200,7 @@ def node_message(e: Event) -> NodeEvent | None:
         case ev.ROUND_FINISHED:
             return RoundFinished(metrics=d, at=at)
         case ev.ROUNDS_SKIPPED:
-            return RoundsSkipped(skipped=d["skipped"], at=at)
+            return RoundsSkipped(first=d["first"], last=d["last"], at=at)
         case ev.CHECKPOINT_SAVED:
             return CheckpointSaved(round=d["round"], path=d["path"], at=at)
         case ev.RESUMED:

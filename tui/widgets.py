@@ -19,6 +19,7 @@ from textual.reactive import reactive
 from textual.widgets import DataTable, ProgressBar, RichLog, Static
 from textual_plotext import PlotextPlot
 
+from p2pswarm.events import span_text
 from p2pswarm.headless import AVG_WINDOW, round_line
 from p2pswarm.identity import friendly_name
 
@@ -485,7 +486,7 @@ class LogPanel(RichLog):
         self._event_line(message, f"resumed from {message.checkpoint}")
 
     def on_rounds_skipped(self, message: RoundsSkipped) -> None:
-        self._event_line(message, f"skipped round(s) {message.skipped} to follow the swarm")
+        self._event_line(message, f"skipped round(s) {span_text(message.first, message.last)} to follow the swarm")
 
     def on_checkpoint_saved(self, message: CheckpointSaved) -> None:
         self._event_line(message, f"checkpoint {message.path}")

@@ -50,7 +50,9 @@ def parse_clock(state: Any, now: float | None = None) -> dict | None:
     coordinator_name}, or None when it has no round in [0, 2**31). The other fields are optional: one that
     is missing or out of range reads as None (stage as 0). A file the fork's coordinator wrote has
     `updated_at` and `updated_by` instead of ours: they stand in for `updated` / `started` and
-    `coordinator_name`, so that its clock paces our nodes and shows in `p2pswarm status`. Never raises."""
+    `coordinator_name`, so that its clock paces our nodes and shows in `p2pswarm status`. Never raises.
+    Nothing in the file is authenticated (the fork's format has no signature): a round in range is only a
+    claim, which FolderCoordinator adopts only as far as the live nodes' signed registrations support it."""
     try:
         if not isinstance(state, dict):
             return None
