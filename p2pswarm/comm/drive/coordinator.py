@@ -37,8 +37,7 @@ import logging
 import threading
 import time
 
-from p2pswarm import validate as V
-from p2pswarm.comm.core import MonotonicClock, Progress, RoundRule
+from p2pswarm.comm.core import ROUND_CEILING, MonotonicClock, Progress, RoundRule
 from p2pswarm.comm.drive.manager import FolderComm
 from p2pswarm.comm.drive.store import (MAX_JSON_BYTES, clock_record, is_rollout_file, kept_clock_fields, parse_clock,
                                        round_of, stage_of)
@@ -54,7 +53,7 @@ CLOCK_MARGIN = 2
 CATCH_UP = 10_000
 # No reading at or past this is adopted, whatever registrations claim (they may claim up to 2**31 - 1): a node
 # must be able to play, finish and register the rounds after it (34 years of one-second rounds from 0).
-MAX_CLOCK = V.INT_MAX // 2
+MAX_CLOCK = ROUND_CEILING  # the round no clock goes past (comm/core.py)
 
 
 class FolderCoordinator(Coordinator):
