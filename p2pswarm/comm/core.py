@@ -400,23 +400,18 @@ class SignedTransport(CommunicationManager):
         """Keep the groups whose task re-derives, each with the receiver's own task; the count kept.
 
         Re-deriving costs the receiver CPU (and holds the accept lock), so what one batch can ask for is
-        bounded: at most MAX_RECIPES_PER_BATCH generators to build, a task sent twice is checked once, and
-        checking stops at the first task that does not re-derive: the groups after it are dropped with it,
-        unchecked, and counted as bad tasks too (a sender of one forged task is not owed the CPU to find out
-        whether the rest are honest)."""
+        bounded: at most MAX_RECIPES_PER_BATCH generators to build (a task of a generator already built is a
+        lookup), and checking stops at the first task that does not re-derive: the groups after it are
+        dropped with it, unchecked, and counted as bad tasks too (a sender of one forged task is not owed the
+        CPU to find out whether the rest are honest). A task sent twice is kept twice here (an honest sampler
+        may draw one twice); selection weighs it once."""
         if len({_recipe_kind(g.task.recipe) for g in batch.groups}) > MAX_RECIPES_PER_BATCH:
             self.drop(culprit, "too_many_recipes")
             self.inbox.groups_from[batch.peer] -= len(batch.groups)
             batch.groups = []
             return 0
         kept = []
-        seen: set[tuple[str, str]] = set()
         for i, g in enumerate(batch.groups):
-            if (g.task.dataset, g.task.question) in seen:
-                self.inbox.drops["duplicate_task"] += 1
-                self.per_peer[culprit]["dropped_duplicate_task"] += 1
-                continue
-            seen.add((g.task.dataset, g.task.question))
             try:
                 own = self.task_check(g.task)
             except Exception as e:  # noqa: BLE001 - a check must never take a round down
