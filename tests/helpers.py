@@ -116,6 +116,14 @@ def drive_clock(drive: Path, experiment: str) -> int:
 
 
 # ---- waiting -------------------------------------------------------------------------------------------------
+def until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """Poll `condition` until it holds or `timeout` passes; its last value (for asserts that say more)."""
+    end = time.monotonic() + timeout
+    while not (ok := condition()) and time.monotonic() < end:
+        time.sleep(0.02)
+    return ok
+
+
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, log: Callable[[], str] | None = None,
                poll: float = 0.2) -> Any:
     """Poll `cond` until it returns something true (returned) or `timeout` seconds pass (AssertionError

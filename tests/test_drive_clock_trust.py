@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (ENDLESS, HANG, PROCESS_TEST_TIMEOUT, drive_clock, drive_cmd, events, kill_tree, make_settings,
-                     metrics, wait_until)
+                     metrics, until, wait_until)
 from p2pswarm import events as ev
 from p2pswarm.comm.drive.coordinator import CATCH_UP, CLOCK_MARGIN, MAX_CLOCK, FolderCoordinator
 from p2pswarm.comm.drive.manager import FolderComm
@@ -32,12 +32,6 @@ def comm(url, name, **kw):
     kw.setdefault("peer_timeout", 5.0)
     return FolderComm(url, Identity.generate(), EXP, name=name, **kw)
 
-
-def until(condition, timeout=20.0):
-    end = time.monotonic() + timeout
-    while not (ok := condition()) and time.monotonic() < end:
-        time.sleep(0.02)
-    return ok
 
 
 def forge(store, round: int, **fields) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HANG, PROCESS_TEST_TIMEOUT, drive_clock, drive_cmd, events, kill_tree, metrics, wait_until
+from helpers import HANG, PROCESS_TEST_TIMEOUT, drive_clock, drive_cmd, events, kill_tree, metrics, until, wait_until
 from p2pswarm import wire
 from p2pswarm.comm.drive.coordinator import FolderCoordinator
 from p2pswarm.comm.drive.manager import FolderComm
@@ -29,13 +29,6 @@ def comm(url, name, **kw):
     kw.setdefault("peer_timeout", 5.0)
     return FolderComm(url, Identity.generate(), EXP, name=name, **kw)
 
-
-def until(condition, timeout=20.0):
-    """Poll `condition` until it holds or `timeout` passes; its last value."""
-    end = time.monotonic() + timeout
-    while not (ok := condition()) and time.monotonic() < end:
-        time.sleep(0.02)
-    return ok
 
 
 # ---- processes -----------------------------------------------------------------------------------------
