@@ -3,6 +3,8 @@
 import json
 import time
 
+import pytest
+
 from p2pswarm.analysis import format_status, get_experiment_status
 from p2pswarm.comm.drive.records import Registration, parse_registration, registration_record, signed_record
 from p2pswarm.comm.drive.store import FolderStore
@@ -82,3 +84,17 @@ def test_deeply_nested_json_is_refused_even_after_a_library_raised_the_recursion
             "print('refused')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "refused" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("name, round", [
+    ("round_5", 5), ("round_000012", 12), ("round_2147483647", 2**31 - 1),
+    ("round_\u0665", None),  # an Arabic-Indic five: a digit to \d, not a round
+    ("round_7\n", None), ("round_" + "9" * 5000, None), ("round_2147483648", None), ("round_1x", None),
+])
+def test_a_folder_name_is_a_round_only_in_ascii_digits_in_range(name, round):
+    """Folder names in the shared folder are anyone's: never raise on one, never read an odd one as a round."""
+    from p2pswarm.comm.drive.store import is_rollout_file, round_of, stage_of
+
+    assert round_of(name) == round
+    assert stage_of(name.replace("round_", "stage_")) == round
+    assert is_rollout_file("n1.msgpack") and not is_rollout_file("n1.msgpack\n")

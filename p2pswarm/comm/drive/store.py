@@ -25,11 +25,13 @@ from p2pswarm.errors import UserError
 log = logging.getLogger(__name__)
 
 _counter = itertools.count()
-_ROUND_RE = re.compile(r"^round_(\d+)$")
-_STAGE_RE = re.compile(r"^stage_(\d+)$")
+# ASCII digits only, at most 10 of them, the whole name (fullmatch: `$` would also take a trailing newline; `\d`
+# Unicode digits such as `round_٥`); the round itself in [0, 2**31) like every round on the wire.
+_ROUND_RE = re.compile(r"round_([0-9]{1,10})")
+_STAGE_RE = re.compile(r"stage_([0-9]{1,10})")
 # A rollout file: ours (`<node>.msgpack`, a bridge's `<node>~<peer id>.msgpack`: safe_name's characters) or
 # the fork's (`<NODE_ID>.json`). The janitor retires these and nothing else.
-_ROLLOUT_FILE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._~-]*\.(msgpack|json)$")
+_ROLLOUT_FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._~-]*\.(msgpack|json)")
 
 
 MAX_JSON_BYTES = 1 << 20  # registrations are ~600 bytes, manifests a few KB, the clock ~300 bytes
@@ -118,19 +120,19 @@ def safe_name(name: str) -> str:
 
 def round_of(folder: str) -> int | None:
     """The round a `round_R` (rollouts) or `round_NNNNNN` (checkpoints) folder name stands for, else None."""
-    m = _ROUND_RE.match(folder)
-    return int(m.group(1)) if m else None
+    m = _ROUND_RE.fullmatch(folder)
+    return int(m.group(1)) if m and int(m.group(1)) < 2**31 else None
 
 
 def stage_of(folder: str) -> int | None:
     """The stage a `stage_S` folder name stands for, else None."""
-    m = _STAGE_RE.match(folder)
-    return int(m.group(1)) if m else None
+    m = _STAGE_RE.fullmatch(folder)
+    return int(m.group(1)) if m and int(m.group(1)) < 2**31 else None
 
 
 def is_rollout_file(name: str) -> bool:
     """Whether a file name in a stage folder is a rollout file of ours or of the fork's."""
-    return bool(_ROLLOUT_FILE_RE.match(name))
+    return bool(_ROLLOUT_FILE_RE.fullmatch(name))
 
 
 class FolderMissing(UserError, FileNotFoundError):
